@@ -13,6 +13,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     os.close(handle)
+    os.chmod(tmp, 0o644)  # mkstemp makes files private; these are ordinary data files
     try:
         write(tmp)
         os.replace(tmp, path)

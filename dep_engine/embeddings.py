@@ -35,19 +35,34 @@ def resolve_encoder(name: str) -> str:
 
 
 class Encoder:
-    """L2-normalised sentence embeddings; `name` is what adapters record to detect a mismatch."""
+    """L2-normalised sentence embeddings; `name` is what adapters record to detect a mismatch.
+
+    The model loads on first use: a pool whose embeddings are all cached never needs it."""
 
     def __init__(self, name: str = BUNDLED_ENCODER, device: str = "cpu", batch_size: int = 64):
-        from sentence_transformers import SentenceTransformer
-
         self.name = name
+        self.device = device
         self.batch_size = batch_size
-        path = resolve_encoder(name)
-        if Path(path).is_dir():
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        self.model = SentenceTransformer(path, device=device)
-        self.dim = int(self.model.get_embedding_dimension() if hasattr(self.model, "get_embedding_dimension")
-                       else self.model.get_sentence_embedding_dimension())
+        self._model = None
+        self._dim: int | None = None
+
+    @property
+    def model(self):
+        if self._model is None:
+            from sentence_transformers import SentenceTransformer
+
+            path = resolve_encoder(self.name)
+            if Path(path).is_dir():
+                os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            self._model = SentenceTransformer(path, device=self.device)
+            self._dim = int(self._model.get_embedding_dimension())
+        return self._model
+
+    @property
+    def dim(self) -> int:
+        if self._dim is None:
+            self.model  # noqa: B018 - loading the model sets the dimension
+        return self._dim
 
     def encode(self, texts: Sequence[str], progress: bool = False) -> np.ndarray:
         if len(texts) == 0:
@@ -80,23 +95,36 @@ def writable_dir(preferred: Path) -> Path:
         return fallback
 
 
+CACHE_BLOCK = 4096  # texts per cache file: appending reviews to a pool re-embeds only the last block
+
+
 def cached_encode(encoder: Encoder, texts: Sequence[str], cache_dir: Path, label: str = "pool",
                   progress: bool = True) -> np.ndarray:
-    """Embeddings of `texts`, read from `cache_dir` when this encoder saw exactly these texts before.
+    """Embeddings of `texts`, read from `cache_dir` where this encoder saw exactly these texts before.
 
-    A damaged or mismatched cache file is rebuilt, never trusted."""
+    Cached in blocks keyed by encoder and content; a damaged or mismatched file is rebuilt, never trusted."""
     cache_dir = writable_dir(Path(cache_dir))
+    blocks = [_cached_block(encoder, texts[start:start + CACHE_BLOCK], cache_dir, label, progress)
+              for start in range(0, len(texts), CACHE_BLOCK)]
+    return np.concatenate(blocks) if blocks else np.zeros((0, encoder.dim), dtype=np.float32)
+
+
+def _cached_block(encoder: Encoder, texts: Sequence[str], cache_dir: Path, label: str, progress: bool) -> np.ndarray:
     safe_encoder = "".join(ch if ch.isalnum() else "-" for ch in encoder.name)[-60:]
     path = cache_dir / f"{label}-{safe_encoder}-{content_key(encoder.name, texts)}.npy"
     if path.exists():
         try:
             vectors = np.load(path, allow_pickle=False)
-            if vectors.shape == (len(texts), encoder.dim) and vectors.dtype == np.float32 and np.isfinite(vectors).all():
+            dim_ok = encoder._dim is None or vectors.shape[1:] == (encoder._dim,)
+            if vectors.ndim == 2 and len(vectors) == len(texts) and dim_ok and vectors.dtype == np.float32 \
+                    and np.isfinite(vectors).all():
+                encoder._dim = vectors.shape[1]
                 return vectors
             log.warning("embedding cache %s has the wrong shape or values; rebuilding", path)
         except (OSError, ValueError, EOFError) as err:
             log.warning("embedding cache %s is damaged (%s); rebuilding", path, err)
     vectors = encoder.encode(texts, progress=progress)
+
     def write(tmp: str) -> None:
         with open(tmp, "wb") as out:
             np.save(out, vectors, allow_pickle=False)

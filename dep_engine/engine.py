@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .adapter import AdapterError, DEPAdapter, DEPAdapterConfig
-from .data import DataError, Dataset, Item, Review, by_user, load_dataset, parse_rating
+from .data import DataError, Dataset, Item, Review, Sample, by_user, load_dataset, parse_rating
 from .embeddings import BUNDLED_ENCODER, Encoder
 from .generation import SamplingSettings, generate, prompt_embeddings, stream
 from .llm import BUNDLED_LLM, LLM, load_llm
@@ -32,6 +32,8 @@ class EngineConfig:
     llm: str = BUNDLED_LLM
     adapter: str | None = str(BUNDLED_ADAPTER)  # a missing bundled adapter means: untrained
     device: str | None = None
+    four_bit: bool | None = None   # default: 4-bit NF4 on CUDA, never on the CPU
+    extra_reviews: str | None = None  # more reviews (file or folder) joining the pool
     cache_dir: str | None = None   # embedding cache; default: next to the data, else ~/.cache/dep-studio
 
 
@@ -81,16 +83,21 @@ class Result:
 
 
 class DEPEngine:
-    """Loads the encoder, pool, LLM and adapter once; each call personalizes one request."""
+    """Loads the encoder, pool, LLM and adapter once; each call personalizes one request.
 
-    def __init__(self, config: EngineConfig | None = None, progress: bool = True):
+    `llm` may be passed ready-made (tests use a tiny random one); `config.llm` must then name it."""
+
+    def __init__(self, config: EngineConfig | None = None, progress: bool = True, llm: LLM | None = None):
         self.config = config or EngineConfig()
         start = time.perf_counter()
         self.dataset: Dataset = load_dataset(self.config.data)
         self.encoder = Encoder(self.config.encoder)
         cache = Path(self.config.cache_dir) if self.config.cache_dir else _cache_beside(self.config.data)
-        self.store = ReviewStore.build(self.dataset, self.encoder, cache, progress)
-        self.llm: LLM = load_llm(self.config.llm, self.config.device)
+        pool = self.dataset
+        if self.config.extra_reviews:
+            pool = merge_pool(self.dataset, load_dataset(self.config.extra_reviews))
+        self.store = ReviewStore.build(pool, self.encoder, cache, progress)
+        self.llm: LLM = llm or load_llm(self.config.llm, self.config.device, four_bit=self.config.four_bit)
         self.adapter = self._load_adapter()
         self.users = by_user(self.dataset.reviews)
         self.startup_seconds = time.perf_counter() - start
@@ -126,9 +133,13 @@ class DEPEngine:
             target = next((r for r in history if r.item_id == item_id), None)
             if target is None:  # an item the user never reviewed: the whole history is the profile
                 return Request(profile=list(history), item=self.store.item(item_id), rating=5.0)
-        return Request(profile=history[:history.index(target)], item=self.store.item(target.item_id),
-                       rating=target.rating, review_title=target.title, cutoff=target.timestamp,
-                       reference=target.text)
+        return self.sample_request(Sample(target, tuple(history[:history.index(target)]), "test"))
+
+    def sample_request(self, sample: Sample) -> Request:
+        """The request of a split sample: its profile, its target's item, rating and title, its time."""
+        target = sample.target
+        return Request(profile=list(sample.profile), item=self.store.item(target.item_id), rating=target.rating,
+                       review_title=target.title, cutoff=target.timestamp, reference=target.text)
 
     def context(self, request: Request, settings: PersonalizationSettings) -> PersonalContext:
         return self.store.context(request.profile, request.item, settings.k, settings.history_rule,
@@ -210,6 +221,12 @@ class DEPEngine:
         """Texts only, without streaming (evaluation)."""
         _, embeds, _, _ = self._prepare(request, modes, personalization)
         return generate(self.llm, embeds, sampling)
+
+
+def merge_pool(base: Dataset, extra: Dataset) -> Dataset:
+    """The pool plus another set's reviews, less each extra user's latest review (their target)."""
+    earlier = [r for history in by_user(extra.reviews).values() for r in history[:-1]]
+    return Dataset(base.reviews + earlier, {**base.items, **extra.items})
 
 
 def _cache_beside(data: str) -> Path:

@@ -99,12 +99,13 @@ def load_llm(name: str = BUNDLED_LLM, device: str | torch.device | None = None,
              dtype: torch.dtype | None = None, four_bit: bool | None = None) -> LLM:
     """The frozen LLM, loaded once per process for each (name, device, dtype).
 
-    Defaults: bf16 on the CPU; on CUDA 4-bit NF4 weights with bf16 compute."""
+    Defaults: float32 on the CPU (CPUs without bf16 matrix units run bf16 prompts and training
+    2-6x slower, see bench/); on CUDA 4-bit NF4 weights with bf16 compute."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = torch.device(device) if device is not None else default_device()
     four_bit = (device.type == "cuda") if four_bit is None else four_bit
-    dtype = dtype or torch.bfloat16
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     key = (name, str(device), dtype, four_bit)
     with _load_lock:
         if key in _loaded:

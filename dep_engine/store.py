@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-import faiss
 import numpy as np
 
 from .data import Dataset, Item, Review
@@ -51,6 +50,10 @@ class PersonalContext:
     def k(self) -> int:
         return len(self.selected)
 
+    def first(self, k: int) -> "PersonalContext":
+        """The context of the K best past reviews: selection is ranked, so that is a prefix."""
+        return PersonalContext(self.selected[:k], self.his[:k], self.diff[:k], self.notes)
+
 
 def item_text(item: Item) -> str:
     return f"{item.title}. {item.description}".strip(" .") if item.description else item.title
@@ -90,8 +93,7 @@ class ReviewStore:
         self.item_ids = list(item_ids)
         self.item_position = {item: n for n, item in enumerate(self.item_ids)}
         self.item_embeddings = np.ascontiguousarray(item_embeddings, dtype=np.float32)
-        self.item_index = faiss.IndexFlatIP(self.item_embeddings.shape[1])
-        self.item_index.add(self.item_embeddings)
+        self._item_index = None
         self.title_to_item = {self.items[i].title.lower(): i for i in self.item_ids if i in self.items}
 
     @classmethod
@@ -113,6 +115,17 @@ class ReviewStore:
             return []
         end = self.user_start[n + 1] if n + 1 < len(self.user_start) else len(self.reviews)
         return self.reviews[self.user_start[n]:end]
+
+    @property
+    def item_index(self):
+        """Exact inner-product faiss index over item embeddings, built on first cold start."""
+        if self._item_index is None:
+            import faiss
+
+            index = faiss.IndexFlatIP(self.item_embeddings.shape[1])
+            index.add(self.item_embeddings)
+            self._item_index = index
+        return self._item_index
 
     def item(self, item_id: str, extra: dict[str, Item] | None = None) -> Item:
         """A catalog item, one from `extra` (a pasted history's own), or a bare id."""

@@ -1,0 +1,191 @@
+"""Command line: `python -m dep_engine generate | train | evaluate | users`."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import textwrap
+from dataclasses import fields
+from pathlib import Path
+
+from .adapter import AdapterError
+from .data import DataError, Item, parse_history
+from .engine import BUNDLED_ADAPTER, BUNDLED_DATA, EngineConfig, PersonalizationSettings, Request
+from .generation import SamplingSettings
+from .prompt import MODES
+
+
+def _engine_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("models and data")
+    group.add_argument("--data", default=str(BUNDLED_DATA), help="reviews file or folder with the pool and its metadata")
+    group.add_argument("--encoder", default=EngineConfig.encoder, help="sentence-transformers id or folder")
+    group.add_argument("--llm", default=EngineConfig.llm, help="Hugging Face causal LM id, folder or .gguf file")
+    group.add_argument("--adapter", default=str(BUNDLED_ADAPTER), help="trained DEP adapter folder")
+    group.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    group.add_argument("--no-4bit", action="store_true", help="on CUDA, load the LLM in bf16 instead of 4-bit NF4")
+
+
+def _personalization_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("personalization")
+    group.add_argument("--k", type=int, default=PersonalizationSettings.k, help="past reviews used")
+    group.add_argument("--history-rule", choices=("relevant", "recent"), default=PersonalizationSettings.history_rule)
+    group.add_argument("--peer-temperature", type=float, default=PersonalizationSettings.peer_temperature)
+    group.add_argument("--words-per-review", type=int, default=PersonalizationSettings.words_per_review,
+                       help="words of each past review's text put in the prompt")
+
+
+def _sampling_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--temperature", type=float, default=SamplingSettings.temperature)
+    group.add_argument("--top-p", type=float, default=SamplingSettings.top_p)
+    group.add_argument("--max-new-tokens", type=int, default=SamplingSettings.max_new_tokens)
+    group.add_argument("--seed", type=int, default=SamplingSettings.seed)
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(data=args.data, encoder=args.encoder, llm=args.llm, adapter=args.adapter,
+                        device=args.device, four_bit=False if args.no_4bit else None)
+
+
+def personalization(args: argparse.Namespace) -> PersonalizationSettings:
+    return PersonalizationSettings(k=args.k, history_rule=args.history_rule, peer_temperature=args.peer_temperature,
+                                   words_per_review=args.words_per_review)
+
+
+def sampling(args: argparse.Namespace) -> SamplingSettings:
+    return SamplingSettings(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                            seed=args.seed)
+
+
+def _build_request(engine, args) -> Request:
+    if args.history:
+        path = Path(args.history)
+        if not path.is_file():
+            raise DataError(f"{path}: no such history file")
+        reviews, items = parse_history(path.read_text(encoding="utf-8", errors="replace"))
+        if not args.item_title:
+            raise DataError("--item-title is needed with --history")
+        return Request(profile=reviews, item=Item("target", args.item_title, args.item_description or ""),
+                       rating=args.rating, review_title=args.review_title or "", extra_items=items)
+    request = engine.user_request(args.user or next(iter(engine.users)), args.item)
+    if args.item_title:
+        request.item = Item("target", args.item_title, args.item_description or "")
+        request.reference = None
+    if args.rating is not None:
+        request.rating = args.rating
+    if args.review_title is not None:
+        request.review_title = args.review_title
+    return request
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from .engine import DEPEngine
+
+    modes = args.modes.split(",")
+    engine = DEPEngine(engine_config(args))
+    request = _build_request(engine, args)
+    result = engine.generate(request, modes, personalization(args), sampling(args))
+    print(f"\nProduct: {request.item.title}  |  rating {request.rating:g}  |  title: {request.review_title}")
+    if not engine.adapter_trained:
+        print("NOTE: the DEP adapter is UNTRAINED (no trained checkpoint found): soft prompts are random, "
+              "so the personalized outputs show plumbing, not personalization.")
+    for note in result.notes:
+        print(f"note: {note}")
+    print(f"\nPast reviews used ({result.context.k}):")
+    for selected in result.context.selected:
+        print(f"  - [{selected.relevance:.2f}] {selected.item_title[:70]} ({len(selected.peers)} peers"
+              f"{', from nearest items' if selected.cold_start else ''})")
+    for mode, text in result.texts.items():
+        print(f"\n=== {mode} ===\n" + textwrap.fill(text, 100))
+    if request.reference:
+        print("\n=== real review ===\n" + textwrap.fill(request.reference, 100))
+    print(f"\ntimings: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in result.timings.items()))
+
+
+def cmd_users(args: argparse.Namespace) -> None:
+    from .data import by_user, load_dataset
+
+    users = by_user(load_dataset(args.data).reviews)
+    for user_id, history in list(users.items())[:args.limit]:
+        print(f"{user_id}\t{len(history)} reviews\tlatest: {history[-1].title[:60]}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .engine import DEPEngine
+    from .training import TrainSettings, train
+
+    overrides = {f.name: getattr(args, f.name) for f in fields(TrainSettings) if getattr(args, f.name, None) is not None}
+    if "modes" in overrides:
+        overrides["modes"] = tuple(overrides["modes"].split(","))
+    settings = TrainSettings(**overrides)
+    config = engine_config(args)
+    config.adapter = None  # training starts from a fresh adapter
+    train(DEPEngine(config), settings, resume=not args.restart)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from .evaluation import EvalSettings, evaluate
+
+    evaluate(engine_config(args), EvalSettings(
+        methods=args.methods.split(","), limit=args.limit, seed=args.seed, out=args.out,
+        eval_reviews=args.eval_reviews, batch_users=args.batch_users, generate_only=args.generate_only,
+        personalization=personalization(args), sampling=sampling(args)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dep_engine", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="personalized and baseline reviews for one user and product")
+    _engine_args(gen)
+    _personalization_args(gen)
+    _sampling_args(gen)
+    who = gen.add_mutually_exclusive_group()
+    who.add_argument("--user", help="a bundled user's id (default: the first user)")
+    who.add_argument("--history", help="a history file: JSON/JSONL in either Amazon schema, or CSV")
+    gen.add_argument("--item", help="item id from the catalog (default: the user's held-out latest review)")
+    gen.add_argument("--item-title", help="a product by title instead of a catalog item")
+    gen.add_argument("--item-description")
+    gen.add_argument("--rating", type=float, default=None)
+    gen.add_argument("--review-title", default=None)
+    gen.add_argument("--modes", default="nonperso,dep", help=f"comma-separated, from: {', '.join(MODES)}")
+    gen.set_defaults(func=cmd_generate)
+
+    users = sub.add_parser("users", help="list bundled users")
+    users.add_argument("--data", default=str(BUNDLED_DATA))
+    users.add_argument("--limit", type=int, default=20)
+    users.set_defaults(func=cmd_users)
+
+    tr = sub.add_parser("train", help="train the DEP adapter")
+    _engine_args(tr)
+    tr.add_argument("--out", default="runs/adapter")
+    for name, kind in (("k", int), ("history_rule", str), ("peer_temperature", float), ("words_per_review", int),
+                       ("modes", str), ("max_target_tokens", int), ("max_samples", int), ("val_samples", int),
+                       ("epochs", int), ("batch_size", int), ("lr", float), ("weight_decay", float),
+                       ("warmup", float), ("grad_clip", float), ("token_norm", str), ("sparsity_target", float),
+                       ("sparsity_weight", float), ("sae_loss_weight", float), ("eval_every", int), ("seed", int)):
+        tr.add_argument("--" + name.replace("_", "-"), type=kind, default=None, dest=name)
+    tr.add_argument("--restart", action="store_true", help="ignore a checkpoint in --out and start over")
+    tr.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("evaluate", help="compare methods on held-out users")
+    _engine_args(ev)
+    _personalization_args(ev)
+    _sampling_args(ev)
+    ev.add_argument("--eval-reviews", help="extra reviews file: each user in it is evaluated on their latest review")
+    ev.add_argument("--methods", default="nonperso,rag,his,diff,his+diff,dep,dep@k=0,dep@k=1,dep@k=2,dep@k=8,dep-shuffled")
+    ev.add_argument("--limit", type=int, default=None, help="number of users")
+    ev.add_argument("--out", default="runs/eval")
+    ev.add_argument("--batch-users", type=int, default=4, help="users decoded together in one batch")
+    ev.add_argument("--generate-only", action="store_true", help="write generations, skip the metrics")
+    ev.set_defaults(func=cmd_evaluate)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        args.func(args)
+    except (DataError, AdapterError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

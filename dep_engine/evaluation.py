@@ -1,0 +1,235 @@
+"""Evaluation: every method on users the adapter never saw, with paired bootstrap intervals.
+
+A method is `mode[-shuffled][@k=N]`, for instance `dep`, `rag@k=1`, `dep-shuffled`. `-shuffled` is
+the control that decides whether anything is personal: the same prompt, but the his and diff
+vectors of another user (a fixed derangement of the evaluated users).
+All methods of a group of users are decoded in one batch with one seed, so every method sees the
+same sampling noise. Generations are appended group by group to generations.jsonl, so an
+interrupted run resumes where it stopped.
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .data import Sample, by_user, load_dataset
+from .engine import DEPEngine, EngineConfig, PersonalizationSettings
+from .generation import SamplingSettings, generate, prompt_embeddings
+from .prompt import get_mode
+from .splits import derangement, test_samples
+from .store import PersonalContext
+
+_METHOD = re.compile(r"^(?P<mode>[a-z+]+)(?P<shuffled>-shuffled)?(@k=(?P<k>\d+))?$")
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    mode: str
+    k: int
+    shuffled: bool
+
+
+def parse_method(name: str, default_k: int) -> Method:
+    match = _METHOD.match(name.strip())
+    if not match:
+        raise ValueError(f"method {name!r}: expected mode[-shuffled][@k=N], e.g. dep, rag@k=1, dep-shuffled")
+    mode = get_mode(match["mode"])
+    if match["shuffled"] and not mode.soft:
+        raise ValueError(f"method {name!r}: only soft-token modes can borrow another user's embeddings")
+    k = int(match["k"]) if match["k"] is not None else default_k
+    return Method(name.strip(), mode.name, k if mode.uses_history else 0, bool(match["shuffled"]))
+
+
+@dataclass
+class EvalSettings:
+    methods: list[str]
+    out: str = "runs/eval"
+    limit: int | None = None
+    seed: int = 0
+    eval_reviews: str | None = None
+    batch_users: int = 4
+    generate_only: bool = False
+    personalization: PersonalizationSettings = field(default_factory=PersonalizationSettings)
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+
+
+def evaluation_samples(engine: DEPEngine, settings: EvalSettings) -> list[Sample]:
+    """Test targets of the held-out users, or the latest review of each user in --eval-reviews."""
+    if settings.eval_reviews:
+        extra = load_dataset(settings.eval_reviews)
+        samples = [Sample(history[-1], tuple(history[:-1]), "test")
+                   for history in by_user(extra.reviews).values() if len(history) >= 2]
+    else:
+        samples = test_samples(engine.dataset.reviews)
+    samples.sort(key=lambda s: s.target.user_id)
+    random.Random(settings.seed).shuffle(samples)
+    return samples[:settings.limit] if settings.limit else samples
+
+
+def _pool_config(config: EngineConfig, settings: EvalSettings) -> EngineConfig:
+    """--eval-reviews users' earlier reviews join the pool; their latest ones never do."""
+    return replace(config, extra_reviews=settings.eval_reviews) if settings.eval_reviews else config
+
+
+def _rows(engine: DEPEngine, sample: Sample, own: PersonalContext, borrowed: PersonalContext,
+          methods: list[Method], personalization: PersonalizationSettings) -> list:
+    """Input embeddings of one sample under every method, in the order of `methods`."""
+    request = engine.sample_request(sample)
+    rows = []
+    for method in methods:
+        context = own.first(method.k)
+        source = borrowed.first(method.k) if method.shuffled else context
+        prompt = engine.prompt(request, context, method.mode, personalization.words_per_review)
+        his = diff = None
+        if context.k and source.k and (prompt.his_positions or prompt.diff_positions):
+            take = np.arange(context.k) % source.k  # another user may have fewer past reviews
+            his, diff = engine.soft_tokens(PersonalContext(context.selected, source.his[take], source.diff[take]))
+        rows.append(prompt_embeddings(engine.llm, prompt, his if prompt.his_positions else None,
+                                      diff if prompt.diff_positions else None))
+    return rows
+
+
+def generate_all(engine: DEPEngine, samples: list[Sample], methods: list[Method], settings: EvalSettings,
+                 path: Path) -> list[dict]:
+    """Generations of every sample and method, read back from `path` where an earlier run made them."""
+    done = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    finished = {record["group"] for record in done}
+    max_k = max([m.k for m in methods] + [0])
+    contexts = [engine.context(engine.sample_request(s), replace(settings.personalization, k=max_k))
+                for s in tqdm(samples, desc="history, peers, differences", leave=False)]
+    partner = derangement(len(samples), settings.seed)
+    starts = range(0, len(samples), settings.batch_users)
+    for group, start in enumerate(tqdm(starts, desc=f"generating ({len(methods)} methods)", unit="group")):
+        if group in finished:
+            continue
+        chunk = samples[start:start + settings.batch_users]
+        started = time.perf_counter()
+        rows = [row for n, sample in enumerate(chunk)
+                for row in _rows(engine, sample, contexts[start + n], contexts[partner[start + n]], methods,
+                                 settings.personalization)]
+        texts = generate(engine.llm, rows, replace(settings.sampling, seed=settings.sampling.seed + group))
+        seconds = (time.perf_counter() - started) / len(rows)
+        records = [{"group": group, "user_id": sample.target.user_id, "item_id": sample.target.item_id,
+                    "method": method.name, "text": texts[n * len(methods) + m], "reference": sample.target.text,
+                    "seconds": seconds}
+                   for n, sample in enumerate(chunk) for m, method in enumerate(methods)]
+        with open(path, "a") as out:  # a whole group or nothing: resuming redoes a cut-off group
+            out.write("".join(json.dumps(r) + "\n" for r in records))
+        done += records
+    return done
+
+
+def summarize(records: list[dict], methods: list[Method], seed: int = 0) -> dict:
+    """Per method: mean and 95% interval of each metric, and the paired difference to nonperso."""
+    from .metrics import METRICS, corpus_bleu, mean_ci, paired_bootstrap, score_many
+
+    by_method: dict[str, dict[str, dict]] = {m.name: {} for m in methods}
+    for record in records:
+        if record["method"] in by_method:
+            by_method[record["method"]][record["user_id"]] = record
+    users = sorted(set.intersection(*(set(v) for v in by_method.values()))) if by_method else []
+    scores, results = {}, {}
+    for method in methods:
+        rows = [by_method[method.name][u] for u in users]
+        scores[method.name] = score_many([r["text"] for r in rows], [r["reference"] for r in rows])
+        entry = {"n": len(rows), "seconds_per_generation": float(np.mean([r["seconds"] for r in rows])) if rows else 0,
+                 "corpus_bleu": corpus_bleu([r["text"] for r in rows], [r["reference"] for r in rows]) if rows else 0,
+                 "metrics": {}}
+        for metric in METRICS:
+            mean, low, high = mean_ci(scores[method.name][metric], seed=seed)
+            entry["metrics"][metric] = {"mean": mean, "low": low, "high": high}
+        results[method.name] = entry
+    for baseline_name, label in (("nonperso", "vs_nonperso"),):
+        if baseline_name in scores:
+            for method in methods:
+                for metric in METRICS:
+                    results[method.name]["metrics"][metric][label] = paired_bootstrap(
+                        scores[method.name][metric], scores[baseline_name][metric], seed=seed)
+    for method in methods:  # the personalization gap: own embeddings against another user's
+        if method.shuffled:
+            own = method.name.replace("-shuffled", "")
+            if own in scores:
+                results[method.name]["own_minus_shuffled"] = {
+                    metric: paired_bootstrap(scores[own][metric], scores[method.name][metric], seed=seed)
+                    for metric in METRICS}
+    return {"users": len(users), "methods": results}
+
+
+def markdown_table(summary: dict) -> str:
+    lines = ["| method | n | ROUGE-1 | ROUGE-L | METEOR | BLEU | ΔROUGE-1 vs nonperso [95% CI] | ΔMETEOR vs nonperso [95% CI] |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, entry in summary["methods"].items():
+        m = entry["metrics"]
+
+        def delta(metric: str) -> str:
+            d = m[metric].get("vs_nonperso")
+            return f"{d['mean_diff']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]" if d and name != "nonperso" else ""
+
+        lines.append(f"| {name} | {entry['n']} | {m['rouge1']['mean']:.4f} | {m['rougeL']['mean']:.4f} | "
+                     f"{m['meteor']['mean']:.4f} | {m['bleu']['mean']:.2f} | {delta('rouge1')} | {delta('meteor')} |")
+    gaps = [(n, e["own_minus_shuffled"]) for n, e in summary["methods"].items() if "own_minus_shuffled" in e]
+    for name, gap in gaps:
+        lines.append("")
+        lines.append(f"Personalization gap, {name.replace('-shuffled', '')} with own minus another user's embeddings: "
+                     + ", ".join(f"{k} {v['mean_diff']:+.4f} [{v['low']:+.4f}, {v['high']:+.4f}]"
+                                 for k, v in gap.items()))
+    return "\n".join(lines)
+
+
+def bar_chart(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(summary["methods"])
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, len(names) * 1.1), 4.5))
+    for ax, metric, label in zip(axes, ("rouge1", "meteor"), ("ROUGE-1", "METEOR")):
+        stats = [summary["methods"][n]["metrics"][metric] for n in names]
+        means = np.array([s["mean"] for s in stats])
+        errors = np.array([[s["mean"] - s["low"] for s in stats], [s["high"] - s["mean"] for s in stats]])
+        ax.bar(range(len(names)), means, yerr=errors, capsize=3, color="#4c78a8")
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+        ax.set_title(f"{label} (mean, 95% bootstrap CI), n={summary['users']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def evaluate(config: EngineConfig, settings: EvalSettings, engine: DEPEngine | None = None) -> dict | None:
+    """Generate (or resume), score, and write results.json, generations.jsonl, results.md, results.png.
+
+    `engine` may be passed ready-made; it must have been built from `config`."""
+    methods = [parse_method(name, settings.personalization.k) for name in settings.methods]
+    out = Path(settings.out)
+    out.mkdir(parents=True, exist_ok=True)
+    engine = engine or DEPEngine(_pool_config(config, settings))
+    if not engine.adapter_trained and any(get_mode(m.mode).soft for m in methods):
+        print("NOTE: the adapter is UNTRAINED: soft-token methods measure random soft prompts")
+    samples = evaluation_samples(engine, settings)
+    if not samples:
+        raise ValueError("no users to evaluate (each needs at least two reviews)")
+    started = time.perf_counter()
+    records = generate_all(engine, samples, methods, settings, out / "generations.jsonl")
+    if settings.generate_only:
+        return None
+    summary = summarize(records, methods, settings.seed)
+    summary["settings"] = {"methods": settings.methods, "limit": settings.limit, "seed": settings.seed,
+                           "eval_reviews": settings.eval_reviews, "adapter": config.adapter,
+                           "adapter_trained": engine.adapter_trained, "llm": config.llm, "encoder": config.encoder,
+                           "personalization": vars(settings.personalization), "sampling": vars(settings.sampling),
+                           "seconds": time.perf_counter() - started}
+    (out / "results.json").write_text(json.dumps(summary, indent=2))
+    table = markdown_table(summary)
+    (out / "results.md").write_text(table + "\n")
+    bar_chart(summary, out / "results.png")
+    print(table)
+    return summary

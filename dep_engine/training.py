@@ -1,0 +1,286 @@
+"""Training the DEP adapter against the frozen LLM.
+
+Loss = cross-entropy on the target review's tokens only (prompt masked)
+     + sae_loss_weight * (smooth-L1 reconstruction + sparsity_weight * KL(rho || mean activation)).
+Only the SAE and the two projectors learn. Each training sample is assigned one prompt mode from
+`modes` in turn, so one adapter serves his-only, diff-only, his+diff and DEP prompts.
+The checkpoint kept is the one with the lowest validation LM loss (generation-free, so cheap).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .adapter import DEPAdapter, DEPAdapterConfig
+from .atomic import atomic_write
+from .data import Review, Sample
+from .engine import DEPEngine, PersonalizationSettings
+from .generation import prompt_embeddings
+from .prompt import PromptIds, get_mode
+from .splits import derangement, training_samples, validation_samples
+
+
+@dataclass
+class TrainSettings:
+    out: str = "runs/adapter"
+    k: int = 4
+    history_rule: str = "relevant"
+    peer_temperature: float = 1.0
+    words_per_review: int = 30
+    modes: tuple[str, ...] = ("his+diff", "his", "diff", "dep")
+    max_target_tokens: int = 128
+    max_samples: int | None = None     # cap on training samples (CPU budgets)
+    val_samples: int = 128
+    epochs: int = 1
+    batch_size: int = 8
+    lr: float = 1e-4
+    weight_decay: float = 0.025
+    warmup: float = 0.01
+    grad_clip: float = 1.0
+    token_norm: str = "auto"           # "auto": rescale soft tokens to the median token norm; "none"; or a number
+    sparsity_target: float = 0.05
+    sparsity_weight: float = 1e-3
+    sae_loss_weight: float = 100.0
+    eval_every: int = 200              # optimizer steps between validations
+    seed: int = 42
+
+
+@dataclass
+class Prepared:
+    """A sample turned into tensors-to-be: prompt ids with slots, his/diff vectors, target ids."""
+    prompt: PromptIds
+    his: np.ndarray
+    diff: np.ndarray
+    target: list[int]
+    user_id: str
+    mode: str = field(default="")
+
+
+def data_fingerprint(reviews: list[Review]) -> str:
+    digest = hashlib.sha256()
+    for r in sorted(reviews, key=lambda r: (r.user_id, r.item_id, r.timestamp)):
+        digest.update(f"{r.user_id}\t{r.item_id}\t{r.timestamp}\t{r.rating}\t{r.title}\t{r.text}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def prepare(engine: DEPEngine, samples: list[Sample], settings: TrainSettings, desc: str) -> list[Prepared]:
+    """Contexts (history, peers, differences) and prompts of every sample; samples with no usable
+    history are dropped, since they cannot teach the adapter anything."""
+    personalization = PersonalizationSettings(k=settings.k, history_rule=settings.history_rule,
+                                              peer_temperature=settings.peer_temperature,
+                                              words_per_review=settings.words_per_review)
+    eos = engine.llm.tokenizer.eos_token_id
+    prepared = []
+    for n, sample in enumerate(tqdm(samples, desc=desc, unit="sample", leave=False)):
+        request = engine.sample_request(sample)
+        context = engine.context(request, personalization)
+        if not context.selected:
+            continue
+        mode = settings.modes[n % len(settings.modes)]
+        target = engine.llm.tokenizer.encode(" ".join(sample.target.text.split()), add_special_tokens=False)
+        prepared.append(Prepared(engine.prompt(request, context, mode, settings.words_per_review),
+                                 context.his, context.diff, target[:settings.max_target_tokens] + [eos],
+                                 sample.target.user_id, mode))
+    return prepared
+
+
+def batch_loss(engine: DEPEngine, adapter: DEPAdapter, batch: list[Prepared],
+               borrowed: list[Prepared] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean LM loss, SAE loss, per-sample LM loss). `borrowed[i]`, if given, supplies sample i's
+    his/diff vectors (the shuffled-user control); its rows are cycled to the slots' count."""
+    llm = engine.llm
+    sources = borrowed or batch
+    his_rows, diff_rows = [], []
+    for sample, source in zip(batch, sources):
+        take = np.arange(len(sample.his)) % len(source.his)
+        his_rows.append(source.his[take])
+        diff_rows.append(source.diff[take])
+    his = torch.from_numpy(np.concatenate(his_rows)).to(llm.device)
+    diff = torch.from_numpy(np.concatenate(diff_rows)).to(llm.device)
+    out = adapter(his, diff)
+    counts = [len(rows) for rows in his_rows]
+    his_tokens, diff_tokens = out["his_tokens"].split(counts), out["diff_tokens"].split(counts)
+
+    sequences, spans = [], []
+    for sample, his_t, diff_t in zip(batch, his_tokens, diff_tokens):
+        prompt = prompt_embeddings(llm, sample.prompt, his_t if sample.prompt.his_positions else None,
+                                   diff_t if sample.prompt.diff_positions else None)
+        with torch.no_grad():
+            target = llm.embed(torch.tensor(sample.target[:-1], device=llm.device))
+        sequences.append(torch.cat([prompt, target]))
+        spans.append((len(prompt) - 1, len(sample.target)))
+    length = max(len(s) for s in sequences)
+    inputs = sequences[0].new_zeros((len(batch), length, sequences[0].shape[-1]))
+    mask = torch.zeros((len(batch), length), dtype=torch.long, device=llm.device)
+    for row, seq in enumerate(sequences):  # right padding: targets stay where the prompt ends
+        inputs[row, :len(seq)] = seq
+        mask[row, :len(seq)] = 1
+    hidden = llm.model.base_model(inputs_embeds=inputs, attention_mask=mask).last_hidden_state
+    losses = []
+    for row, ((start, count), sample) in enumerate(zip(spans, batch)):
+        logits = llm.model.get_output_embeddings()(hidden[row, start:start + count]).float()  # logits of target tokens only
+        losses.append(F.cross_entropy(logits, torch.tensor(sample.target, device=llm.device)))
+    per_sample = torch.stack(losses)
+    return per_sample.mean(), out["sae_loss"], per_sample.detach()
+
+
+def evaluate_loss(engine: DEPEngine, adapter: DEPAdapter, samples: list[Prepared], batch_size: int,
+                  shuffled: bool = False, seed: int = 0) -> np.ndarray:
+    """Per-sample validation LM loss, with own or (shuffled=True) another user's embeddings."""
+    partner = derangement(len(samples), seed) if shuffled else list(range(len(samples)))
+    losses = []
+    with torch.no_grad():
+        for start in range(0, len(samples), batch_size):
+            batch = samples[start:start + batch_size]
+            borrowed = [samples[partner[i]] for i in range(start, start + len(batch))] if shuffled else None
+            losses.append(batch_loss(engine, adapter, batch, borrowed)[2].cpu())
+    return torch.cat(losses).numpy() if losses else np.zeros(0)
+
+
+def _lr_at(step: int, total: int, settings: TrainSettings) -> float:
+    warmup = max(1, int(total * settings.warmup))
+    if step < warmup:
+        return settings.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return settings.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _save_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
+    """AdamW state as safetensors (no pickle anywhere in a checkpoint)."""
+    tensors = {}
+    for index, state in optimizer.state_dict()["state"].items():
+        for key, value in state.items():
+            tensors[f"{index}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    atomic_write(path, lambda tmp: save_file(tensors, tmp))
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
+    flat = load_file(path)
+    state: dict = {}
+    for name, value in flat.items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    full = optimizer.state_dict()
+    full["state"] = state
+    optimizer.load_state_dict(full)
+
+
+def _log(path: Path, record: dict) -> None:
+    with open(path, "a") as out:
+        out.write(json.dumps(record) + "\n")
+
+
+def train(engine: DEPEngine, settings: TrainSettings, resume: bool = True) -> Path:
+    """Train, validate every `eval_every` steps, keep the best adapter in `settings.out`."""
+    out = Path(settings.out)
+    last = out / "last"
+    out.mkdir(parents=True, exist_ok=True)
+    random.seed(settings.seed)
+    torch.manual_seed(settings.seed)
+
+    reviews = engine.dataset.reviews
+    train_raw = training_samples(reviews)
+    rng = random.Random(settings.seed)
+    rng.shuffle(train_raw)
+    if settings.max_samples:
+        train_raw = train_raw[:settings.max_samples]
+    val_raw = validation_samples(reviews)
+    rng.shuffle(val_raw)
+    train_set = prepare(engine, train_raw, settings, "preparing training samples")
+    val_set = prepare(engine, val_raw[:settings.val_samples], settings, "preparing validation samples")
+
+    token_norm = (engine.llm.token_norm() if settings.token_norm == "auto"
+                  else None if settings.token_norm == "none" else float(settings.token_norm))
+    config = DEPAdapterConfig(
+        embedding_dim=engine.encoder.dim, hidden_size=engine.llm.hidden_size, llm=engine.config.llm,
+        encoder=engine.encoder.name, sparsity_target=settings.sparsity_target,
+        sparsity_weight=settings.sparsity_weight, sae_loss_weight=settings.sae_loss_weight, token_norm=token_norm)
+    adapter = DEPAdapter(config).to(engine.llm.device)
+    optimizer = torch.optim.AdamW(adapter.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    steps_per_epoch = math.ceil(len(train_set) / settings.batch_size)
+    total = steps_per_epoch * settings.epochs
+    step, best = 0, float("inf")
+    if resume and (last / "state.json").exists():
+        state = json.loads((last / "state.json").read_text())
+        adapter.load_state_dict(DEPAdapter.from_pretrained(last).state_dict())
+        _load_optimizer(optimizer, last / "optimizer.safetensors")
+        step, best = state["step"], state["best"]
+        print(f"resuming from step {step} of {total}")
+    log_path = out / "log.jsonl"
+
+    def validate() -> float:
+        adapter.eval()
+        loss = float(evaluate_loss(engine, adapter, val_set, settings.batch_size).mean())
+        adapter.train()
+        return loss
+
+    if step == 0:
+        initial = validate()
+        _log(log_path, {"step": 0, "val_lm_loss": initial})
+    adapter.train()
+    started = time.perf_counter()
+    bar = tqdm(total=total, initial=step, desc="training", unit="step")
+    while step < total:
+        epoch, within = divmod(step, steps_per_epoch)
+        order = list(range(len(train_set)))
+        random.Random(settings.seed + epoch).shuffle(order)
+        batch = [train_set[i] for i in order[within * settings.batch_size:(within + 1) * settings.batch_size]]
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, total, settings)
+        lm_loss, sae_loss, _ = batch_loss(engine, adapter, batch)
+        loss = lm_loss + settings.sae_loss_weight * sae_loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(adapter.parameters(), settings.grad_clip)
+        optimizer.step()
+        step += 1
+        record = {"step": step, "epoch": epoch, "loss": loss.item(), "lm_loss": lm_loss.item(),
+                  "sae_loss": sae_loss.item(), "grad_norm": float(grad_norm), "lr": optimizer.param_groups[0]["lr"],
+                  "seconds": round(time.perf_counter() - started, 1)}
+        bar.set_postfix(lm=f"{record['lm_loss']:.3f}", sae=f"{record['sae_loss']:.4f}")
+        bar.update(1)
+        if step % settings.eval_every == 0 or step == total:
+            record["val_lm_loss"] = validate()
+            if record["val_lm_loss"] < best:
+                best = record["val_lm_loss"]
+                _finalize(adapter, settings, engine, out, {"train_samples": len(train_set), "best_step": step,
+                                                           "best_val_lm_loss": best})
+            adapter.save_pretrained(last)
+            _save_optimizer(optimizer, last / "optimizer.safetensors")
+            atomic_write(last / "state.json", lambda p: Path(p).write_text(json.dumps({"step": step, "best": best})))
+        _log(log_path, record)
+    bar.close()
+
+    best_adapter = DEPAdapter.from_pretrained(out).to(engine.llm.device).eval()
+    own = evaluate_loss(engine, best_adapter, val_set, settings.batch_size)
+    shuffled = evaluate_loss(engine, best_adapter, val_set, settings.batch_size, shuffled=True, seed=settings.seed)
+    gap = shuffled - own
+    from .metrics import paired_bootstrap
+
+    control = {"val_lm_loss_own": float(own.mean()), "val_lm_loss_shuffled_users": float(shuffled.mean()),
+               "personal_gain_nats": paired_bootstrap(shuffled, own), "n": int(len(own)),
+               "val_lm_loss_before_training": json.loads(log_path.read_text().splitlines()[0]).get("val_lm_loss")}
+    print(json.dumps(control, indent=2))
+    best_adapter.config.training["shuffled_user_control"] = control
+    best_adapter.save_pretrained(out)
+    print(f"gain over shuffled users: {gap.mean():.4f} nats/token (n={len(gap)})")
+    return out
+
+
+def _finalize(adapter: DEPAdapter, settings: TrainSettings, engine: DEPEngine, out: Path, extra: dict) -> None:
+    adapter.config.trained = True
+    adapter.config.training = {"settings": asdict(settings), "data": engine.config.data,
+                               "data_fingerprint": data_fingerprint(engine.dataset.reviews),
+                               **extra}
+    adapter.save_pretrained(out)

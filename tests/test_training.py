@@ -1,0 +1,74 @@
+"""Training and evaluation plumbing on a tiny random Llama (the bundled-model run is in test_end_to_end)."""
+import json
+
+import torch
+
+from dep_engine.adapter import DEPAdapter
+from dep_engine.engine import DEPEngine, EngineConfig
+from dep_engine.evaluation import EvalSettings, evaluate, parse_method
+from dep_engine.generation import SamplingSettings
+from dep_engine.training import TrainSettings, train
+
+from conftest import TINY_LLM
+
+
+def checksum(model):
+    return sum(float(p.double().sum()) for p in model.parameters())
+
+
+def test_short_training_lowers_loss_and_keeps_llm_frozen(tiny_engine, tmp_path):
+    before = checksum(tiny_engine.llm.model)
+    settings = TrainSettings(out=str(tmp_path / "run"), k=2, words_per_review=8, max_target_tokens=24,
+                             max_samples=8, val_samples=4, epochs=6, batch_size=4, lr=3e-3, eval_every=6,
+                             sae_loss_weight=1.0, seed=0)
+    out = train(tiny_engine, settings)
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in log if "loss" in r]
+    assert len(steps) == 12
+    first, last = steps[:2], steps[-2:]
+    assert sum(r["lm_loss"] for r in last) < sum(r["lm_loss"] for r in first)
+    assert sum(r["sae_loss"] for r in last) < sum(r["sae_loss"] for r in first)
+    assert checksum(tiny_engine.llm.model) == before
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["trained"] and config["llm"] == TINY_LLM
+    assert config["training"]["data_fingerprint"] and "shuffled_user_control" in config["training"]
+    # a finished run resumes to nothing more to do
+    again = train(tiny_engine, settings)
+    assert len((again / "log.jsonl").read_text().splitlines()) == len(log)
+
+
+def test_checkpoint_reloads_to_identical_outputs(tiny_engine, tiny_llm, tmp_path):
+    torch.manual_seed(5)
+    tiny_engine.adapter.save_pretrained(tmp_path / "ckpt")
+    user = next(u for u, h in tiny_engine.users.items() if len(h) > 6)
+    sampling = SamplingSettings(max_new_tokens=10, seed=11)
+    first = tiny_engine.generate(tiny_engine.user_request(user), ("dep",), sampling=sampling).texts
+    reloaded = DEPEngine(EngineConfig(llm=TINY_LLM, adapter=str(tmp_path / "ckpt")), progress=False, llm=tiny_llm)
+    assert reloaded.generate(reloaded.user_request(user), ("dep",), sampling=sampling).texts == first
+    assert isinstance(reloaded.adapter, DEPAdapter)
+
+
+def test_method_names():
+    assert parse_method("dep@k=2", 4).k == 2 and parse_method("dep-shuffled", 4).shuffled
+    assert parse_method("nonperso", 4).k == 0
+
+
+def test_evaluation_writes_every_method(tiny_engine, tmp_path):
+    methods = ["nonperso", "rag", "his", "diff", "his+diff", "dep", "dep@k=1", "dep-shuffled"]
+    settings = EvalSettings(methods=methods, out=str(tmp_path / "eval"), limit=3, batch_users=2,
+                            sampling=SamplingSettings(max_new_tokens=6))
+    summary = evaluate(EngineConfig(llm=TINY_LLM, adapter=None), settings, engine=tiny_engine)
+    assert summary["users"] == 3
+    assert set(summary["methods"]) == set(methods)
+    for name, entry in summary["methods"].items():
+        assert entry["n"] == 3
+        assert set(entry["metrics"]) == {"rouge1", "rougeL", "meteor", "bleu"}
+        assert 0 <= entry["metrics"]["rouge1"]["mean"] <= 1
+    assert "own_minus_shuffled" in summary["methods"]["dep-shuffled"]
+    out = tmp_path / "eval"
+    lines = (out / "generations.jsonl").read_text().splitlines()
+    assert len(lines) == 3 * len(methods)
+    assert (out / "results.png").stat().st_size > 1000 and "| dep |" in (out / "results.md").read_text()
+    # resuming reuses every generation
+    evaluate(EngineConfig(llm=TINY_LLM, adapter=None), settings, engine=tiny_engine)
+    assert (out / "generations.jsonl").read_text().splitlines() == lines
