@@ -1,0 +1,264 @@
+"""What the demo shows next to the generated reviews, as plain data and figures.
+
+- `distinctive_terms`: the words and two-word phrases that set a user's reviews apart from their
+  peers' reviews of the same items (log-odds ratio with an informative Dirichlet prior, Monroe,
+  Colaresi & Quinn 2008), so the "difference" DEP encodes can be read, not only plotted.
+- `sae_figure`: a heatmap of the sparse-autoencoder codes of the his and diff vectors.
+- table builders for the selected past reviews and their peers, timing and metric summaries.
+"""
+from __future__ import annotations
+
+import html
+import math
+import re
+import statistics
+from collections import Counter
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+
+STOPWORDS = frozenset("""
+a about above after again against all also am an and any are aren't as at be because been before being
+below between both but by can can't cannot could couldn't did didn't do does doesn't doing don't down
+during each even few for from further get got had hadn't has hasn't have haven't having he he'd he'll
+he's her here here's hers herself him himself his how how's i i'd i'll i'm i've if in into is isn't it
+it's its itself just let's me more most much mustn't my myself no nor not now of off on once one only
+or other ought our ours ourselves out over own really same shan't she she'd she'll she's should
+shouldn't so some such than that that's the their theirs them themselves then there there's these
+they they'd they'll they're they've this those through to too under until up upon us very was wasn't
+we we'd we'll we're we've were weren't what what's when when's where where's which while who who's
+whom why why's will with won't would wouldn't you you'd you'll you're you've your yours yourself
+yourselves will just would could also get got ve ll re don doesn didn isn wasn im ive id s t
+""".split())
+
+_TOKEN = re.compile(r"[a-z0-9]+(?:['\u2019][a-z]+)?")
+
+
+def tokens(text: str) -> list[str]:
+    return [t.replace("\u2019", "'") for t in _TOKEN.findall(text.lower())]
+
+
+def _content(token: str) -> bool:
+    return len(token) > 1 and token not in STOPWORDS and not token.isdigit()
+
+
+def terms(text: str) -> list[str]:
+    """Content words and two-word phrases of content words ("sound quality", "tone knob")."""
+    toks = tokens(text)
+    keep = [_content(t) for t in toks]
+    out = [t for t, k in zip(toks, keep) if k]
+    out += [f"{toks[i]} {toks[i + 1]}" for i in range(len(toks) - 1) if keep[i] and keep[i + 1]]
+    return out
+
+
+def term_counts(texts: Iterable[str]) -> Counter:
+    """In how many of the texts each term occurs (document frequency): one long review repeating a
+    word counts once, so the terms that come out describe habits, not one review's topic."""
+    counts: Counter = Counter()
+    for text in texts:
+        counts.update(set(terms(text)))
+    return counts
+
+
+@dataclass
+class Term:
+    term: str
+    z: float            # > 0: the user uses it more than their peers; < 0: less
+    user_count: int     # number of the user's reviews it occurs in
+    peer_count: int     # number of the peers' reviews it occurs in
+
+
+def distinctive_terms(user_texts: Sequence[str], peer_texts: Sequence[str], background: Counter | None = None,
+                      top: int = 12, prior_strength: float = 200.0) -> tuple[list[Term], list[Term]]:
+    """(terms the user uses more than their peers, terms the peers use more), strongest first.
+
+    z-scores of the log-odds ratio with an informative Dirichlet prior (Monroe et al. 2008) over
+    document frequencies; the prior comes from the `background` counts (the whole pool) when
+    given, else from the two sides together. A term must occur in two of the user's reviews (in
+    one, when they gave a single review) to count as theirs, and in two of the peers' reviews."""
+    user, peers = term_counts(user_texts), term_counts(peer_texts)
+    vocab = set(user) | set(peers)
+    if not vocab or not user:
+        return [], []
+    prior_source = background if background else user + peers
+    prior_total = sum(prior_source.get(w, 0) for w in vocab) + 0.5 * len(vocab)
+    n_user, n_peers = sum(user.values()), sum(peers.values())
+    scored = []
+    for word in vocab:
+        alpha = prior_strength * (prior_source.get(word, 0) + 0.5) / prior_total
+        y, p = user.get(word, 0), peers.get(word, 0)
+        delta = (math.log((y + alpha) / (n_user + prior_strength - y - alpha))
+                 - math.log((p + alpha) / (n_peers + prior_strength - p - alpha)))
+        z = delta / math.sqrt(1.0 / (y + alpha) + 1.0 / (p + alpha))
+        scored.append(Term(word, z, y, p))
+    scored.sort(key=lambda t: (-t.z, t.term))
+    least = 2 if len(user_texts) > 1 else 1
+    mine = [t for t in scored if t.z > 0 and t.user_count >= least]
+    theirs = [t for t in reversed(scored) if t.z < 0 and t.peer_count >= 2]
+    return _drop_overlaps(mine)[:top], _drop_overlaps(theirs)[:top]
+
+
+def _drop_overlaps(ranked: list[Term]) -> list[Term]:
+    """A phrase and a word inside it usually say the same thing: keep the better-ranked one."""
+    kept: list[Term] = []
+    for term in ranked:
+        words = set(term.term.split())
+        if any(words & set(k.term.split()) and (" " in term.term) != (" " in k.term) for k in kept):
+            continue
+        kept.append(term)
+    return kept
+
+
+def highlight(text: str, marked: Iterable[str], label: str = "distinctive") -> list[tuple[str, str | None]]:
+    """`text` cut into (span, label or None) pieces for gr.HighlightedText, marking words and phrases."""
+    marked = set(marked)
+    spans = [(m.start(), m.end(), m.group(0).lower().replace("\u2019", "'")) for m in _TOKEN.finditer(text.lower())]
+    hit = [False] * len(spans)
+    for i, (_, _, tok) in enumerate(spans):
+        if tok in marked:
+            hit[i] = True
+        if i + 1 < len(spans) and f"{tok} {spans[i + 1][2]}" in marked:
+            hit[i] = hit[i + 1] = True
+    pieces: list[tuple[str, str | None]] = []
+    cursor = 0
+    for (start, end, _), on in zip(spans, hit):
+        if not on:
+            continue
+        if start > cursor:
+            pieces.append((text[cursor:start], None))
+        pieces.append((text[start:end], label))
+        cursor = end
+    if cursor < len(text):
+        pieces.append((text[cursor:], None))
+    return _merge(pieces)
+
+
+def _merge(pieces: list[tuple[str, str | None]]) -> list[tuple[str, str | None]]:
+    """Join marked pieces separated only by a space, so a phrase shows as one highlight."""
+    out: list[tuple[str, str | None]] = []
+    for text, label in pieces:
+        if out and out[-1][1] == label:
+            out[-1] = (out[-1][0] + text, label)
+        elif (label is not None and len(out) >= 2 and out[-1][1] is None and out[-1][0].strip() == ""
+              and out[-2][1] == label):
+            gap = out.pop()[0]
+            out[-1] = (out[-1][0] + gap + text, label)
+        else:
+            out.append((text, label))
+    return out
+
+
+def pieces_html(pieces: Sequence[tuple[str, str | None]]) -> str:
+    """`highlight` pieces as HTML: marked spans in <mark>, everything escaped, paragraphs kept."""
+    out = []
+    for text, label in pieces:
+        escaped = html.escape(text).replace("\n", "<br>")
+        out.append(f"<mark class='dep-mark'>{escaped}</mark>" if label else escaped)
+    return "".join(out)
+
+
+def shorten(text: str, words: int) -> str:
+    parts = text.split()
+    return text if len(parts) <= words else " ".join(parts[:words]) + " …"
+
+
+def stars(rating: float) -> str:
+    return f"★{rating:g}"
+
+
+def typical_rating(ratings: Sequence[float]) -> float:
+    return float(statistics.median_low(sorted(ratings))) if ratings else 0.0
+
+
+# ---- figures -----------------------------------------------------------------------------------
+
+def sae_figure(his_codes: np.ndarray, diff_codes: np.ndarray, labels: Sequence[str], untrained: bool = False):
+    """Heatmaps of the sparse codes, one row per selected past review; None when there is none."""
+    from matplotlib.figure import Figure
+
+    if his_codes.size == 0:
+        return None
+    k, width = his_codes.shape
+    fig = Figure(figsize=(10, 1.9 + 0.62 * k), dpi=110, layout="constrained")
+    axes = fig.subplots(2, 1, sharex=True)
+    vmax = float(max(his_codes.max(), diff_codes.max(), 1e-6))
+    names = [("his codes: what each past review says", his_codes),
+             ("diff codes: how it differs from the peers' reviews", diff_codes)]
+    for ax, (title, codes) in zip(axes, names):
+        image = ax.imshow(codes, aspect="auto", cmap="magma", interpolation="nearest", vmin=0, vmax=vmax)
+        active = (codes > 0.05 * vmax).sum(axis=1).mean()
+        ax.set_title(f"{title}  (≈{active:.0f} of {width} features clearly active per review)", fontsize=9, loc="left")
+        ax.set_yticks(range(k), [shorten(label, 6)[:34] for label in labels], fontsize=7)
+    axes[-1].set_xlabel("SAE feature", fontsize=8)
+    fig.colorbar(image, ax=list(axes), shrink=0.8, label="activation")
+    if untrained:
+        fig.suptitle("untrained adapter: these activations come from random weights", fontsize=9, color="#b45309")
+    return fig
+
+
+# ---- tables ------------------------------------------------------------------------------------
+
+SELECTED_HEADERS = ["#", "past item", "★", "review title", "relevance", "peers", "review (start)"]
+PEER_HEADERS = ["#", "past item", "peer", "★", "weight", "peer's review (start)"]
+
+
+def selected_rows(context) -> list[list]:
+    rows = []
+    for n, s in enumerate(context.selected, 1):
+        peers = f"{len(s.peers)}" + (" (nearest items)" if s.cold_start else "")
+        rows.append([n, s.item_title, s.review.rating, s.review.title, round(float(s.relevance), 3), peers,
+                     shorten(s.review.text, 24)])
+    return rows
+
+
+def peer_rows(context, per_review: int = 12) -> list[list]:
+    rows = []
+    for n, s in enumerate(context.selected, 1):
+        ranked = sorted(s.peers, key=lambda p: -p.weight)
+        for peer in ranked[:per_review]:
+            rows.append([n, shorten(s.item_title, 8), peer.user_id, peer.rating, round(peer.weight, 3),
+                         shorten(peer.text, 24)])
+        if len(ranked) > per_review:
+            rest = sum(p.weight for p in ranked[per_review:])
+            rows.append([n, "", f"… {len(ranked) - per_review} more", None, round(rest, 3), ""])
+    return rows
+
+
+STAGE_NAMES = {"retrieval_and_differences": "history selection, peers, differences",
+               "adapter": "adapter (SAE + projectors)", "prompt": "prompt building",
+               "generation": "generation (both outputs in one batch)"}
+
+
+def timings_markdown(timings: dict[str, float], new_tokens: int, outputs: int, startup: float | None = None) -> str:
+    lines = ["| stage | seconds |", "|---|---:|"]
+    for stage, seconds in timings.items():
+        lines.append(f"| {STAGE_NAMES.get(stage, stage)} | {seconds:.2f} |")
+    gen = timings.get("generation", 0.0)
+    if gen > 0 and new_tokens:
+        rate = new_tokens / gen
+        lines.append(f"| **tokens per second** | **{rate:.1f}** per output, {rate * outputs:.1f} in all |")
+    text = "\n".join(lines)
+    if startup is not None:
+        text += f"\n\nModels were loaded once at start-up in {startup:.0f} s."
+    return text
+
+
+def metrics_markdown(scores: dict[str, dict[str, float]], labels: dict[str, str], note: str = "") -> str:
+    """A table of metric columns (ROUGE-1, METEOR, …) for each output; the best value in bold."""
+    columns = [c for c in ("rouge1", "meteor", "rougeL", "bleu") if any(c in s for s in scores.values())]
+    names = {"rouge1": "ROUGE-1", "meteor": "METEOR", "rougeL": "ROUGE-L", "bleu": "BLEU"}
+    lines = ["| output | " + " | ".join(names[c] for c in columns) + " |",
+             "|---|" + "---:|" * len(columns)]
+    best = {c: max((s[c] for s in scores.values() if c in s), default=None) for c in columns}
+    for key, s in scores.items():
+        cells = []
+        for c in columns:
+            if c not in s:
+                cells.append("n/a")
+                continue
+            value = f"{s[c]:.2f}" if c == "bleu" else f"{s[c]:.3f}"
+            unique_best = sum(1 for other in scores.values() if other.get(c) == best[c]) == 1
+            cells.append(f"**{value}**" if len(scores) > 1 and s[c] == best[c] and unique_best else value)
+        lines.append(f"| {labels.get(key, key)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + (f"\n\n{note}" if note else "")

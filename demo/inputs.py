@@ -1,0 +1,134 @@
+"""Turning what a person typed, pasted, uploaded or chose into engine inputs, with clear errors."""
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import re
+from pathlib import Path
+from typing import Sequence
+
+from dep_engine import DataError
+
+MAX_UPLOAD_BYTES = 5_000_000          # what a pasted or uploaded history may weigh
+MAX_HISTORY_CHARS = 5_000_000
+
+TABLE_HEADERS = ["item_title", "rating", "review_title", "review_text"]
+
+# "Which signals to use" -> the engine's mode for the personalized output.
+SIGNALS = [("past review texts", "texts"), ("his: review embeddings", "his"),
+           ("diff: difference embeddings", "diff")]
+SIGNAL_MODES = {
+    frozenset({"texts"}): "rag",
+    frozenset({"his"}): "his",
+    frozenset({"diff"}): "diff",
+    frozenset({"his", "diff"}): "his+diff",
+    frozenset({"texts", "his", "diff"}): "dep",
+}
+MODE_TITLES = {
+    "nonperso": "Baseline: no personalization",
+    "rag": "Personalized: past review texts only (RAG)",
+    "his": "Personalized: his embeddings only",
+    "diff": "Personalized: diff embeddings only",
+    "his+diff": "Personalized: his + diff embeddings, no texts",
+    "dep": "Personalized: DEP (texts + his + diff)",
+}
+
+
+def mode_for(signals: Sequence[str] | None) -> str:
+    """The engine mode of a set of signals; a clear error for the combinations it has no mode for."""
+    chosen = frozenset(signals or ())
+    unknown = chosen - {key for _, key in SIGNALS}
+    if unknown:
+        raise DataError(f"unknown signal(s) {', '.join(sorted(unknown))}; choose from texts, his, diff")
+    if not chosen:
+        raise DataError("signals: choose at least one signal for the personalized output "
+                        "(texts, his or diff); with none it would just repeat the baseline")
+    mode = SIGNAL_MODES.get(chosen)
+    if mode is None:
+        raise DataError(f"signals: {' + '.join(sorted(chosen))} has no mode in DEP. Choose texts alone (RAG), "
+                        "embeddings without texts (his, diff or his + diff), or all three (DEP)")
+    return mode
+
+
+def mode_hint(signals: Sequence[str] | None) -> str:
+    try:
+        return f"→ runs **{MODE_TITLES[mode_for(signals)].split(': ', 1)[1]}**"
+    except DataError as err:
+        return f"⚠️ {err}"
+
+
+def read_upload(path: str | Path | None) -> str:
+    """The text of an uploaded history file (.jsonl, .json, .csv, .txt, optionally gzipped)."""
+    if not path:
+        raise DataError("upload: no file received")
+    path = Path(path)
+    name = path.name
+    size = path.stat().st_size
+    if size == 0:
+        raise DataError(f"upload {name}: the file is empty")
+    if size > MAX_UPLOAD_BYTES:
+        raise DataError(f"upload {name}: {size / 1e6:.1f} MB is more than the limit of {MAX_UPLOAD_BYTES / 1e6:.0f} MB")
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            with gzip.open(path, "rb") as handle:
+                raw = handle.read(MAX_HISTORY_CHARS + 1)
+        except (OSError, EOFError) as err:
+            raise DataError(f"upload {name}: a broken gzip file ({err})") from None
+        if len(raw) > MAX_HISTORY_CHARS:
+            raise DataError(f"upload {name}: unpacked, it is more than {MAX_HISTORY_CHARS / 1e6:.0f} MB")
+    if b"\x00" in raw[:65536]:
+        raise DataError(f"upload {name}: this is not a text file (it holds binary data); "
+                        "upload JSONL, JSON or CSV")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DataError(f"upload {name}: not UTF-8 text (byte {err.start} cannot be decoded); "
+                        "upload JSONL, JSON or CSV saved as UTF-8") from None
+
+
+def check_size(text: str) -> None:
+    if len(text) > MAX_HISTORY_CHARS:
+        raise DataError(f"history: {len(text) / 1e6:.1f} million characters is more than the limit of "
+                        f"{MAX_HISTORY_CHARS / 1e6:.0f} million")
+
+
+def _cell(value) -> str | float:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return "" if math.isnan(value) else value
+    return value if isinstance(value, (int, float)) else str(value)
+
+
+def table_to_text(rows) -> str:
+    """An edited table (rows of item_title, rating, review_title, review_text) as JSON lines,
+    one line per row so that an error's line number is the table's row number."""
+    if rows is None:
+        rows = []
+    if hasattr(rows, "values") and hasattr(rows, "columns"):  # a pandas DataFrame
+        rows = rows.values.tolist()
+    lines = []
+    for row in rows:
+        cells = [_cell(v) for v in list(row)[:4]] + [""] * (4 - len(list(row)[:4]))
+        if all(str(c).strip() == "" for c in cells):
+            lines.append("")
+            continue
+        lines.append(json.dumps(dict(zip(TABLE_HEADERS, cells)), ensure_ascii=False))
+    if not any(lines):
+        raise DataError("table: it is empty; fill at least one row (item title, rating, review text)")
+    return "\n".join(lines)
+
+
+def table_message(err: Exception) -> str:
+    return re.sub(r"^history, line (\d+)", r"table, row \1", str(err))
+
+
+def parse_rating_input(value) -> float:
+    """A target rating from the form or the API, with the engine's wording for bad values."""
+    from dep_engine.data import parse_rating
+
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise DataError("target rating: give the rating (1-5) the review should carry")
+    return parse_rating(value, "target rating")
