@@ -30,7 +30,7 @@ class AdapterError(ValueError):
 
 @dataclass
 class DEPAdapterConfig:
-    embedding_dim: int              # d, the encoder's output size
+    embedding_dim: int              # d, the review vector's size (encoder output, + 2 with style features)
     hidden_size: int                # H, the LLM's hidden size
     llm: str                        # the LLM the projectors were trained against
     encoder: str                    # the encoder that produced the embeddings
@@ -38,6 +38,7 @@ class DEPAdapterConfig:
     sparsity_weight: float = 1e-3   # KL weight inside the SAE loss
     sae_loss_weight: float = 100.0  # weight of (reconstruction + KL) beside the LM loss
     token_norm: float | None = None  # if set, each soft token is rescaled to this norm
+    style_features: bool = False     # review vectors carry rating and length beside the text embedding
     trained: bool = False
     training: dict = field(default_factory=dict)  # settings, data fingerprint, results of training
 

@@ -72,6 +72,21 @@ class Encoder:
         return np.ascontiguousarray(vectors, dtype=np.float32)
 
 
+STYLE_SCALE = 0.25  # style features sit at about the size of one embedding's strongest coordinates
+
+
+def style_features(ratings: Sequence[float], word_counts: Sequence[int]) -> np.ndarray:
+    """(N, 2) features a text embedding cannot hold: the rating, and the review's length.
+
+    Text embeddings are L2-normalised, so a user who writes three lines and one who writes three
+    pages look alike; appended to the embedding, these let his and diff vectors carry how this
+    user rates and how much they write, against their peers. Fixed transforms (not fitted to the
+    pool), so a pasted review gets the same features as a pool review."""
+    rating = (np.asarray(ratings, dtype=np.float32) - 3.0) / 2.0
+    length = np.log1p(np.asarray(word_counts, dtype=np.float32)) - 4.0
+    return STYLE_SCALE * np.stack([rating, length], axis=1).astype(np.float32)
+
+
 def content_key(encoder_name: str, texts: Sequence[str]) -> str:
     digest = hashlib.sha256(encoder_name.encode())
     for text in texts:

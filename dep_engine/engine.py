@@ -1,6 +1,7 @@
 """DEPEngine: data -> embeddings -> peers and differences -> adapter -> soft prompt -> LLM, for one request."""
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -10,7 +11,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from .adapter import AdapterError, DEPAdapter, DEPAdapterConfig
+from .adapter import CONFIG_NAME, AdapterError, DEPAdapter, DEPAdapterConfig
 from .data import DataError, Dataset, Item, Review, Sample, by_user, load_dataset, parse_rating
 from .embeddings import BUNDLED_ENCODER, Encoder
 from .generation import SamplingSettings, generate, prompt_embeddings, stream
@@ -34,6 +35,7 @@ class EngineConfig:
     device: str | None = None
     four_bit: bool | None = None   # default: 4-bit NF4 on CUDA, never on the CPU
     extra_reviews: str | None = None  # more reviews (file or folder) joining the pool
+    style_features: bool | None = None  # rating and length beside text embeddings; default: as the adapter was trained
     cache_dir: str | None = None   # embedding cache; default: next to the data, else ~/.cache/dep-studio
 
 
@@ -96,16 +98,27 @@ class DEPEngine:
         pool = self.dataset
         if self.config.extra_reviews:
             pool = merge_pool(self.dataset, load_dataset(self.config.extra_reviews))
-        self.store = ReviewStore.build(pool, self.encoder, cache, progress)
+        self.store = ReviewStore.build(pool, self.encoder, cache, progress, style=self._style_features())
         self.llm: LLM = llm or load_llm(self.config.llm, self.config.device, four_bit=self.config.four_bit)
         self.adapter = self._load_adapter()
         self.users = by_user(self.dataset.reviews)
         self.startup_seconds = time.perf_counter() - start
 
+    def _style_features(self) -> bool:
+        if self.config.style_features is not None:
+            return self.config.style_features
+        saved = Path(self.config.adapter or "") / CONFIG_NAME
+        if self.config.adapter and saved.is_file():
+            try:
+                return bool(json.loads(saved.read_text()).get("style_features", False))
+            except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+                return True  # the adapter's own loading will report the damage
+        return True
+
     def _load_adapter(self) -> DEPAdapter:
         path = self.config.adapter
         expected = dict(llm=self.config.llm, hidden_size=self.llm.hidden_size, encoder=self.encoder.name,
-                        embedding_dim=self.encoder.dim)
+                        embedding_dim=self.store.dim)
         if path and Path(path).exists():
             adapter = DEPAdapter.from_pretrained(path, **expected)
         elif path and Path(path) != BUNDLED_ADAPTER:
@@ -113,7 +126,8 @@ class DEPEngine:
         else:
             log.warning("no trained adapter: soft prompts come from an untrained adapter")
             torch.manual_seed(0)
-            adapter = DEPAdapter(DEPAdapterConfig(**expected, token_norm=self.llm.token_norm()))
+            adapter = DEPAdapter(DEPAdapterConfig(**expected, token_norm=self.llm.token_norm(),
+                                                  style_features=self.store.style))
         return adapter.to(self.llm.device).eval().requires_grad_(False)
 
     @property

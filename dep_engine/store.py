@@ -14,7 +14,7 @@ import numpy as np
 
 from .data import Dataset, Item, Review
 from .differences import difference_embeddings
-from .embeddings import Encoder, cached_encode
+from .embeddings import Encoder, cached_encode, style_features
 
 HISTORY_RULES = ("relevant", "recent")
 TIME_SPAN = 2**33  # larger than any timestamp in seconds, so (user, time) packs into one sortable int
@@ -61,13 +61,15 @@ def item_text(item: Item) -> str:
 
 class ReviewStore:
     def __init__(self, dataset: Dataset, embeddings: np.ndarray, encoder: Encoder,
-                 item_ids: list[str], item_embeddings: np.ndarray):
+                 item_ids: list[str], item_embeddings: np.ndarray, style: bool = True):
         order = sorted(range(len(dataset.reviews)),
                        key=lambda i: (dataset.reviews[i].user_id, dataset.reviews[i].timestamp))
         self.encoder = encoder
+        self.style = style
+        self.text_dim = embeddings.shape[1]
         self.items = dict(dataset.items)
         self.reviews: list[Review] = [dataset.reviews[i] for i in order]
-        self.embeddings = np.ascontiguousarray(embeddings[order], dtype=np.float32)
+        self.embeddings = self._with_style(np.ascontiguousarray(embeddings[order], dtype=np.float32), self.reviews)
         self.times = np.array([r.timestamp for r in self.reviews], dtype=np.int64)
         self.row_of = {(r.user_id, r.item_id): i for i, r in enumerate(self.reviews)}
 
@@ -96,15 +98,27 @@ class ReviewStore:
         self._item_index = None
         self.title_to_item = {self.items[i].title.lower(): i for i in self.item_ids if i in self.items}
 
+    @property
+    def dim(self) -> int:
+        """Size of a review vector: the text embedding, plus the style features if used."""
+        return self.embeddings.shape[1]
+
+    def _with_style(self, text_embeddings: np.ndarray, reviews: Sequence[Review]) -> np.ndarray:
+        if not self.style:
+            return text_embeddings
+        features = style_features([r.rating for r in reviews], [len(r.text.split()) for r in reviews])
+        return np.ascontiguousarray(np.hstack([text_embeddings, features]), dtype=np.float32)
+
     @classmethod
-    def build(cls, dataset: Dataset, encoder: Encoder, cache_dir: str | Path, progress: bool = True) -> "ReviewStore":
-        """Embed the pool (or read the cache) and index it."""
+    def build(cls, dataset: Dataset, encoder: Encoder, cache_dir: str | Path, progress: bool = True,
+              style: bool = True) -> "ReviewStore":
+        """Embed the pool (or read the cache) and index it; `style` appends rating and length features."""
         texts = [r.text for r in dataset.reviews]
         embeddings = cached_encode(encoder, texts, Path(cache_dir), "reviews", progress)
         item_ids = sorted({r.item_id for r in dataset.reviews} | set(dataset.items))
         item_texts = [item_text(dataset.items.get(i, Item(i, i))) for i in item_ids]
         item_embeddings = cached_encode(encoder, item_texts, Path(cache_dir), "items", progress)
-        return cls(dataset, embeddings, encoder, item_ids, item_embeddings)
+        return cls(dataset, embeddings, encoder, item_ids, item_embeddings, style)
 
     # ---- users and items -------------------------------------------------------------------
 
@@ -140,16 +154,17 @@ class ReviewStore:
 
     def embed_reviews(self, reviews: Sequence[Review]) -> np.ndarray:
         """Pool embeddings where the pool holds the same review, the encoder for the rest."""
-        result = np.zeros((len(reviews), self.embeddings.shape[1]), dtype=np.float32)
+        result = np.zeros((len(reviews), self.dim), dtype=np.float32)
         missing = []
         for n, review in enumerate(reviews):
             row = self.row_of.get((review.user_id, review.item_id))
-            if row is not None and self.reviews[row].text == review.text:
+            if row is not None and self.reviews[row] == review:
                 result[n] = self.embeddings[row]
             else:
                 missing.append(n)
         if missing:
-            result[missing] = self.encoder.encode([reviews[n].text for n in missing])
+            new = [reviews[n] for n in missing]
+            result[missing] = self._with_style(self.encoder.encode([r.text for r in new]), new)
         return result
 
     def item_vector(self, item: Item) -> np.ndarray:
@@ -192,7 +207,7 @@ class ReviewStore:
         recent: the paper's rule, the K newest reviews whose items have peers (newest others fill up)."""
         if rule not in HISTORY_RULES:
             raise ValueError(f"history rule must be one of {HISTORY_RULES}, got {rule!r}")
-        relevance = profile_embeddings @ self.item_vector(target) if len(profile) else np.zeros(0)
+        relevance = profile_embeddings[:, :self.text_dim] @ self.item_vector(target) if len(profile) else np.zeros(0)
         if rule == "relevant":
             chosen = list(np.argsort(-relevance, kind="stable")[:k])
         else:
@@ -219,7 +234,7 @@ class ReviewStore:
         `profile` is the user's history before the target (pool users and pasted ones alike);
         `cutoff` keeps reviews written at or after it out of the peers (default: no limit)."""
         cutoff = float("inf") if cutoff is None else float(cutoff)
-        dim = self.embeddings.shape[1]
+        dim = self.dim
         if not profile or k <= 0:
             note = "no history: nothing could be personalized" if not profile else "K = 0: no history used"
             return PersonalContext([], np.zeros((0, dim), np.float32), np.zeros((0, dim), np.float32), [note])

@@ -203,9 +203,10 @@ def train(engine: DEPEngine, settings: TrainSettings, resume: bool = True) -> Pa
     token_norm = (engine.llm.token_norm() if settings.token_norm == "auto"
                   else None if settings.token_norm == "none" else float(settings.token_norm))
     config = DEPAdapterConfig(
-        embedding_dim=engine.encoder.dim, hidden_size=engine.llm.hidden_size, llm=engine.config.llm,
+        embedding_dim=engine.store.dim, hidden_size=engine.llm.hidden_size, llm=engine.config.llm,
         encoder=engine.encoder.name, sparsity_target=settings.sparsity_target,
-        sparsity_weight=settings.sparsity_weight, sae_loss_weight=settings.sae_loss_weight, token_norm=token_norm)
+        sparsity_weight=settings.sparsity_weight, sae_loss_weight=settings.sae_loss_weight, token_norm=token_norm,
+        style_features=engine.store.style)
     adapter = DEPAdapter(config).to(engine.llm.device)
     optimizer = torch.optim.AdamW(adapter.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     steps_per_epoch = math.ceil(len(train_set) / settings.batch_size)

@@ -3,6 +3,7 @@ import pytest
 
 from dep_engine.data import Item, Review, by_user, parse_history
 from dep_engine.differences import difference_embeddings_loop
+from dep_engine.embeddings import style_features
 
 
 def heavy_user(dataset):
@@ -15,7 +16,7 @@ def test_peers_exclude_the_user_and_the_future(store, dataset):
     history = users[user]
     target = history[-1]
     context = store.context(history[:-1], store.item(target.item_id), k=6, cutoff=target.timestamp)
-    assert context.k == 6 and context.his.shape == (6, 384) and context.diff.shape == (6, 384)
+    assert context.k == 6 and context.his.shape == (6, 386) and context.diff.shape == (6, 386)
     times = {(r.user_id, r.item_id): r.timestamp for r in dataset.reviews}
     for selected in context.selected:
         assert selected.peers
@@ -93,4 +94,10 @@ def test_embed_reviews_reuses_pool_and_encodes_new(store, encoder, dataset):
     new = Review("someone", "x", 3.0, "", "A completely new review text about a banjo.", 0)
     vectors = store.embed_reviews([known, new])
     np.testing.assert_allclose(vectors[0], store.embeddings[store.row_of[(known.user_id, known.item_id)]])
-    np.testing.assert_allclose(vectors[1], encoder.encode([new.text])[0], atol=1e-6)
+    np.testing.assert_allclose(vectors[1, :384], encoder.encode([new.text])[0], atol=1e-6)
+    np.testing.assert_allclose(vectors[1, 384:], style_features([3.0], [8])[0])
+
+
+def test_style_features_follow_rating_and_length():
+    short_low, long_high = style_features([1.0, 5.0], [5, 300])
+    assert short_low[0] < 0 < long_high[0] and short_low[1] < 0 < long_high[1]
