@@ -276,7 +276,34 @@ def train(engine: DEPEngine, settings: TrainSettings, resume: bool = True) -> Pa
     best_adapter.config.training["shuffled_user_control"] = control
     best_adapter.save_pretrained(out)
     print(f"gain over shuffled users: {gap.mean():.4f} nats/token (n={len(gap)})")
+    plot_log(log_path, out / "loss.png")
     return out
+
+
+def plot_log(log_path: Path, png: Path) -> None:
+    """Training LM loss (smoothed) and validation LM loss against optimizer steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in Path(log_path).read_text().splitlines()]
+    train_steps = [(r["step"], r["lm_loss"]) for r in records if "lm_loss" in r]
+    val_steps = [(r["step"], r["val_lm_loss"]) for r in records if "val_lm_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train_steps:
+        steps, losses = zip(*train_steps)
+        window = max(1, len(losses) // 50)
+        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+        ax.plot(steps[window - 1:], smooth, label=f"train LM loss (mean of {window} steps)", color="#9ecae9")
+    if val_steps:
+        ax.plot(*zip(*val_steps), "o-", label="validation LM loss", color="#e45756")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("nats per target token")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
 
 
 def _finalize(adapter: DEPAdapter, settings: TrainSettings, engine: DEPEngine, out: Path, extra: dict) -> None:
