@@ -14,7 +14,7 @@ import torch
 from .adapter import CONFIG_NAME, AdapterError, DEPAdapter, DEPAdapterConfig
 from .data import DataError, Dataset, Item, Review, Sample, by_user, load_dataset, parse_rating
 from .embeddings import BUNDLED_ENCODER, Encoder
-from .generation import SamplingSettings, generate, prompt_embeddings, stream
+from .generation import SamplingSettings, prompt_embeddings, stream
 from .llm import BUNDLED_LLM, LLM, load_llm
 from .prompt import MODES, PastReview, PromptIds, build_prompt, get_mode
 from .store import HISTORY_RULES, PersonalContext, ReviewStore
@@ -180,9 +180,37 @@ class DEPEngine:
         return build_prompt(self.llm.tokenizer, request.item, request.rating, request.review_title, past,
                             get_mode(mode), words_per_review)
 
-    def _prepare(self, request: Request, modes: Sequence[str], personalization: PersonalizationSettings):
+    def max_prompt_tokens(self, max_new_tokens: int) -> int:
+        return int(getattr(self.llm.model.config, "max_position_embeddings", 2048)) - max_new_tokens
+
+    def fit_prompts(self, request: Request, context: PersonalContext, modes: Sequence[str], words_per_review: int,
+                    limit: int) -> tuple[PersonalContext, list[PromptIds], list[str]]:
+        """Prompts of every mode, shortened until the longest fits `limit` tokens.
+
+        The rule: first halve the words kept per past review (down to 10), then drop the least
+        relevant past review, one at a time. A note says what was cut."""
+        words, notes = words_per_review, []
+        while True:
+            prompts = [self.prompt(request, context, mode, words) for mode in modes]
+            longest = max(len(p.ids) for p in prompts)
+            if longest <= limit:
+                break
+            if words > 10:
+                words = max(10, words // 2)
+            elif context.k:
+                context = context.first(context.k - 1)
+            else:
+                raise ValueError(f"the product's title and description take {longest} tokens, more than the "
+                                 f"{limit} the LLM's context leaves; shorten them")
+            notes = [f"prompt shortened to fit the LLM's context ({limit} tokens): {words} words per past review, "
+                     f"{context.k} past review(s)"]
+        return context, prompts, notes
+
+    def _prepare(self, request: Request, modes: Sequence[str], personalization: PersonalizationSettings,
+                 sampling: SamplingSettings):
         request.validate()
         personalization.validate()
+        sampling.validate()
         for mode in modes:
             get_mode(mode)
         timings: dict[str, float] = {}
@@ -190,16 +218,17 @@ class DEPEngine:
         context = self.context(request, personalization)
         timings["retrieval_and_differences"] = time.perf_counter() - start
         start = time.perf_counter()
+        context, prompts, cut = self.fit_prompts(request, context, modes, personalization.words_per_review,
+                                                 self.max_prompt_tokens(sampling.max_new_tokens))
+        timings["prompt"] = time.perf_counter() - start
+        start = time.perf_counter()
         his_tokens, diff_tokens = self.soft_tokens(context)
         timings["adapter"] = time.perf_counter() - start
         start = time.perf_counter()
-        embeds = []
-        for mode in modes:
-            prompt = self.prompt(request, context, mode, personalization.words_per_review)
-            embeds.append(prompt_embeddings(self.llm, prompt, his_tokens if prompt.his_positions else None,
-                                            diff_tokens if prompt.diff_positions else None))
-        timings["prompt"] = time.perf_counter() - start
-        notes = list(context.notes)
+        embeds = [prompt_embeddings(self.llm, prompt, his_tokens if prompt.his_positions else None,
+                                    diff_tokens if prompt.diff_positions else None) for prompt in prompts]
+        timings["prompt"] += time.perf_counter() - start
+        notes = list(context.notes) + cut
         if not context.selected and any(get_mode(m).uses_history for m in modes):
             notes.append("personalized outputs used no history, so they are baseline generations")
         if not self.adapter_trained and any(get_mode(m).soft for m in modes):
@@ -221,7 +250,7 @@ class DEPEngine:
         """Partial results while decoding; the last one is final."""
         personalization = personalization or PersonalizationSettings()
         sampling = sampling or SamplingSettings()
-        context, embeds, notes, timings = self._prepare(request, modes, personalization)
+        context, embeds, notes, timings = self._prepare(request, modes, personalization, sampling)
         start = time.perf_counter()
         steps = 0
         for texts in stream(self.llm, embeds, sampling):
@@ -229,12 +258,6 @@ class DEPEngine:
             timings["generation"] = time.perf_counter() - start
             yield Result(dict(zip(modes, texts)), context, notes, dict(timings),
                          new_tokens=min(steps, sampling.max_new_tokens))
-
-    def complete(self, request: Request, modes: Sequence[str], personalization: PersonalizationSettings,
-                 sampling: SamplingSettings) -> list[str]:
-        """Texts only, without streaming (evaluation)."""
-        _, embeds, _, _ = self._prepare(request, modes, personalization)
-        return generate(self.llm, embeds, sampling)
 
 
 def merge_pool(base: Dataset, extra: Dataset) -> Dataset:

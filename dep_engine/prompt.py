@@ -97,22 +97,22 @@ def system_message(mode: Mode) -> str:
 
 def user_message(item: Item, rating: float, review_title: str, past: list[PastReview], mode: Mode,
                  words_per_review: int = 60) -> str:
-    lines = [f"[Item Title]: {item.title}"]
+    lines = [f"[Item Title]: {shorten(item.title, 40)}"]
     if item.description:
         lines.append(f"[Item Description]: {shorten(item.description, 80)}")
     if mode.uses_history and past:
         lines.append("[User's Past Reviews]:")
         for i, review in enumerate(past):
             lines.append(f"Review {i + 1}:")
-            lines.append(f"[Item Title]: {review.item_title}")
+            lines.append(f"[Item Title]: {shorten(review.item_title, 40)}")
             if mode.texts:
-                lines += [f"[Review Rating]: {_rating(review.rating)}", f"[Review Title]: {review.title}",
+                lines += [f"[Review Rating]: {_rating(review.rating)}", f"[Review Title]: {shorten(review.title, 30)}",
                           f"[Review Text]: {shorten(review.text, words_per_review)}"]
             if mode.his:
                 lines.append(f"[Review Embedding]: <his_start><<{_NONCE}:his:{i}>><his_end>")
             if mode.diff:
                 lines.append(f"[Review Difference Embedding]: <diff_start><<{_NONCE}:diff:{i}>><diff_end>")
-    lines += [f"[Output Review Rating]: {_rating(rating)}", f"[Output Review Title]: {review_title}"]
+    lines += [f"[Output Review Rating]: {_rating(rating)}", f"[Output Review Title]: {shorten(review_title, 30)}"]
     return "\n".join(lines)
 
 

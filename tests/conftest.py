@@ -46,13 +46,15 @@ def smol_tokenizer():
 
 
 def make_tiny_llm(tokenizer, seed: int = 0) -> LLM:
-    """A 2-layer Llama with random weights and SmolLM2's vocabulary: real plumbing, no real language."""
+    """A 2-layer Llama with random weights and SmolLM2's vocabulary: real plumbing, no real language.
+
+    Large initial weights make its attention sharp, so a few soft tokens visibly move its output."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                         tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+                         tie_word_embeddings=True, initializer_range=0.5, pad_token_id=tokenizer.pad_token_id,
                          eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
     model = LlamaForCausalLM(config).eval().requires_grad_(False)
     return LLM(model=model, tokenizer=tokenizer, name=TINY_LLM, device=torch.device("cpu"))
