@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from .llm import LLM
@@ -92,8 +93,18 @@ class _BatchStreamer(BaseStreamer):
         return [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in self.ids]
 
 
+class _StopWhenSet(StoppingCriteria):
+    """Ends decoding early once the event is set (the reader of a stream went away)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
 def _generate(llm: LLM, embeds: Sequence[torch.Tensor], settings: SamplingSettings,
-              streamer: _BatchStreamer | None = None) -> list[str]:
+              streamer: _BatchStreamer | None = None, stop: threading.Event | None = None) -> list[str]:
     settings.validate()
     batch, mask = left_pad(embeds)
     tokenizer = llm.tokenizer
@@ -104,7 +115,8 @@ def _generate(llm: LLM, embeds: Sequence[torch.Tensor], settings: SamplingSettin
             inputs_embeds=batch, attention_mask=mask, max_new_tokens=settings.max_new_tokens,
             do_sample=sample, temperature=settings.temperature if sample else None,
             top_p=settings.top_p if sample else None, top_k=None, pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id, streamer=streamer)
+            eos_token_id=tokenizer.eos_token_id, streamer=streamer,
+            stopping_criteria=StoppingCriteriaList([_StopWhenSet(stop)]) if stop else None)
     return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in output]
 
 
@@ -114,22 +126,29 @@ def generate(llm: LLM, embeds: Sequence[torch.Tensor], settings: SamplingSetting
 
 
 def stream(llm: LLM, embeds: Sequence[torch.Tensor], settings: SamplingSettings) -> Iterator[list[str]]:
-    """The texts so far after each decoding step; the last item equals `generate`'s result."""
+    """The texts so far after each decoding step; the last item equals `generate`'s result.
+
+    Closing the generator early (a user pressing Stop) ends decoding at the next step, which
+    frees the model for the next request."""
     streamer = _BatchStreamer(llm.tokenizer, len(embeds))
+    stop = threading.Event()
     result: dict = {}
 
     def work() -> None:
         try:
-            result["texts"] = _generate(llm, embeds, settings, streamer)
+            result["texts"] = _generate(llm, embeds, settings, streamer, stop)
         except BaseException as err:  # re-raised in the caller's thread
             result["error"] = err
             streamer.end()
 
     thread = threading.Thread(target=work, daemon=True)
     thread.start()
-    while (texts := streamer.queue.get()) is not None:
-        yield texts
-    thread.join()
+    try:
+        while (texts := streamer.queue.get()) is not None:
+            yield texts
+    finally:
+        stop.set()
+        thread.join()
     if "error" in result:
         raise result["error"]
     yield result["texts"]

@@ -116,3 +116,20 @@ def test_long_prompts_are_shortened_by_the_documented_rule(tiny_engine):
     small, prompts, notes = tiny_engine.fit_prompts(request, result.context, ("dep",), 500, 700)
     assert small.k < result.context.k and "10 words per past review" in notes[0]
     assert [s.review for s in small.selected] == [s.review for s in result.context.selected[:small.k]]
+
+
+def test_closing_a_stream_stops_decoding(tiny_engine):
+    import time
+
+    from dep_engine.generation import generation_lock
+
+    user = next(u for u, h in tiny_engine.users.items() if len(h) > 6)
+    stream = tiny_engine.stream(tiny_engine.user_request(user), ("nonperso",),
+                                sampling=SamplingSettings(max_new_tokens=1000, temperature=1.0, top_p=1.0))
+    partial = [next(stream) for _ in range(3)]
+    started = time.perf_counter()
+    stream.close()
+    assert time.perf_counter() - started < 5  # 1000 tokens would take far longer
+    assert generation_lock.acquire(timeout=1)
+    generation_lock.release()
+    assert partial[-1].new_tokens == 3
