@@ -28,7 +28,6 @@ if ON_SPACE:  # `spaces` must come before torch is imported; off a Space it is n
 import argparse  # noqa: E402
 import html  # noqa: E402
 import logging  # noqa: E402
-import re  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 from collections import Counter  # noqa: E402
@@ -43,14 +42,13 @@ from demo import evidence  # noqa: E402
 from demo import examples as example_data  # noqa: E402
 from demo.inputs import (MODE_TITLES, SIGNALS, TABLE_HEADERS, check_size, mode_for, mode_hint,  # noqa: E402
                          parse_rating_input, read_upload, table_message, table_to_text)
-from dep_engine.prompt import PastReview, get_mode, system_message, user_message  # noqa: E402
+from dep_engine.prompt import PastReview, get_mode, readable_prompt  # noqa: E402
 from dep_engine import (DataError, DEPEngine, EngineConfig, Item, PersonalizationSettings, Request,  # noqa: E402
                         SamplingSettings, parse_history)
 
 log = logging.getLogger("dep_studio.app")
 
 GPU_SECONDS = 120
-SLOT = re.compile(r"<<[0-9a-f]+:(his|diff):(\d+)>>")  # the prompt's soft-token markers
 
 
 def gpu(fn):
@@ -288,13 +286,10 @@ class Studio:
 
     def prompt_text(self, job: Job, context) -> str:
         """The personalized prompt as the LLM reads it, soft-token slots shown as [HIS i] / [DIFF i]."""
-        mode = get_mode(job.mode)
         past = [PastReview.of(s.review, s.item_title) for s in context.selected]
         request = job.request
-        user = user_message(request.item, request.rating, request.review_title, past, mode,
-                            job.personalization.words_per_review)
-        user = SLOT.sub(lambda m: f"[{m.group(1).upper()} soft token {int(m.group(2)) + 1}]", user)
-        return f"SYSTEM:\n{system_message(mode)}\n\nUSER:\n{user}"
+        return readable_prompt(request.item, request.rating, request.review_title, past, get_mode(job.mode),
+                               job.personalization.words_per_review)
 
     def terms(self, context) -> tuple[list[evidence.Term], list[evidence.Term]]:
         user_texts = [s.review.text for s in context.selected]

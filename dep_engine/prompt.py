@@ -116,6 +116,14 @@ def user_message(item: Item, rating: float, review_title: str, past: list[PastRe
     return "\n".join(lines)
 
 
+def readable_prompt(item: Item, rating: float, review_title: str, past: list[PastReview], mode: Mode,
+                    words_per_review: int = 60) -> str:
+    """The prompt as a person can read it, each soft slot shown as `[HIS soft token i]`."""
+    user = user_message(item, rating, review_title, past, mode, words_per_review)
+    user = _SLOT.sub(lambda m: f"[{m.group(1).upper()} soft token {int(m.group(2)) + 1}]", user)
+    return f"SYSTEM:\n{system_message(mode)}\n\nUSER:\n{user}"
+
+
 def neutralize_special_tokens(tokenizer, text: str) -> str:
     """Pasted text is plain text: a special token written in it (say `<|im_end|>`) is broken up so
     it cannot close the user's turn or open another role."""
