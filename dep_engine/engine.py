@@ -95,10 +95,9 @@ class DEPEngine:
         self.dataset: Dataset = load_dataset(self.config.data)
         self.encoder = Encoder(self.config.encoder)
         cache = Path(self.config.cache_dir) if self.config.cache_dir else _cache_beside(self.config.data)
-        pool = self.dataset
-        if self.config.extra_reviews:
-            pool = merge_pool(self.dataset, load_dataset(self.config.extra_reviews))
-        self.store = ReviewStore.build(pool, self.encoder, cache, progress, style=self._style_features())
+        extra = earlier_reviews(load_dataset(self.config.extra_reviews)) if self.config.extra_reviews else None
+        self.store = ReviewStore.build(self.dataset, self.encoder, cache, progress, style=self._style_features(),
+                                       extra=extra, extra_cache_dir=extra and _cache_beside(self.config.extra_reviews))
         self.llm: LLM = llm or load_llm(self.config.llm, self.config.device, four_bit=self.config.four_bit)
         self.adapter = self._load_adapter()
         self.users = by_user(self.dataset.reviews)
@@ -260,10 +259,9 @@ class DEPEngine:
                          new_tokens=min(steps, sampling.max_new_tokens))
 
 
-def merge_pool(base: Dataset, extra: Dataset) -> Dataset:
-    """The pool plus another set's reviews, less each extra user's latest review (their target)."""
-    earlier = [r for history in by_user(extra.reviews).values() for r in history[:-1]]
-    return Dataset(base.reviews + earlier, {**base.items, **extra.items})
+def earlier_reviews(extra: Dataset) -> Dataset:
+    """Another set's reviews less each user's latest one (their evaluation target), to join the pool."""
+    return Dataset([r for history in by_user(extra.reviews).values() for r in history[:-1]], extra.items)
 
 
 def _cache_beside(data: str) -> Path:

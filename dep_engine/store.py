@@ -111,14 +111,21 @@ class ReviewStore:
 
     @classmethod
     def build(cls, dataset: Dataset, encoder: Encoder, cache_dir: str | Path, progress: bool = True,
-              style: bool = True) -> "ReviewStore":
-        """Embed the pool (or read the cache) and index it; `style` appends rating and length features."""
-        texts = [r.text for r in dataset.reviews]
-        embeddings = cached_encode(encoder, texts, Path(cache_dir), "reviews", progress)
-        item_ids = sorted({r.item_id for r in dataset.reviews} | set(dataset.items))
-        item_texts = [item_text(dataset.items.get(i, Item(i, i))) for i in item_ids]
+              style: bool = True, extra: Dataset | None = None, extra_cache_dir: str | Path | None = None
+              ) -> "ReviewStore":
+        """Embed the pool (or read the cache) and index it; `style` appends rating and length features.
+
+        `extra` reviews join the pool; they are embedded and cached on their own (in
+        `extra_cache_dir`), so the pool's cache stays valid."""
+        parts = [(dataset, cache_dir)] + ([(extra, extra_cache_dir or cache_dir)] if extra else [])
+        embeddings = np.concatenate([cached_encode(encoder, [r.text for r in part.reviews], Path(folder),
+                                                   "reviews", progress) for part, folder in parts])
+        parts = [part for part, _ in parts]
+        pool = Dataset([r for part in parts for r in part.reviews], {k: v for part in parts for k, v in part.items.items()})
+        item_ids = sorted({r.item_id for r in pool.reviews} | set(pool.items))
+        item_texts = [item_text(pool.items.get(i, Item(i, i))) for i in item_ids]
         item_embeddings = cached_encode(encoder, item_texts, Path(cache_dir), "items", progress)
-        return cls(dataset, embeddings, encoder, item_ids, item_embeddings, style)
+        return cls(pool, embeddings, encoder, item_ids, item_embeddings, style)
 
     # ---- users and items -------------------------------------------------------------------
 

@@ -72,3 +72,22 @@ def test_evaluation_writes_every_method(tiny_engine, tmp_path):
     # resuming reuses every generation
     evaluate(EngineConfig(llm=TINY_LLM, adapter=None), settings, engine=tiny_engine)
     assert (out / "generations.jsonl").read_text().splitlines() == lines
+
+
+def test_eval_reviews_file_users_are_new_and_join_the_pool(tiny_llm, dataset, tmp_path):
+    from dep_engine.data import by_user
+
+    users = [h for h in by_user(dataset.reviews).values() if len(h) >= 6][:2]
+    path = tmp_path / "extra.jsonl"
+    path.write_text("".join(json.dumps({"user_id": f"new-{n}", "parent_asin": r.item_id, "rating": r.rating,
+                                        "title": r.title, "text": r.text, "timestamp": r.timestamp * 1000}) + "\n"
+                            for n, history in enumerate(users) for r in history))
+    config = EngineConfig(llm=TINY_LLM, adapter=None, extra_reviews=str(path))
+    engine = DEPEngine(config, progress=False, llm=tiny_llm)
+    assert len(engine.store.history("new-0")) == len(users[0]) - 1  # the latest review stays out of the pool
+    settings = EvalSettings(methods=["nonperso", "dep"], out=str(tmp_path / "eval"), eval_reviews=str(path),
+                            sampling=SamplingSettings(max_new_tokens=4))
+    summary = evaluate(config, settings, engine=engine)
+    records = [json.loads(line) for line in (tmp_path / "eval" / "generations.jsonl").read_text().splitlines()]
+    assert summary["users"] == 2 and {r["user_id"] for r in records} == {"new-0", "new-1"}
+    assert {r["reference"] for r in records} == {users[0][-1].text, users[1][-1].text}
