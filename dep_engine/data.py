@@ -82,13 +82,26 @@ def _where(source: str, line: int | None) -> str:
     return f"{source}, line {line}" if line else source
 
 
+def _short(value: object, limit: int = 40) -> str:
+    """A bad value as an error message shows it: a pasted megabyte must not come back whole."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int too long to print (Python's 4300-digit limit)
+        return "(a number too long to print)"
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
 def parse_rating(value: object, where: str = "rating") -> float:
+    if isinstance(value, bool):  # JSON `true` is not one star
+        raise DataError(f"{where}: rating {value!r} is not a number")
     try:
         rating = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        raise DataError(f"{where}: rating {value!r} is not a number") from None
+        raise DataError(f"{where}: rating {_short(value)} is not a number") from None
+    except OverflowError:  # a JSON integer with hundreds of digits
+        rating = math.inf
     if not math.isfinite(rating) or not 1 <= rating <= 5:
-        raise DataError(f"{where}: rating {value!r} is outside 1-5")
+        raise DataError(f"{where}: rating {_short(value)} is outside 1-5")
     return rating
 
 
@@ -96,9 +109,11 @@ def parse_timestamp(value: object, where: str) -> int:
     try:
         stamp = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        raise DataError(f"{where}: timestamp {value!r} is not a number") from None
+        raise DataError(f"{where}: timestamp {_short(value)} is not a number") from None
+    except OverflowError:
+        stamp = math.inf
     if not math.isfinite(stamp) or stamp < 0:
-        raise DataError(f"{where}: timestamp {value!r} is not a valid time")
+        raise DataError(f"{where}: timestamp {_short(value)} is not a valid time")
     return int(stamp / 1000) if stamp > 1e11 else int(stamp)  # 2023 release counts milliseconds
 
 
@@ -157,23 +172,27 @@ def iter_json_records(path: str | Path) -> Iterator[tuple[int, object]]:
     yield from iter_json_text(text, str(path))
 
 
+def _loads(raw: str, source: str, line: int) -> object:
+    """json.loads with every way it fails as a DataError: bad syntax, but also nesting deep enough
+    to exhaust the stack and integers too long to convert."""
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{source}, line {line + err.lineno - 1}: malformed JSON ({err.msg})") from None
+    except RecursionError:
+        raise DataError(f"{source}, line {line}: malformed JSON (nested too deeply)") from None
+    except ValueError as err:  # "Exceeds the limit (4300 digits) for integer string conversion: ..."
+        raise DataError(f"{source}, line {line}: malformed JSON ({str(err).split(':')[0]})") from None
+
+
 def iter_json_text(text: str, source: str) -> Iterator[tuple[int, object]]:
     stripped = text.lstrip()
     if stripped.startswith("["):
-        try:
-            records = json.loads(stripped)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{source}, line {err.lineno}: malformed JSON ({err.msg})") from None
-        for index, record in enumerate(records, 1):
-            yield index, record
+        yield from enumerate(_loads(stripped, source, 1), 1)  # type: ignore[arg-type]
         return
     for number, raw in enumerate(text.splitlines(), 1):
-        if not raw.strip():
-            continue
-        try:
-            yield number, json.loads(raw)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{source}, line {number}: malformed JSON ({err.msg})") from None
+        if raw.strip():
+            yield number, _loads(raw, source, number)
 
 
 def read_reviews(path: str | Path, skip_empty: bool = True) -> list[Review]:
@@ -263,6 +282,7 @@ def parse_history(text: str, user_id: str = "you", max_reviews: int = 500) -> tu
     their title. Raises DataError with the line of the first problem."""
     if not isinstance(text, str) or not text.strip():
         raise DataError("history: it is empty; paste at least one review")
+    text = text.removeprefix("\ufeff")  # the byte-order mark Excel and Notepad put before UTF-8 files
     stripped = text.lstrip()
     if stripped.startswith(("{", "[")):
         rows = [(number, record) for number, record in iter_json_text(text, "history")]
@@ -305,16 +325,21 @@ def _review_from_row(row: dict, number: int, user_id: str) -> tuple[Review, Item
 
 
 def _parse_history_csv(text: str, user_id: str) -> tuple[list[Review], dict[str, Item]]:
+    # csv refuses fields over 128 KB by default; no field can be longer than the text itself
+    csv.field_size_limit(max(csv.field_size_limit(), len(text)))
     reader = csv.DictReader(io.StringIO(text))
-    header = [h.strip() for h in (reader.fieldnames or [])]
-    missing = [c for c in ("item_title", "rating", "review_text") if c not in header]
-    if missing:
-        raise DataError("history: not JSON, and as CSV the header lacks " + ", ".join(missing)
-                        + f" (expected columns: {', '.join(HISTORY_CSV_COLUMNS)})")
-    reviews, items = [], {}
-    for number, row in enumerate(reader, 2):
-        row = {(k or "").strip(): v for k, v in row.items()}
-        review, item = _review_from_row(row, number, user_id)
-        reviews.append(review)
-        items[item.item_id] = item
+    try:
+        header = [h.strip() for h in (reader.fieldnames or [])]
+        missing = [c for c in ("item_title", "rating", "review_text") if c not in header]
+        if missing:
+            raise DataError("history: not JSON, and as CSV the header lacks " + ", ".join(missing)
+                            + f" (expected columns: {', '.join(HISTORY_CSV_COLUMNS)})")
+        reviews, items = [], {}
+        for number, row in enumerate(reader, 2):
+            row = {(k or "").strip(): v for k, v in row.items()}
+            review, item = _review_from_row(row, number, user_id)
+            reviews.append(review)
+            items[item.item_id] = item
+    except csv.Error as err:
+        raise DataError(f"history, line {reader.line_num}: malformed CSV ({err})") from None
     return reviews, items
