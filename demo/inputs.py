@@ -5,6 +5,7 @@ import gzip
 import json
 import math
 import re
+import zlib
 from pathlib import Path
 from typing import Sequence
 
@@ -74,7 +75,7 @@ def read_upload(path: str | Path | None) -> str:
         try:
             with gzip.open(path, "rb") as handle:
                 raw = handle.read(MAX_HISTORY_CHARS + 1)
-        except (OSError, EOFError) as err:
+        except (OSError, EOFError, zlib.error) as err:  # zlib.error: a damaged compressed stream
             raise DataError(f"upload {name}: a broken gzip file ({err})") from None
         if len(raw) > MAX_HISTORY_CHARS:
             raise DataError(f"upload {name}: unpacked, it is more than {MAX_HISTORY_CHARS / 1e6:.0f} MB")
