@@ -43,8 +43,8 @@ from demo import examples as example_data  # noqa: E402
 from demo.inputs import (MODE_TITLES, SIGNALS, TABLE_HEADERS, check_size, mode_for, mode_hint,  # noqa: E402
                          parse_rating_input, read_upload, table_message, table_to_text)
 from dep_engine.prompt import PastReview, get_mode, readable_prompt  # noqa: E402
-from dep_engine import (DataError, DEPEngine, EngineConfig, Item, PersonalizationSettings, Request,  # noqa: E402
-                        SamplingSettings, parse_history)
+from dep_engine import (AdapterError, DataError, DEPEngine, EngineConfig, Item,  # noqa: E402
+                        PersonalizationSettings, Request, SamplingSettings, parse_history)
 
 log = logging.getLogger("dep_studio.app")
 
@@ -851,7 +851,10 @@ def main(argv: list[str] | None = None) -> None:
     log.info("loading the engine (data, encoder, LLM, adapter)…")
     config = EngineConfig(data=args.data, adapter=args.adapter, device=args.device,
                           four_bit=False if args.no_4bit else None)
-    engine = DEPEngine(config, progress=False)
+    try:
+        engine = DEPEngine(config, progress=False)
+    except (DataError, AdapterError) as err:  # a bad --data or --adapter: one line, not a traceback
+        raise SystemExit(f"error: {err}") from None
     studio = Studio(engine)
     demo = build_demo(studio)
     log.info("ready in %.0f s (adapter trained: %s)", time.perf_counter() - began, engine.adapter_trained)
