@@ -28,6 +28,7 @@ if ON_SPACE:  # `spaces` must come before torch is imported; off a Space it is n
 import argparse  # noqa: E402
 import html  # noqa: E402
 import logging  # noqa: E402
+import math  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 from collections import Counter  # noqa: E402
@@ -42,6 +43,7 @@ from demo import evidence  # noqa: E402
 from demo import examples as example_data  # noqa: E402
 from demo.inputs import (MODE_TITLES, SIGNALS, TABLE_HEADERS, check_size, mode_for, mode_hint,  # noqa: E402
                          parse_rating_input, read_upload, table_message, table_to_text)
+from dep_engine.data import clean_text  # noqa: E402
 from dep_engine.prompt import PastReview, get_mode, readable_prompt  # noqa: E402
 from dep_engine import (AdapterError, DataError, DEPEngine, EngineConfig, Item,  # noqa: E402
                         PersonalizationSettings, Request, SamplingSettings, parse_history)
@@ -184,9 +186,10 @@ class Studio:
                 raise DataError(table_message(err)) from None
         else:
             raise DataError(f"history source {source!r}: choose bundled, paste or table")
-        # ② the product
-        title = (item_title or "").strip()
-        description = (item_description or "").strip()
+        # ② the product; typed text is cleaned as pasted text is, so no control character or lone
+        # surrogate reaches the tokenizer
+        title, description = clean_text(item_title), clean_text(item_description)
+        review_title = clean_text(review_title)
         if not title:
             raise DataError("product: give a title (or pick an item from the catalog)")
         catalog = self.items.get(item_id or "")
@@ -200,6 +203,8 @@ class Studio:
                                                   peer_temperature=_float(peer_temperature, "peer temperature"))
         sampling = SamplingSettings(temperature=_float(temperature, "temperature"), top_p=_float(top_p, "top-p"),
                                     max_new_tokens=_int(max_new_tokens, "max new tokens"), seed=_int(seed, "seed"))
+        if not 0 <= sampling.seed < 2 ** 63:  # torch's generator takes no more
+            raise DataError(f"seed: {seed!r} is outside 0 to 2^63 - 1")
         personalization.validate()
         sampling.validate()
 
@@ -209,11 +214,11 @@ class Studio:
                 profile, cutoff = full[:full.index(earlier)], earlier.timestamp
             else:
                 profile, cutoff = list(full), None
-            request = Request(profile=profile, item=item, rating=target_rating, review_title=review_title or "",
+            request = Request(profile=profile, item=item, rating=target_rating, review_title=review_title,
                               cutoff=cutoff)
             who = f"bundled user {user_id} ({len(profile)} earlier reviews)"
         else:
-            request = Request(profile=reviews, item=item, rating=target_rating, review_title=review_title or "",
+            request = Request(profile=reviews, item=item, rating=target_rating, review_title=review_title,
                               extra_items=items)
             who = f"your history ({len(reviews)} reviews)"
         request.validate()
@@ -229,6 +234,14 @@ class Studio:
                    signals: list[str] | None, peer_temperature: float, temperature: float, top_p: float,
                    max_new_tokens: int, seed: int) -> dict:
         """One request from the API's plain arguments, run to the end; a dict for JSON."""
+        texts = dict(user_id=user_id, history=history, item_id=item_id, item_title=item_title,
+                     item_description=item_description, review_title=review_title, reference=reference,
+                     history_rule=history_rule)
+        for name, value in texts.items():  # a JSON client may send any type where the form sends text
+            if value is not None and not isinstance(value, str):
+                raise DataError(f"{name}: expected text, got {type(value).__name__}")
+        if signals is not None and not isinstance(signals, list):
+            raise DataError(f"signals: expected a list of texts, his, diff; got {type(signals).__name__}")
         signals = list(signals) if signals else ["texts", "his", "diff"]
         if history and history.strip():
             source = "paste"
@@ -337,13 +350,13 @@ def _date(timestamp: int) -> str:
 def _float(value: Any, name: str) -> float:
     try:
         return float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an int with hundreds of digits
         raise DataError(f"{name}: {value!r} is not a number") from None
 
 
 def _int(value: Any, name: str) -> int:
     number = _float(value, name)
-    if number != int(number):
+    if not math.isfinite(number) or number != int(number):
         raise DataError(f"{name}: {value!r} is not a whole number")
     return int(number)
 

@@ -38,7 +38,7 @@ MODE_TITLES = {
 
 def mode_for(signals: Sequence[str] | None) -> str:
     """The engine mode of a set of signals; a clear error for the combinations it has no mode for."""
-    chosen = frozenset(signals or ())
+    chosen = frozenset(map(str, signals or ()))  # str: a JSON client may send numbers or lists
     unknown = chosen - {key for _, key in SIGNALS}
     if unknown:
         raise DataError(f"unknown signal(s) {', '.join(sorted(unknown))}; choose from texts, his, diff")
