@@ -24,9 +24,9 @@ from dep_engine.data import MAX_TEXT_CHARS, DataError, Item, clean_text, parse_h
 from demo.inputs import MAX_UPLOAD_BYTES, parse_rating_input, read_upload, table_to_text
 
 # database=None: no .hypothesis folder in the checkout; a failure prints its falsifying example
-FUZZ = settings(max_examples=500, deadline=None, database=None,
+FUZZ = settings(max_examples=400, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-ROUND_TRIP = settings(max_examples=200, deadline=None, database=None,
+ROUND_TRIP = settings(max_examples=150, deadline=None, database=None,
                       suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 
 INJECTIONS = [
@@ -149,7 +149,7 @@ def _is_number(text: str) -> bool:
 
 
 @pytest.mark.parametrize("mutation", list(MUTATIONS))
-@settings(max_examples=120, deadline=None, database=None)
+@settings(max_examples=100, deadline=None, database=None)
 @given(data=st.data(), position=st.integers(0, 3))
 def test_each_bad_field_is_named(mutation, data, position):
     """A valid history with one bad field: refused, naming the line and the field."""
@@ -284,7 +284,7 @@ def _corrupt_gz(case: tuple[bytes, int, int]) -> bytes:
     return bytes(packed)
 
 
-@settings(max_examples=400, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(content=st.one_of(
     st.binary(max_size=600),
     TEXT.map(lambda t: t.encode("utf-8", "surrogatepass")),
@@ -305,7 +305,7 @@ def test_any_upload_reads_or_gives_a_clear_error(scratch, content, name):
     parse_or_clear_error(text)
 
 
-@settings(max_examples=300, deadline=None, database=None)
+@settings(max_examples=200, deadline=None, database=None)
 @given(rows=st.lists(st.lists(st.one_of(st.none(), st.floats(), st.integers(), TEXT), max_size=6), max_size=5))
 def test_any_table_parses_or_gives_a_clear_error(rows):
     try:
@@ -316,7 +316,7 @@ def test_any_table_parses_or_gives_a_clear_error(rows):
     parse_or_clear_error(text)
 
 
-@settings(max_examples=300, deadline=None, database=None)
+@settings(max_examples=200, deadline=None, database=None)
 @given(value=VALUE)
 def test_any_target_rating_is_checked(value):
     try:
@@ -362,7 +362,7 @@ def test_files_name_the_file_and_line(tmp_path):
 
 # ---- injections cannot reach the prompt's structure ----------------------------------------------
 
-@settings(max_examples=150, deadline=None, database=None)
+@settings(max_examples=100, deadline=None, database=None)
 @given(payload=st.lists(st.one_of(NASTY, st.sampled_from(["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<file_sep>",
                                                           "assistant\n", "system"]), st.text(max_size=10)),
                         min_size=1, max_size=8).map("".join),
