@@ -9,6 +9,8 @@ as files, and the launched app binds to localhost and refuses oversized uploads.
 """
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import re
@@ -208,6 +210,21 @@ def test_typed_product_fields_cannot_add_special_tokens(studio):
     assert specials(injected) == specials("A plain title")
 
 
+def test_an_overlong_prompt_is_shortened_and_the_ui_says_so(studio):
+    """16 long pasted reviews overflow the tiny LLM's 4,096 positions: the engine's rule cuts words,
+    then reviews, and the note reaches the API's `notes` and the status line the UI shows."""
+    import app
+
+    title = " ".join(f"qzxv{n}wkj9pfh3" for n in range(30))  # rare strings: several tokens per word
+    table = io.StringIO()  # long review titles, short texts: the encoder has little to do
+    csv.writer(table).writerows([["item_title", "rating", "review_title", "review_text"]]
+                                + [[item, 4, title, "Fine."] for item, _ in studio.catalog_choices[:16]])
+    out = studio.api_review(**{**GOOD, "history": table.getvalue(), "k": 16})
+    note = next(n for n in out["notes"] if n.startswith("prompt shortened to fit the LLM's context"))
+    assert len(out["selected"]) < 16 and f"{len(out['selected'])} past review(s)" in note
+    assert note in app._notes_markdown(out["notes"])
+
+
 class _Opened:
     """Audit events that carry a marker string: a user string used as a path (or run as code)."""
 
@@ -232,7 +249,7 @@ def test_user_strings_are_never_opened_as_files(studio, tmp_path):
     marker = f"dep-secret-{uuid.uuid4().hex}"
     secret = tmp_path / f"{marker}.csv"
     secret.write_text("item_title,rating,review_title,review_text\nTOPSECRET,5,x,TOPSECRET text\n")
-    paths = [str(secret), f"file://{secret}", "../" * 8 + str(secret).lstrip("/"), str(tmp_path / marker)]
+    paths = [str(secret), "file://" + "../" * 8 + str(secret).lstrip("/")]
     user = studio.user_ids[0]
     calls = []
     for path in paths:
@@ -263,7 +280,7 @@ def test_user_strings_are_never_opened_as_files(studio, tmp_path):
     finally:
         AUDIT.marker = None
     assert not any("TOPSECRET" in o for o in outputs)
-    assert sum("TOPSECRET" not in o and marker in o for o in outputs) > 10, "the strings were used, as text"
+    assert sum(marker in o for o in outputs) > 10, "the strings were used, as text"
 
 
 def test_launched_app_binds_localhost_and_limits_uploads(tiny_llm, monkeypatch):
