@@ -10,9 +10,8 @@ import platform
 import random
 import statistics
 import sys
-import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -114,17 +113,6 @@ def _numeric(text: str) -> bool:
 
 def verdict(ok: bool) -> str:
     return "MET" if ok else "NOT MET"
-
-
-class Stopwatch:
-    """`with Stopwatch() as t: ...; t.seconds`."""
-
-    def __enter__(self) -> "Stopwatch":
-        self.start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.seconds = time.perf_counter() - self.start
 
 
 def held_out_requests(engine, n: int, seed: int = 0) -> list:

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import argparse
 import time
-
-import numpy as np
+from functools import partial
 
 import _common
+import numpy as np
 from _common import median, table, verdict
 
 
@@ -78,9 +78,9 @@ def main() -> None:
             fast, _ = difference_embeddings(his, user_mean, peers, peer_means, offsets, 1.0)
             reference = difference_embeddings_loop(his, user_mean, split_peers, split_means, 1.0)
             errors.append(float(np.abs(fast.astype(np.float64) - reference).max()))
-            fast_times.append(best_of(lambda: difference_embeddings(his, user_mean, peers, peer_means, offsets, 1.0),
+            fast_times.append(best_of(partial(difference_embeddings, his, user_mean, peers, peer_means, offsets, 1.0),
                                       args.repeats))
-            loop_times.append(best_of(lambda: difference_embeddings_loop(his, user_mean, split_peers, split_means, 1.0),
+            loop_times.append(best_of(partial(difference_embeddings_loop, his, user_mean, split_peers, split_means, 1.0),
                                       max(1, args.repeats // 2)))
             peers_total.append(int(counts.sum()))
         speedup = median(l / f for l, f in zip(loop_times, fast_times))

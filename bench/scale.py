@@ -27,9 +27,8 @@ import sys
 import time
 import tracemalloc
 
-import numpy as np
-
 import _common
+import numpy as np
 from _common import percentile, table, verdict
 
 NOISE = 0.02
@@ -64,11 +63,10 @@ def store_arrays(store) -> dict[str, int]:
 
 def one_size(size: int, n_requests: int, warmup: int) -> dict:
     """Build a store of `size` reviews and time `context` over held-out requests (child process)."""
-    from dep_engine.data import by_user, load_dataset
+    from dep_engine.data import Item, by_user, load_dataset
     from dep_engine.embeddings import Encoder, cached_encode
     from dep_engine.engine import BUNDLED_DATA, _cache_beside
     from dep_engine.store import ReviewStore, item_text
-    from dep_engine.data import Item
 
     dataset = load_dataset(str(BUNDLED_DATA))
     encoder = Encoder()
@@ -108,11 +106,11 @@ def one_size(size: int, n_requests: int, warmup: int) -> dict:
             ctx = store.context(profile, item, 4, rule, cutoff, 1.0, 64)
             times.append(time.perf_counter() - t0)
             peers.append(sum(len(s.peers) for s in ctx.selected))
-        results[rule] = dict(p50=percentile(times, 50), p95=percentile(times, 95), peers=percentile(peers, 50))
-    return dict(size=len(store.reviews), copies=copies, users=len(store.user_ids), grow_s=grow_s, build_s=build_s,
-                rss_before_mib=rss_before, rss_after_mib=rss_after, arrays=arrays,
-                peak_rss_mib=_common.peak_rss_mib(), results=results, requests=len(requests),
-                reviewers_per_item=float(np.median(peers_per_item)))
+        results[rule] = {"p50": percentile(times, 50), "p95": percentile(times, 95), "peers": percentile(peers, 50)}
+    return {"size": len(store.reviews), "copies": copies, "users": len(store.user_ids), "grow_s": grow_s,
+            "build_s": build_s, "rss_before_mib": rss_before, "rss_after_mib": rss_after, "arrays": arrays,
+            "peak_rss_mib": _common.peak_rss_mib(), "results": results, "requests": len(requests),
+            "reviewers_per_item": float(np.median(peers_per_item))}
 
 
 # ---- running sums: the engine's expression vs a chunked one (proposed change) ------------------------
@@ -194,7 +192,7 @@ def main() -> None:
     for size in [int(s) for s in args.sizes.split(",")]:
         print(f"building and querying a {size:,}-review pool (child process)...", flush=True)
         proc = subprocess.run([sys.executable, __file__, "--one", str(size), "--requests", str(args.requests),
-                               "--warmup", str(args.warmup)], capture_output=True, text=True,
+                               "--warmup", str(args.warmup)], capture_output=True, text=True, check=False,
                               env=dict(os.environ, PYTHONWARNINGS="ignore"))
         if proc.returncode != 0:
             failed.append((size, proc.returncode, proc.stderr.strip().splitlines()[-1:] or ["(killed)"]))
