@@ -1,0 +1,309 @@
+"""Decoding speed: soft prompts vs a plain prompt, and decoding against the memory-bandwidth limit.
+
+A. Memory bandwidth, measured in this run: torch.sum over a 1 GiB float32 tensor (read) and a
+   copy into a warmed 1 GiB tensor (read + write), with 1 and 2 torch threads.
+B. fp32 / bf16 x dynamic / static KV cache x 1 / 2 torch threads, on one typical DEP prompt
+   (the held-out request whose DEP prompt length is the median of 40): time to first token
+   (prefill), decode tokens/s, total for 128 new tokens, and the fraction of the bandwidth limit.
+   Bytes per token = the model's parameter bytes in its dtype, each tensor counted once:
+   SmolLM2 ties its input embeddings and LM head, and the LM head reads the whole 49152 x 576
+   matrix every token, so it is counted once, in full; the input embedding lookup reads one row
+   (ignored). "+KV" also counts reading the KV cache (dynamic: the mean context over the 128
+   steps; static: the whole preallocated cache, as attention runs over all of it).
+C. Soft (DEP prompt with his/diff soft tokens) vs plain (the same ids, soft slots left with the
+   placeholder token's embedding): same model, same length, greedy, 128 new tokens, interleaved.
+   Goal: soft/plain decode tokens/s >= 0.95, judged on the median time per decode step (whole-run
+   tokens/s printed too; on a shared machine one preempted stretch moves it by 10%).
+   The prefill column (time to the first token) is the prompt's prefill, fp32 vs bf16.
+D. A variant the engine does not have (proposed): prefill with the fp32 model, convert its KV
+   cache to bf16 and decode with a bf16 copy of the model and a static cache (two model copies:
+   +269 MB). Compared with the best single-dtype combination end to end.
+
+Everything greedy (do_sample=False) with min_new_tokens = max_new_tokens, so every run decodes
+exactly as many tokens. The machine is shared: compare rows of one run, not across runs.
+
+Runs in B and D stop after --max-seconds (default 25 s, prefill included) and are then marked *
+with the total projected from the measured rate; C always decodes all tokens.
+
+    python bench/generation.py [--new-tokens 128] [--pairs 2] [--max-seconds 25] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+import warnings
+from itertools import pairwise
+
+import _common
+from _common import median, table, verdict
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+class TimingStreamer:
+    """Timestamps of every `put`: the first is the prompt (empty with inputs_embeds), then one per token."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def set_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+
+
+def bandwidth(threads: int) -> dict[str, float]:
+    """GB/s (1e9 bytes) for reading (sum) and copying (read + write) 1 GiB, median of 3."""
+    import torch
+
+    set_threads(threads)
+    x = torch.ones(256 * 2**20, dtype=torch.float32)
+    y = torch.zeros_like(x)  # touched, so the copy pays no page faults
+    x.sum()
+    y.copy_(x)
+    reads, copies = [], []
+    for _ in range(3):
+        start = time.perf_counter()
+        x.sum()
+        reads.append(x.nbytes / (time.perf_counter() - start) / 1e9)
+        start = time.perf_counter()
+        y.copy_(x)
+        copies.append(2 * x.nbytes / (time.perf_counter() - start) / 1e9)
+    del x, y
+    return {"read": median(reads), "copy": median(copies)}
+
+
+def weight_bytes(model) -> int:
+    """Parameter bytes, each tensor once (model.parameters() yields a tied tensor once)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def kv_bytes_per_position(model) -> int:
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    element = next(model.parameters()).element_size()
+    return config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim * element
+
+
+def decode(llm, embeds, new_tokens: int, cache: str | None = None, past=None, max_seconds: float | None = None) -> dict:
+    """Greedy generation of exactly `new_tokens` tokens from (L, H) `embeds`; timings from a streamer.
+
+    With `max_seconds`, generate stops there (transformers' max_time); the decode rate is then
+    over the tokens made, and "total" is projected to `new_tokens` (result["cut"] is True)."""
+    import torch
+
+    batch = embeds[None].to(llm.dtype)
+    mask = torch.ones(batch.shape[:2], dtype=torch.long)
+    streamer = TimingStreamer()
+    kwargs = {}
+    if cache:
+        kwargs["cache_implementation"] = cache
+    if past is not None:
+        kwargs["cache"] = past
+    if max_seconds:
+        kwargs["max_time"] = max_seconds
+    with torch.inference_mode():
+        start = time.perf_counter()
+        out = llm.model.generate(inputs_embeds=batch, attention_mask=mask, max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens, do_sample=False, top_p=None, top_k=None,
+                                 temperature=None, pad_token_id=llm.tokenizer.pad_token_id,
+                                 eos_token_id=llm.tokenizer.eos_token_id, streamer=streamer, **kwargs)
+        end = time.perf_counter()
+    steps = streamer.times[1:]  # the first put is the (empty) prompt
+    first = steps[0] - start
+    rate = (len(steps) - 1) / (steps[-1] - steps[0]) if len(steps) > 1 else float("nan")
+    gaps = sorted(b - a for a, b in pairwise(steps))
+    step = gaps[len(gaps) // 2] if gaps else float("nan")  # median time per decode step: robust to preemption
+    made = out.shape[1]
+    cut = made < new_tokens
+    total = first + (new_tokens - 1) / rate if cut else end - start
+    return {"prefill": first, "rate": rate, "step": step, "total": total, "tokens": made, "cut": cut,
+            "ids": out[0].tolist()}
+
+
+def hybrid(fp32, bf16, embeds, new_tokens: int, max_seconds: float | None = None) -> dict:
+    """fp32 prefill of all but the last prompt position, KV cache cast to bf16 into a static cache,
+    then the bf16 model decodes (it runs the last prompt position itself, as generate needs one)."""
+    import torch
+    from transformers import StaticCache
+
+    length = len(embeds)
+    with torch.inference_mode():
+        start = time.perf_counter()
+        out = fp32.model(inputs_embeds=embeds[None, :length - 1].to(fp32.dtype), use_cache=True)
+        cache = StaticCache(config=bf16.model.config, max_cache_len=length + new_tokens)
+        prefilled_cache = getattr(out, "cache", None) or out.past_key_values
+        for layer, source in zip(cache.layers, prefilled_cache.layers):
+            layer.update(source.keys.to(torch.bfloat16), source.values.to(torch.bfloat16))
+        prefilled = time.perf_counter()
+    result = decode(bf16, embeds, new_tokens, past=cache, max_seconds=max_seconds)
+    result["prefill"] += prefilled - start
+    result["total"] += prefilled - start
+    result["fp32_prefill"] = prefilled - start
+    return result
+
+
+def typical_prompt(engine, n: int = 40):
+    """The held-out request whose DEP prompt length is the median, with its soft tokens."""
+    from dep_engine import PersonalizationSettings
+
+    settings = PersonalizationSettings()
+    candidates = []
+    for request in _common.held_out_requests(engine, n):
+        context = engine.context(request, settings)
+        if not context.selected:
+            continue
+        prompt = engine.prompt(request, context, "dep", settings.words_per_review)
+        candidates.append((len(prompt.ids), request, context, prompt))
+    candidates.sort(key=lambda c: c[0])
+    return candidates[len(candidates) // 2]
+
+
+def same_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--pairs", type=int, default=2, help="soft/plain pairs (section C)")
+    parser.add_argument("--threads", default="1,2", help="torch thread counts to try")
+    parser.add_argument("--max-seconds", type=float, default=25.0,
+                        help="cap per run in B and D (prefill included); on a busy machine 2-thread runs can take minutes")
+    parser.add_argument("--quick", action="store_true", help="32 new tokens, 1 pair (a smoke run)")
+    args = parser.parse_args()
+    if args.quick:
+        args.new_tokens, args.pairs = 32, 1
+
+    import torch
+
+    from dep_engine import DEPEngine
+    from dep_engine.generation import prompt_embeddings
+    from dep_engine.llm import load_llm
+
+    _common.header("bench/generation.py -- decoding with soft prompts, and against the memory-bandwidth limit",
+                   "machine shared with other work: compare rows within this run; the load average is printed per row")
+    default_threads = torch.get_num_threads()
+    thread_counts = [int(t) for t in args.threads.split(",")]
+    new = args.new_tokens
+
+    bw = {t: bandwidth(t) for t in thread_counts}
+    table(["torch threads", "read GB/s (sum 1 GiB)", "copy GB/s (read+write)"],
+          [[t, f"{v['read']:.1f}", f"{v['copy']:.1f}"] for t, v in bw.items()], "A. Memory bandwidth")
+    set_threads(default_threads)
+
+    engine = DEPEngine(progress=False)
+    fp32 = engine.llm
+    bf16 = load_llm(engine.config.llm, "cpu", dtype=torch.bfloat16)
+    length, request, context, prompt = typical_prompt(engine)
+    his, diff = engine.soft_tokens(context)
+    soft = {"fp32": prompt_embeddings(fp32, prompt, his, diff), "bf16": prompt_embeddings(bf16, prompt, his, diff)}
+    plain = fp32.embed(torch.tensor(prompt.ids)).detach()
+    models = {"fp32": fp32, "bf16": bf16}
+    print(f"\ntypical DEP prompt: {length} tokens ({len(prompt.his_positions)} his + {len(prompt.diff_positions)} "
+          f"diff soft tokens), user {request.profile[0].user_id}; {new} new tokens, greedy; "
+          f"engine default torch threads: {default_threads}")
+    warm = soft["fp32"][:32]
+    for t in thread_counts:  # warm every kernel path cheaply (short prompt)
+        set_threads(t)
+        for name, llm in models.items():
+            for cache in (None, "static"):
+                decode(llm, warm, 4, cache)
+
+    # ---- B. dtype x cache x threads --------------------------------------------------------------
+    rows, results = [], {}
+    for t in thread_counts:
+        set_threads(t)
+        for name, llm in models.items():
+            weights = weight_bytes(llm.model)
+            kv = kv_bytes_per_position(llm.model)
+            for cache in (None, "static"):
+                r = decode(llm, soft[name], new, cache, max_seconds=args.max_seconds)
+                results[(name, cache or "dynamic", t)] = r
+                print(f"  ran {name} {cache or 'dynamic'} {t} thread(s): {r['tokens']} tokens, "
+                      f"{r['rate']:.1f} tok/s", flush=True)
+                positions = (length + new) if cache else (length + new / 2)
+                limit = bw[t]["read"] * 1e9 / weights
+                limit_kv = bw[t]["read"] * 1e9 / (weights + kv * positions)
+                rows.append([name, cache or "dynamic", t, f"{r['prefill']:.2f}", f"{length / r['prefill']:.0f}",
+                             f"{r['rate']:.1f}", f"{r['total']:.2f}" + ("*" if r["cut"] else ""),
+                             f"{weights / 1e6:.0f}", f"{limit:.0f}",
+                             f"{r['rate'] / limit * 100:.0f}%", f"{r['rate'] / limit_kv * 100:.0f}%",
+                             _common.load_average().split()[0]])
+    table(["dtype", "KV cache", "threads", "prefill s", "prompt tok/s", "decode tok/s", f"total s ({new} tok)", "MB/token",
+           "limit tok/s", "of limit", "of limit +KV", "load"], rows,
+          f"B. Decoding the typical DEP prompt ({length} tokens); limit = read GB/s / weight bytes per token")
+    if any(r["cut"] for r in results.values()):
+        print(f"* stopped at --max-seconds {args.max_seconds:g} before {new} tokens (see the 'ran' lines); total "
+              f"projected as prefill + {new - 1} / decode tok/s")
+    best_threads = {}
+    for name in models:
+        best_threads[name] = min(thread_counts, key=lambda t: min(results[(name, c, t)]["total"]
+                                                                  for c in ("dynamic", "static")))
+
+    # ---- C. soft vs plain --------------------------------------------------------------------------
+    t_soft = best_threads["fp32"]
+    set_threads(t_soft)
+    runs = {"soft": [], "plain": []}
+    for pair in range(args.pairs):
+        order = [("soft", soft["fp32"]), ("plain", plain)]
+        if pair % 2:
+            order.reverse()
+        for label, embeds in order:
+            runs[label].append(decode(fp32, embeds, new))
+    rows = []
+    for label, rs in runs.items():
+        rows.append([label, length, f"{median(r['prefill'] for r in rs):.2f}", f"{median(r['rate'] for r in rs):.2f}",
+                     " ".join(f"{r['rate']:.1f}" for r in rs), f"{median(r['step'] for r in rs) * 1e3:.1f}",
+                     f"{1 / median(r['step'] for r in rs):.2f}"])
+    table(["prompt", "tokens", "prefill s (median)", "decode tok/s (median)", "each run", "median step ms",
+           "tok/s from median step"], rows,
+          f"C. Soft vs plain prompt: fp32, dynamic cache, {t_soft} thread(s) (fp32's fastest above), greedy, {new} new "
+          f"tokens, {args.pairs} interleaved pair(s)")
+    ratio = median(r["step"] for r in runs["plain"]) / median(r["step"] for r in runs["soft"])
+    mean_ratio = median(r["rate"] for r in runs["soft"]) / median(r["rate"] for r in runs["plain"])
+    print(f"soft/plain decode speed: {ratio:.3f} from the median step time (robust to other work preempting a "
+          f"step), {mean_ratio:.3f} from whole-run tokens/s; goal >= 0.95: {verdict(ratio >= 0.95)}. The prompts "
+          f"differ only in {len(prompt.his_positions) + len(prompt.diff_positions)} input vectors and have the same "
+          "length, so each decode step does the same work; a gap is noise")
+
+    # ---- D. hybrid ----------------------------------------------------------------------------------
+    hybrids = {}
+    for t in thread_counts:
+        set_threads(t)
+        hybrids[t] = hybrid(fp32, bf16, soft["fp32"], new, args.max_seconds)
+    best_key = min(results, key=lambda k: results[k]["total"])
+    best = results[best_key]
+    rows = [[f"{best_key[0]}, {best_key[1]} cache, {best_key[2]} thread(s) (best of B)", f"{best['prefill']:.2f}",
+             f"{best['rate']:.1f}", f"{best['total']:.2f}" + ("*" if best["cut"] else ""), "(above)"]]
+    for t, h in hybrids.items():
+        rows.append([f"fp32 prefill -> bf16 static decode, {t} thread(s)", f"{h['prefill']:.2f}", f"{h['rate']:.1f}",
+                     f"{h['total']:.2f}" + ("*" if h["cut"] else ""), _common.load_average().split()[0]])
+    table(["end to end (prefill + decode)", "prefill s", "decode tok/s", f"total s ({new} tok)", "load"], rows,
+          f"D. Fastest end to end for one DEP request ({length}-token prompt + {new} new tokens)")
+    t_h = min(hybrids, key=lambda t: hybrids[t]["total"])
+    h = hybrids[t_h]
+    fp32_greedy = results[("fp32", "dynamic", t_h)]["ids"]
+    print(f"best hybrid ({t_h} thread(s)) vs best single model: {best['total'] / h['total']:.2f}x faster; its greedy "
+          f"text shares the first {same_prefix(h['ids'], fp32_greedy)} of {new} tokens with fp32 greedy "
+          "(bf16 rounding changes some argmaxes)")
+    fastest = min([("best of B: " + " ".join(map(str, best_key)) + " thread(s)", best["total"]),
+                   (f"hybrid fp32 prefill + bf16 static decode, {t_h} thread(s)", h["total"])], key=lambda x: x[1])
+    print(f"fastest here: {fastest[0]} ({fastest[1]:.2f} s)")
+    print(f"load average at the end: {_common.load_average()}")
+
+
+if __name__ == "__main__":
+    main()
