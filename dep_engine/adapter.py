@@ -124,6 +124,7 @@ class DEPAdapter(nn.Module):
             raise AdapterError(f"{folder}: no {CONFIG_NAME}; is this a DEP adapter folder?") from None
         except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as err:
             raise AdapterError(f"{folder / CONFIG_NAME}: damaged adapter config ({err})") from None
+        _check_types(folder, config)
         expected = {"llm": llm, "hidden_size": hidden_size, "encoder": encoder, "embedding_dim": embedding_dim}
         for key, value in expected.items():
             if value is not None and getattr(config, key) != value:
@@ -139,3 +140,14 @@ class DEPAdapter(nn.Module):
             raise AdapterError(f"{folder / WEIGHTS_NAME}: damaged or mismatched weights ({err})") from None
         return adapter
 
+
+
+def _check_types(folder: Path, config: DEPAdapterConfig) -> None:
+    """A config whose fields have the wrong types is damaged: refuse it now, not at the first request."""
+    kinds = {"embedding_dim": int, "hidden_size": int, "llm": str, "encoder": str, "sparsity_target": (int, float),
+             "sparsity_weight": (int, float), "sae_loss_weight": (int, float), "token_norm": (int, float, type(None)),
+             "trained": bool, "style_features": bool, "training": dict}
+    for name, kind in kinds.items():
+        value = getattr(config, name)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise AdapterError(f"{folder / CONFIG_NAME}: damaged adapter config ({name} = {value!r} has the wrong type)")

@@ -54,7 +54,7 @@ class Encoder:
             path = resolve_encoder(self.name)
             if Path(path).is_dir():
                 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-            self._model = SentenceTransformer(path, device=self.device)
+            self._model = SentenceTransformer(path, device=self.device, model_kwargs={"use_safetensors": True})
             self._dim = int(self._model.get_embedding_dimension())
         return self._model
 

@@ -33,6 +33,8 @@ class SamplingSettings:
             raise ValueError(f"temperature must be within 0-5, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be within (0, 1], got {self.top_p}")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be within 0 to 2^63-1, got {self.seed}")
         if not 1 <= self.max_new_tokens <= 1024:
             raise ValueError(f"max_new_tokens must be within 1-1024, got {self.max_new_tokens}")
 

@@ -114,6 +114,8 @@ def load_llm(name: str = BUNDLED_LLM, device: str | torch.device | None = None,
         kwargs: dict = {"dtype": dtype}
         if gguf_file:
             kwargs["gguf_file"] = gguf_file
+        else:
+            kwargs["use_safetensors"] = True  # never unpickle weights of a user-chosen model
         if four_bit:
             from transformers import BitsAndBytesConfig
 

@@ -126,7 +126,8 @@ def readable_prompt(item: Item, rating: float, review_title: str, past: list[Pas
 
 def neutralize_special_tokens(tokenizer, text: str) -> str:
     """Pasted text is plain text: a special token written in it (say `<|im_end|>`) is broken up so
-    it cannot close the user's turn or open another role."""
+    it cannot close the user's turn or open another role. Unpaired surrogates (not valid text) become '?'."""
+    text = text.encode("utf-8", "replace").decode("utf-8")
     for token in getattr(tokenizer, "all_special_tokens", []) + list(getattr(tokenizer, "added_tokens_encoder", {})):
         if len(token) > 1 and token in text:
             text = text.replace(token, token[0] + " " + token[1:])

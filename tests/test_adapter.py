@@ -60,3 +60,11 @@ def test_config_records_dimensions(tmp_path):
     make_adapter().save_pretrained(tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert (config["embedding_dim"], config["hidden_size"], config["llm"], config["encoder"]) == (32, 24, "llm-a", "enc-a")
+
+
+def test_config_with_wrong_types_is_refused(tmp_path):
+    make_adapter().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "token_norm": "3.1"}))
+    with pytest.raises(AdapterError, match="token_norm = '3.1' has the wrong type"):
+        DEPAdapter.from_pretrained(tmp_path)

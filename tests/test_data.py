@@ -4,7 +4,8 @@ import json
 import pytest
 
 from dep_engine.data import (DataError, chronological_split, load_dataset, parse_history, read_items, read_reviews)
-from dep_engine.splits import derangement, test_samples, training_samples, user_group, validation_samples
+from dep_engine import splits
+from dep_engine.splits import derangement, training_samples, user_group, validation_samples
 
 R2014 = {"reviewerID": "U1", "asin": "A1", "overall": 4.0, "summary": "Nice &amp; cheap",
          "reviewText": "It works &quot;fine&quot;.", "unixReviewTime": 1393545600}
@@ -71,7 +72,7 @@ def test_chronological_split_is_per_user_and_ordered(dataset):
 def test_user_groups_are_disjoint_and_sized(dataset):
     train_users = {s.target.user_id for s in training_samples(dataset.reviews)}
     val_users = {s.target.user_id for s in validation_samples(dataset.reviews)}
-    test_users = {s.target.user_id for s in test_samples(dataset.reviews)}
+    test_users = {s.target.user_id for s in splits.test_samples(dataset.reviews)}
     assert not (train_users & test_users) and not (train_users & val_users) and not (val_users & test_users)
     assert len(test_users) >= 200
     assert all(user_group(u) == "test" for u in test_users)

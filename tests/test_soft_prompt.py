@@ -133,3 +133,10 @@ def test_closing_a_stream_stops_decoding(tiny_engine):
     assert generation_lock.acquire(timeout=1)
     generation_lock.release()
     assert partial[-1].new_tokens == 3
+
+
+def test_lone_surrogates_and_bad_seeds_are_handled(smol_tokenizer):
+    prompt = build_prompt(smol_tokenizer, Item("i", "Tuner \ud800 deluxe"), 4, "t\udcff", PAST, get_mode("rag"))
+    assert "Tuner ? deluxe" in smol_tokenizer.decode(prompt.ids)
+    with pytest.raises(ValueError, match="seed must be within"):
+        SamplingSettings(seed=2**64).validate()
