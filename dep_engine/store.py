@@ -174,11 +174,22 @@ class ReviewStore:
             result[missing] = self._with_style(self.encoder.encode([r.text for r in new]), new)
         return result
 
+    def item_vectors(self, items: Sequence[Item]) -> np.ndarray:
+        """Item embeddings: from the index where known, the others encoded in one batch."""
+        vectors = np.zeros((len(items), self.item_embeddings.shape[1]), dtype=np.float32)
+        unknown = []
+        for n, item in enumerate(items):
+            position = self.item_position.get(item.item_id)
+            if position is None:
+                unknown.append(n)
+            else:
+                vectors[n] = self.item_embeddings[position]
+        if unknown:
+            vectors[unknown] = self.encoder.encode([item_text(items[n]) for n in unknown])
+        return vectors
+
     def item_vector(self, item: Item) -> np.ndarray:
-        position = self.item_position.get(item.item_id)
-        if position is not None:
-            return self.item_embeddings[position]
-        return self.encoder.encode([item_text(item)])[0]
+        return self.item_vectors([item])[0]
 
     # ---- history selection -----------------------------------------------------------------
 
@@ -190,14 +201,14 @@ class ReviewStore:
             rows = rows[self.user_of_row[rows] != self.user_index[user_id]]
         return rows[-max_peers:]
 
-    def _cold_start_rows(self, item: Item, user_id: str, cutoff: float, max_peers: int,
+    def _cold_start_rows(self, vector: np.ndarray, item_id: str, user_id: str, cutoff: float, max_peers: int,
                          neighbour_items: int) -> np.ndarray:
-        """Reviews of the items nearest to `item` by embedding, for an item nobody else reviewed."""
+        """Reviews of the items nearest to an item's `vector`, for an item nobody else reviewed."""
         found: list[np.ndarray] = []
         search = min(len(self.item_ids), 16 + neighbour_items * 4)
-        _, neighbours = self.item_index.search(self.item_vector(item)[None, :], search)
+        _, neighbours = self.item_index.search(vector[None, :], search)
         for position in neighbours[0]:
-            if position < 0 or self.item_ids[position] == item.item_id:
+            if position < 0 or self.item_ids[position] == item_id:
                 continue
             rows = self._peer_rows(self.item_ids[position], user_id, cutoff, max_peers)
             if len(rows):
@@ -250,15 +261,13 @@ class ReviewStore:
         chosen, relevance = self.select(profile, profile_embeddings, self.resolve_item(target), k, rule, cutoff, user_id)
         user_mean = profile_embeddings.mean(axis=0)
 
-        peer_rows, offsets, cold, notes = [], [], [], []
-        for n in chosen:
-            item = self.resolve_item(self.item(profile[n].item_id, extra_items))
-            rows = self._peer_rows(item.item_id, user_id, cutoff, max_peers)
-            cold.append(len(rows) == 0)
-            if not len(rows):
-                rows = self._cold_start_rows(item, user_id, cutoff, max_peers, neighbour_items)
-            offsets.append(sum(len(r) for r in peer_rows))
-            peer_rows.append(rows)
+        notes: list[str] = []
+        items = [self.resolve_item(self.item(profile[n].item_id, extra_items)) for n in chosen]
+        peer_rows = [self._peer_rows(item.item_id, user_id, cutoff, max_peers) for item in items]
+        cold = [len(rows) == 0 for rows in peer_rows]
+        cold_items = [i for i, is_cold in enumerate(cold) if is_cold]
+        for i, vector in zip(cold_items, self.item_vectors([items[i] for i in cold_items])):
+            peer_rows[i] = self._cold_start_rows(vector, items[i].item_id, user_id, cutoff, max_peers, neighbour_items)
         keep = [i for i, rows in enumerate(peer_rows) if len(rows)]
         if len(keep) < len(chosen):
             notes.append(f"{len(chosen) - len(keep)} past review(s) had no peers at all and were left out")
