@@ -17,19 +17,24 @@ C. Soft (DEP prompt with his/diff soft tokens) vs plain (the same ids, soft slot
    The prefill column (time to the first token) is the prompt's prefill, fp32 vs bf16.
 D. A variant the engine does not have (proposed): prefill with the fp32 model, convert its KV
    cache to bf16 and decode with a bf16 copy of the model and a static cache (two model copies:
-   +269 MB). Compared with the best single-dtype combination end to end.
+   +269 MB). Run back to back with fp32 + static cache at each thread count (the load changes
+   over minutes, so only neighbouring runs compare). Also with one model copy: fp32 + static
+   cache, the prefill with 2 threads and the decode steps with 1 (a logits processor switches
+   torch's thread count after the prompt's forward).
 
 Everything greedy (do_sample=False) with min_new_tokens = max_new_tokens, so every run decodes
 exactly as many tokens. The machine is shared: compare rows of one run, not across runs.
 
-Runs in B and D stop after --max-seconds (default 25 s, prefill included) and are then marked *
-with the total projected from the measured rate; C always decodes all tokens.
+Decoding in B and D stops after --decode-seconds (default 15 s, counted from the first new token,
+so the prefill always completes); such runs are marked * and their total is projected from the
+measured rate. C always decodes all tokens.
 
-    python bench/generation.py [--new-tokens 128] [--pairs 2] [--max-seconds 25] [--quick]
+    python bench/generation.py [--new-tokens 128] [--pairs 2] [--decode-seconds 15] [--quick]
 """
 from __future__ import annotations
 
 import argparse
+import math
 import time
 import warnings
 from itertools import pairwise
@@ -92,12 +97,46 @@ def kv_bytes_per_position(model) -> int:
     return config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim * element
 
 
-def decode(llm, embeds, new_tokens: int, cache: str | None = None, past=None, max_seconds: float | None = None) -> dict:
+class DecodeBudget:
+    """A stopping criterion: stop `seconds` after the first new token (the prefill is never cut)."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.first: float | None = None
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        now = time.perf_counter()
+        if self.first is None:
+            self.first = now
+        done = now - self.first > self.seconds
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool)
+
+
+class SwitchThreads:
+    """A logits processor that sets torch's thread count once the prompt's forward is done, so the
+    prefill runs with the threads set before generate and the decode steps with `threads`."""
+
+    def __init__(self, threads: int):
+        self.threads = threads
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        if torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
+        return scores
+
+
+def decode(llm, embeds, new_tokens: int, cache: str | None = None, past=None, budget: float | None = None,
+           decode_threads: int | None = None) -> dict:
     """Greedy generation of exactly `new_tokens` tokens from (L, H) `embeds`; timings from a streamer.
 
-    With `max_seconds`, generate stops there (transformers' max_time); the decode rate is then
-    over the tokens made, and "total" is projected to `new_tokens` (result["cut"] is True)."""
+    With `budget`, decoding stops `budget` seconds after the first new token; the decode rate is
+    then over the tokens made, and "total" is projected to `new_tokens` (result["cut"] is True)."""
     import torch
+    from transformers import StoppingCriteriaList
 
     batch = embeds[None].to(llm.dtype)
     mask = torch.ones(batch.shape[:2], dtype=torch.long)
@@ -107,8 +146,13 @@ def decode(llm, embeds, new_tokens: int, cache: str | None = None, past=None, ma
         kwargs["cache_implementation"] = cache
     if past is not None:
         kwargs["cache"] = past
-    if max_seconds:
-        kwargs["max_time"] = max_seconds
+    if budget:
+        kwargs["stopping_criteria"] = StoppingCriteriaList([DecodeBudget(budget)])
+    if decode_threads:
+        from transformers import LogitsProcessorList
+
+        kwargs["logits_processor"] = LogitsProcessorList([SwitchThreads(decode_threads)])
+    threads_before = torch.get_num_threads()
     with torch.inference_mode():
         start = time.perf_counter()
         out = llm.model.generate(inputs_embeds=batch, attention_mask=mask, max_new_tokens=new_tokens,
@@ -116,6 +160,7 @@ def decode(llm, embeds, new_tokens: int, cache: str | None = None, past=None, ma
                                  temperature=None, pad_token_id=llm.tokenizer.pad_token_id,
                                  eos_token_id=llm.tokenizer.eos_token_id, streamer=streamer, **kwargs)
         end = time.perf_counter()
+    torch.set_num_threads(threads_before)
     steps = streamer.times[1:]  # the first put is the (empty) prompt
     first = steps[0] - start
     rate = (len(steps) - 1) / (steps[-1] - steps[0]) if len(steps) > 1 else float("nan")
@@ -128,7 +173,7 @@ def decode(llm, embeds, new_tokens: int, cache: str | None = None, past=None, ma
             "ids": out[0].tolist()}
 
 
-def hybrid(fp32, bf16, embeds, new_tokens: int, max_seconds: float | None = None) -> dict:
+def hybrid(fp32, bf16, embeds, new_tokens: int, budget: float | None = None) -> dict:
     """fp32 prefill of all but the last prompt position, KV cache cast to bf16 into a static cache,
     then the bf16 model decodes (it runs the last prompt position itself, as generate needs one)."""
     import torch
@@ -143,7 +188,7 @@ def hybrid(fp32, bf16, embeds, new_tokens: int, max_seconds: float | None = None
         for layer, source in zip(cache.layers, prefilled_cache.layers):
             layer.update(source.keys.to(torch.bfloat16), source.values.to(torch.bfloat16))
         prefilled = time.perf_counter()
-    result = decode(bf16, embeds, new_tokens, past=cache, max_seconds=max_seconds)
+    result = decode(bf16, embeds, new_tokens, past=cache, budget=budget)
     result["prefill"] += prefilled - start
     result["total"] += prefilled - start
     result["fp32_prefill"] = prefilled - start
@@ -166,6 +211,10 @@ def typical_prompt(engine, n: int = 40):
     return candidates[len(candidates) // 2]
 
 
+def finite_or_inf(x: float) -> float:
+    return x if math.isfinite(x) else float("inf")
+
+
 def same_prefix(a: list[int], b: list[int]) -> int:
     n = 0
     for x, y in zip(a, b):
@@ -180,8 +229,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--pairs", type=int, default=2, help="soft/plain pairs (section C)")
     parser.add_argument("--threads", default="1,2", help="torch thread counts to try")
-    parser.add_argument("--max-seconds", type=float, default=25.0,
-                        help="cap per run in B and D (prefill included); on a busy machine 2-thread runs can take minutes")
+    parser.add_argument("--decode-seconds", type=float, default=15.0,
+                        help="decode time cap per run in B and D; on a busy machine 2-thread runs can take minutes")
     parser.add_argument("--quick", action="store_true", help="32 new tokens, 1 pair (a smoke run)")
     args = parser.parse_args()
     if args.quick:
@@ -230,7 +279,7 @@ def main() -> None:
             weights = weight_bytes(llm.model)
             kv = kv_bytes_per_position(llm.model)
             for cache in (None, "static"):
-                r = decode(llm, soft[name], new, cache, max_seconds=args.max_seconds)
+                r = decode(llm, soft[name], new, cache, budget=args.decode_seconds)
                 results[(name, cache or "dynamic", t)] = r
                 print(f"  ran {name} {cache or 'dynamic'} {t} thread(s): {r['tokens']} tokens, "
                       f"{r['rate']:.1f} tok/s", flush=True)
@@ -246,11 +295,11 @@ def main() -> None:
            "limit tok/s", "of limit", "of limit +KV", "load"], rows,
           f"B. Decoding the typical DEP prompt ({length} tokens); limit = read GB/s / weight bytes per token")
     if any(r["cut"] for r in results.values()):
-        print(f"* stopped at --max-seconds {args.max_seconds:g} before {new} tokens (see the 'ran' lines); total "
+        print(f"* decoding stopped after --decode-seconds {args.decode_seconds:g} before {new} tokens (see the 'ran' lines); total "
               f"projected as prefill + {new - 1} / decode tok/s")
     best_threads = {}
     for name in models:
-        best_threads[name] = min(thread_counts, key=lambda t: min(results[(name, c, t)]["total"]
+        best_threads[name] = min(thread_counts, key=lambda t: min(finite_or_inf(results[(name, c, t)]["total"])
                                                                   for c in ("dynamic", "static")))
 
     # ---- C. soft vs plain --------------------------------------------------------------------------
@@ -279,29 +328,42 @@ def main() -> None:
           f"differ only in {len(prompt.his_positions) + len(prompt.diff_positions)} input vectors and have the same "
           "length, so each decode step does the same work; a gap is noise")
 
-    # ---- D. hybrid ----------------------------------------------------------------------------------
-    hybrids = {}
+    # ---- D. hybrid, next to fp32 + static cache ---------------------------------------------------
+    rows, pairs = [], {}
     for t in thread_counts:
         set_threads(t)
-        hybrids[t] = hybrid(fp32, bf16, soft["fp32"], new, args.max_seconds)
-    best_key = min(results, key=lambda k: results[k]["total"])
-    best = results[best_key]
-    rows = [[f"{best_key[0]}, {best_key[1]} cache, {best_key[2]} thread(s) (best of B)", f"{best['prefill']:.2f}",
-             f"{best['rate']:.1f}", f"{best['total']:.2f}" + ("*" if best["cut"] else ""), "(above)"]]
-    for t, h in hybrids.items():
-        rows.append([f"fp32 prefill -> bf16 static decode, {t} thread(s)", f"{h['prefill']:.2f}", f"{h['rate']:.1f}",
-                     f"{h['total']:.2f}" + ("*" if h["cut"] else ""), _common.load_average().split()[0]])
+        single = decode(fp32, soft["fp32"], new, "static", budget=args.decode_seconds)
+        mixed = hybrid(fp32, bf16, soft["fp32"], new, args.decode_seconds)
+        pairs[t] = (single, mixed)
+        load = _common.load_average().split()[0]
+        for label, r in ((f"fp32, static cache, {t} thread(s)", single),
+                         (f"fp32 prefill -> bf16 static decode, {t} thread(s)", mixed)):
+            rows.append([label, f"{r['prefill']:.2f}", f"{r['rate']:.1f}",
+                         f"{r['total']:.2f}" + ("*" if r["cut"] else ""), load])
+    switched = None
+    if len(thread_counts) > 1:
+        most, least = max(thread_counts), min(thread_counts)
+        set_threads(most)
+        switched = decode(fp32, soft["fp32"], new, "static", budget=args.decode_seconds, decode_threads=least)
+        rows.append([f"fp32, static cache, {most}-thread prefill -> {least}-thread decode", f"{switched['prefill']:.2f}",
+                     f"{switched['rate']:.1f}", f"{switched['total']:.2f}" + ("*" if switched["cut"] else ""),
+                     _common.load_average().split()[0]])
+        set_threads(default_threads)
     table(["end to end (prefill + decode)", "prefill s", "decode tok/s", f"total s ({new} tok)", "load"], rows,
-          f"D. Fastest end to end for one DEP request ({length}-token prompt + {new} new tokens)")
-    t_h = min(hybrids, key=lambda t: hybrids[t]["total"])
-    h = hybrids[t_h]
-    fp32_greedy = results[("fp32", "dynamic", t_h)]["ids"]
-    print(f"best hybrid ({t_h} thread(s)) vs best single model: {best['total'] / h['total']:.2f}x faster; its greedy "
-          f"text shares the first {same_prefix(h['ids'], fp32_greedy)} of {new} tokens with fp32 greedy "
-          "(bf16 rounding changes some argmaxes)")
-    fastest = min([("best of B: " + " ".join(map(str, best_key)) + " thread(s)", best["total"]),
-                   (f"hybrid fp32 prefill + bf16 static decode, {t_h} thread(s)", h["total"])], key=lambda x: x[1])
-    print(f"fastest here: {fastest[0]} ({fastest[1]:.2f} s)")
+          f"D. One DEP request end to end ({length}-token prompt + {new} new tokens), pairs run back to back")
+    for t, (single, mixed) in pairs.items():
+        print(f"{t} thread(s): hybrid {single['total'] / mixed['total']:.2f}x the speed of fp32 + static cache; "
+              f"its greedy text shares the first {same_prefix(mixed['ids'], single['ids'])} of {new} tokens with "
+              "fp32's (bf16 rounding changes some argmaxes)")
+    candidates = {f"{k[0]} {k[1]} cache, {k[2]} thread(s) (B)": r["total"] for k, r in results.items()}
+    for t, (single, mixed) in pairs.items():
+        candidates[f"fp32 static cache, {t} thread(s) (D)"] = single["total"]
+        candidates[f"fp32 prefill + bf16 static decode, {t} thread(s) (D)"] = mixed["total"]
+    if switched:
+        candidates["fp32 static cache, thread switch after the prefill (D)"] = switched["total"]
+    finite = {k: v for k, v in candidates.items() if math.isfinite(v)}
+    fastest = min(finite, key=finite.get)
+    print(f"fastest measured in this run: {fastest} ({finite[fastest]:.2f} s)")
     print(f"load average at the end: {_common.load_average()}")
 
 
