@@ -68,6 +68,18 @@ def tree_rss_mib(pid: int) -> float:
         return float("nan")
 
 
+def rss_split(pid: int) -> str:
+    """'anon A / file F' MiB from /proc: file-backed pages include the memory-mapped model weights."""
+    values = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(("RssAnon:", "RssFile:")):
+                values[line.split(":")[0]] = int(line.split()[1]) / 1024
+    except OSError:
+        return "n/a"
+    return f"{values.get('RssAnon', float('nan')):.0f} / {values.get('RssFile', float('nan')):.0f}"
+
+
 def vm_hwm_mib(pid: int) -> float:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -157,7 +169,7 @@ def one_generation(url: str, pid: int, new_tokens: int) -> dict:
         start = time.perf_counter()
         out = client.predict(user_id=user, max_new_tokens=new_tokens, api_name="/review")
         seconds = time.perf_counter() - start
-    return {"user": user, "seconds": seconds, "peak": sampler.peak, "hwm": vm_hwm_mib(pid),
+    return {"user": user, "seconds": seconds, "peak": sampler.peak, "hwm": vm_hwm_mib(pid), "split": rss_split(pid),
             "words": len(str(out.get("personalized", "")).split()) if isinstance(out, dict) else 0}
 
 
@@ -311,10 +323,11 @@ def main() -> None:
             try:
                 time.sleep(2.0)  # at rest: start-up work finished, no request yet
                 rest = tree_rss_mib(process.pid)
+                split = rss_split(process.pid)
                 imports = seen.get("imports", float("nan"))
                 ready = seen.get("engine + UI", float("nan"))
                 rows.append([run, f"{seconds:.1f}", f"{imports:.1f}", f"{ready - imports:.1f}", f"{seconds - ready:.1f}",
-                             ready_line(log_path), f"{rest:.0f}", f"{vm_hwm_mib(process.pid):.0f}",
+                             ready_line(log_path), f"{rest:.0f}", split, f"{vm_hwm_mib(process.pid):.0f}",
                              _common.load_average().split()[0]])
                 if run == "second" and not args.no_generation:
                     gen = one_generation(url, process.pid, args.new_tokens)
@@ -324,7 +337,7 @@ def main() -> None:
         if cache_dir:
             shutil.rmtree(cache_dir, ignore_errors=True)
     table(["start", "s to HTTP 200", "imports s", "engine + UI s", "launch s", "app's own log", "RSS at rest MiB",
-           "VmHWM MiB", "load"], rows,
+           "anon / file MiB", "VmHWM MiB", "load"], rows,
           "Start-up (first: empty dep-studio cache, GGUF de-quantized; second: cache reused); phases from the "
           "app's log lines, 0.1 s resolution")
     second = float(rows[1][1])
@@ -333,7 +346,9 @@ def main() -> None:
     if gen:
         print(f"\nOne /review request (user {gen['user']}, baseline + personalized in one batch, max {args.new_tokens} "
               f"new tokens) took {gen['seconds']:.1f} s; peak RSS during it {gen['peak']:.0f} MiB "
-              f"(VmHWM after it: {gen['hwm']:.0f} MiB)")
+              f"(VmHWM after it: {gen['hwm']:.0f} MiB; anon / file after it: {gen['split']} MiB)")
+        print("RSS at rest is low partly because the LLM's safetensors are memory-mapped: their pages (file-backed, "
+              "reclaimable) enter RSS when the first generation reads the weights")
     print(f"logs: {logs}")
     if not args.no_phases:
         print()
