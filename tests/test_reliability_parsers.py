@@ -70,7 +70,7 @@ def check_parsed(reviews: list, items: dict, user_id: str = "you", limit: int = 
     assert all(isinstance(item, Item) and item.item_id == key for key, item in items.items())
 
 
-def parse_or_clear_error(text: object, **kwargs) -> tuple[list, dict] | None:
+def check_parses_or_clear_error(text: object, **kwargs) -> tuple[list, dict] | None:
     """parse_history's result, or None after a DataError whose message names the history."""
     try:
         reviews, items = parse_history(text, **kwargs)  # type: ignore[arg-type]
@@ -88,7 +88,7 @@ def parse_or_clear_error(text: object, **kwargs) -> tuple[list, dict] | None:
 @given(st.one_of(TEXT, st.builds(lambda p, t: p + t, st.sampled_from(["{", "[", "[{", '{"asin": ',
                                                                        "item_title,rating,review_text\n"]), TEXT)))
 def test_any_text_parses_or_gives_a_clear_error(text):
-    parse_or_clear_error(text)
+    check_parses_or_clear_error(text)
 
 
 @FUZZ
@@ -101,7 +101,7 @@ def test_any_json_parses_or_gives_a_clear_error(records, layout, cut, truncate):
         text = json.dumps(records, indent=2 if layout == "pretty" else None)
     if truncate:
         text = text[:cut]
-    parse_or_clear_error(text)
+    check_parses_or_clear_error(text)
 
 
 @FUZZ
@@ -116,7 +116,7 @@ def test_any_csv_parses_or_gives_a_clear_error(rows, header, writer):
         text = out.getvalue()
     else:  # hand-made CSV: stray quotes, ragged rows
         text = "\n".join(",".join(line) for line in [header] + rows)
-    parse_or_clear_error(text)
+    check_parses_or_clear_error(text)
 
 
 def _valid_2014() -> dict:
@@ -302,7 +302,7 @@ def test_any_upload_reads_or_gives_a_clear_error(scratch, content, name):
     except DataError as err:
         assert str(err).startswith(f"upload {path.name}")
         return
-    parse_or_clear_error(text)
+    check_parses_or_clear_error(text)
 
 
 @settings(max_examples=200, deadline=None, database=None)
@@ -313,7 +313,7 @@ def test_any_table_parses_or_gives_a_clear_error(rows):
     except DataError as err:
         assert str(err).startswith("table")
         return
-    parse_or_clear_error(text)
+    check_parses_or_clear_error(text)
 
 
 @settings(max_examples=200, deadline=None, database=None)
