@@ -11,6 +11,9 @@ Variants, interleaved request by request (order alternating) so machine noise hi
                 adapter and prompt tensors are tiny, and with 2 OpenMP threads on 2 shared cores
                 one preempted thread stalls the other.
 
+Then the app's request as the app makes it (baseline and DEP decoded in one batch) against DEP
+alone and the baseline alone, 128 tokens each, back to back.
+
 Goals: p50 < 20 ms and < 5% of the request.
 
     python bench/overhead.py [--requests 200] [--generations 3] [--new-tokens 128]
@@ -46,7 +49,7 @@ def time_prepare(engine, request, modes, personalization, sampling, n_threads):
     return total, stages, embeds
 
 
-def full_generation(engine, request, personalization, sampling, new_tokens, n_threads):
+def full_generation(engine, request, personalization, sampling, new_tokens, n_threads, modes=("dep",)):
     """Prepare (with `n_threads` torch threads) then decode exactly `new_tokens` tokens with the
     engine's generate arguments (min_new_tokens forces the length, so every run decodes as much)."""
     import torch
@@ -57,7 +60,7 @@ def full_generation(engine, request, personalization, sampling, new_tokens, n_th
     cpu = time.process_time()
     start = time.perf_counter()
     with threads(n_threads):
-        _, embeds, _, _ = _common.prepare(engine, request, ("dep",), personalization, sampling)
+        _, embeds, _, _ = _common.prepare(engine, request, modes, personalization, sampling)
     prepared = time.perf_counter()
     batch, mask = left_pad(embeds)
     with torch.inference_mode():
@@ -67,7 +70,7 @@ def full_generation(engine, request, personalization, sampling, new_tokens, n_th
                                  top_p=sampling.top_p, top_k=None, pad_token_id=llm.tokenizer.pad_token_id,
                                  eos_token_id=llm.tokenizer.eos_token_id)
     end = time.perf_counter()
-    return prepared - start, end - start, out.shape[1], len(embeds[0]), time.process_time() - cpu
+    return prepared - start, end - start, out.shape[1], max(len(e) for e in embeds), time.process_time() - cpu
 
 
 def main() -> None:
@@ -76,6 +79,8 @@ def main() -> None:
     parser.add_argument("--generations", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--no-app-request", dest="app_request", action="store_false",
+                        help="skip timing the app's two-prompt batch against one prompt")
     args = parser.parse_args()
 
     import torch
@@ -145,6 +150,19 @@ def main() -> None:
     table(["run", "prompt tokens", "prepare ms", "end-to-end s", "tok/s (incl. prefill)", "prepare share",
            "CPU s per wall s"], rows)
     print("(CPU s per wall s: up to 2 with 2 threads; much lower means other work held the cores)")
+
+    if args.app_request:
+        request = requests[1]
+        rows = []
+        for label, modes in (("dep alone", ("dep",)), ("nonperso alone", ("nonperso",)),
+                             ("nonperso + dep, one batch (app)", ("nonperso", "dep"))):
+            prep, total, _, length, _ = full_generation(engine, request, personalization, sampling, args.new_tokens,
+                                                        None, modes)
+            rows.append([label, length, f"{prep * 1e3:.1f}", f"{total:.2f}"])
+        table(["modes", "longest prompt", "prepare ms", f"end-to-end s ({args.new_tokens} tokens each)"], rows,
+              "The app's request decodes the baseline and DEP in one left-padded batch; same request, back to back")
+        print(f"batch of two / dep alone: {float(rows[2][3]) / float(rows[0][3]):.2f}x; "
+              f"sequential (dep then nonperso) would take {float(rows[0][3]) + float(rows[1][3]):.2f} s")
 
     e2e_median = _common.median(e2e["engine"])
     print("\nSummary (DEP mode, prepare p50 against the median end-to-end latency of "

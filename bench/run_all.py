@@ -20,11 +20,11 @@ HERE = Path(__file__).resolve().parent
 ORDER = ["differences", "overhead", "scale", "embedding", "generation", "startup"]
 QUICK = {
     "differences": ["--cases", "10", "--repeats", "3"],
-    "overhead": ["--requests", "100", "--generations", "1"],
+    "overhead": ["--requests", "100", "--generations", "1", "--no-app-request"],
     "scale": ["--sizes", "9018,100000", "--requests", "100", "--running-sums-size", "50000"],
     "embedding": ["--texts", "200", "--threads", "1"],
     "generation": ["--quick"],
-    "startup": ["--no-generation"],
+    "startup": ["--no-generation", "--warm-starts", "1"],
 }
 
 
