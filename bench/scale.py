@@ -10,9 +10,9 @@ item_embeddings)`); requests are real bundled users' held-out requests (cut-off 
 Each pool size runs in its own child process, so its peak RSS is its own and a size that does
 not fit cannot take the others down.
 
-Also measured (a proposed engine change, see README): the store builds its per-user running sums
-through full-size float64 temporaries; a chunked float64 accumulation gives the same float32
-result with a fraction of the peak memory.
+Also measured: the store's per-user running sums, before (full-size float64 temporaries) and
+after (float64 a chunk of whole users at a time, `store.per_user_running_sums`): same result,
+a fraction of the peak memory.
 
     python bench/scale.py [--sizes 9018,100000,1000000] [--requests 200]
 """
@@ -113,44 +113,20 @@ def one_size(size: int, n_requests: int, warmup: int) -> dict:
             "reviewers_per_item": float(np.median(peers_per_item))}
 
 
-# ---- running sums: the engine's expression vs a chunked one (proposed change) ------------------------
+# ---- running sums: before and after chunking ------------------------------------------------------
 
-def running_sums_engine(embeddings: np.ndarray, starts: list[int]) -> np.ndarray:
-    """Copied from ReviewStore.__init__: full cumsum in float64, minus each user's base row, repeated."""
+def running_sums_full(embeddings: np.ndarray, starts: list[int]) -> np.ndarray:
+    """The store's expression before it was chunked: full cumsum in float64, minus each user's base row."""
     n = len(embeddings)
     running = np.cumsum(embeddings, axis=0, dtype=np.float64)
     base = np.vstack([np.zeros((1, running.shape[1])), running[np.asarray(starts[1:]) - 1]])
     return (running - np.repeat(base, np.diff(np.append(starts, n)), axis=0)).astype(np.float32)
 
 
-def running_sums_chunked(embeddings: np.ndarray, starts: list[int], chunk: int = 8192) -> np.ndarray:
-    """The same sums, accumulated in float64 chunk by chunk: no full-size float64 temporary.
-
-    Within a chunk, cumsum in float64 from a float64 carry; at each user start the carry restarts."""
-    n, d = embeddings.shape
-    out = np.empty((n, d), dtype=np.float32)
-    user_start = np.zeros(n, dtype=bool)
-    user_start[np.asarray(starts, dtype=np.int64)] = True
-    carry = np.zeros(d, dtype=np.float64)
-    for lo in range(0, n, chunk):
-        hi = min(n, lo + chunk)
-        block = embeddings[lo:hi].astype(np.float64)  # cast first: cumsum(dtype=...) is ~2x slower
-        block[0] += carry
-        np.cumsum(block, axis=0, out=block)
-        first = np.flatnonzero(user_start[lo:hi])
-        if len(first):
-            # rows from a user start on subtract the running total just before that start
-            before = np.where(first > 0, first - 1, -1)
-            bases = np.where((before >= 0)[:, None], block[np.maximum(before, 0)], carry[None, :])
-            seg = np.diff(np.append(first, hi - lo))
-            block[first[0]:] -= np.repeat(bases, seg, axis=0)
-        carry = block[-1].copy()
-        out[lo:hi] = block
-    return out
-
-
 def compare_running_sums(size: int) -> list:
     """Peak traced memory and time of the two running-sum computations on `size` x 386 vectors."""
+    from dep_engine.store import per_user_running_sums
+
     rng = np.random.default_rng(1)
     embeddings = rng.standard_normal((size, 386), dtype=np.float32)
     lengths = rng.integers(1, 20, size=size // 5)
@@ -158,8 +134,8 @@ def compare_running_sums(size: int) -> list:
     starts = [int(s) for s in starts[starts < size]]
     rows = []
     outputs = {}
-    for name, fn in (("engine (full float64 temporaries)", running_sums_engine),
-                     ("chunked float64 (proposed)", running_sums_chunked)):
+    for name, fn in (("before: full float64 temporaries", running_sums_full),
+                     ("after: per_user_running_sums (chunks of users)", per_user_running_sums)):
         gc.collect()
         tracemalloc.start()
         t0 = time.perf_counter()

@@ -59,6 +59,24 @@ def item_text(item: Item) -> str:
     return f"{item.title}. {item.description}".strip(" .") if item.description else item.title
 
 
+def per_user_running_sums(embeddings: np.ndarray, user_start: np.ndarray, chunk: int = 8192) -> np.ndarray:
+    """Row i: the sum of its user's rows up to and including i (rows are user-major).
+
+    Summed in float64 for precision, a chunk of whole users at a time, so the float64 temporaries
+    stay small (a million-review pool would otherwise need gigabytes of them)."""
+    n = len(embeddings)
+    out = np.empty(embeddings.shape, dtype=np.float32)
+    starts = np.asarray(user_start, dtype=np.int64)
+    bounds = np.unique(starts[np.minimum(np.searchsorted(starts, np.arange(0, n, chunk)), len(starts) - 1)]) \
+        if n else starts
+    for lo, hi in zip(bounds, np.append(bounds[1:], n)):
+        local = starts[(starts >= lo) & (starts < hi)] - lo
+        running = np.cumsum(embeddings[lo:hi], axis=0, dtype=np.float64)
+        base = np.vstack([np.zeros((1, running.shape[1])), running[local[1:] - 1]])
+        out[lo:hi] = running - np.repeat(base, np.diff(np.append(local, hi - lo)), axis=0)
+    return out
+
+
 class ReviewStore:
     def __init__(self, dataset: Dataset, embeddings: np.ndarray, encoder: Encoder,
                  item_ids: list[str], item_embeddings: np.ndarray, style: bool = True):
@@ -80,9 +98,7 @@ class ReviewStore:
         self.user_start = np.array(starts, dtype=np.int64)
         self.user_of_row = np.repeat(np.arange(len(starts)), np.diff(np.append(starts, len(users))))
         self.user_time_key = self.user_of_row.astype(np.int64) * TIME_SPAN + self.times  # sorted
-        running = np.cumsum(self.embeddings, axis=0, dtype=np.float64)
-        base = np.vstack([np.zeros((1, running.shape[1])), running[self.user_start[1:] - 1]]) if len(starts) else running
-        self.user_running_sum = (running - np.repeat(base, np.diff(np.append(starts, len(users))), axis=0)).astype(np.float32)
+        self.user_running_sum = per_user_running_sums(self.embeddings, self.user_start)
 
         by_item = sorted(range(len(self.reviews)), key=lambda i: (self.reviews[i].item_id, self.times[i]))
         self.item_rows = np.array(by_item, dtype=np.int64)

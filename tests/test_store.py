@@ -4,6 +4,7 @@ import pytest
 from dep_engine.data import Item, Review, by_user, parse_history
 from dep_engine.differences import difference_embeddings_loop
 from dep_engine.embeddings import style_features
+from dep_engine.store import per_user_running_sums
 
 
 def heavy_user(dataset):
@@ -101,3 +102,14 @@ def test_embed_reviews_reuses_pool_and_encodes_new(store, encoder, dataset):
 def test_style_features_follow_rating_and_length():
     short_low, long_high = style_features([1.0, 5.0], [5, 300])
     assert short_low[0] < 0 < long_high[0] and short_low[1] < 0 < long_high[1]
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 8192])
+def test_running_sums_restart_at_each_user_whatever_the_chunk(chunk):
+    rng = np.random.default_rng(chunk)
+    embeddings = rng.standard_normal((200, 5)).astype(np.float32)
+    starts = np.concatenate([[0], np.cumsum(rng.integers(1, 40, size=30))])
+    starts = starts[starts < len(embeddings)]
+    sums = per_user_running_sums(embeddings, starts, chunk)
+    for lo, hi in zip(starts, np.append(starts[1:], len(embeddings))):
+        np.testing.assert_allclose(sums[lo:hi], np.cumsum(embeddings[lo:hi].astype(np.float64), axis=0), atol=1e-5)
