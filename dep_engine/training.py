@@ -126,9 +126,16 @@ def batch_loss(engine: DEPEngine, adapter: DEPAdapter, batch: list[Prepared],
     for row, seq in enumerate(sequences):  # right padding: targets stay where the prompt ends
         inputs[row, :len(seq)] = seq
         mask[row, :len(seq)] = 1
-    hidden = llm.model.base_model(inputs_embeds=inputs, attention_mask=mask).last_hidden_state
+    # Positions before the batch's first soft token hold the same constants at every step: run them
+    # without autograd and keep only their keys and values, so the backward pass skips them.
+    frozen = min(min(s.prompt.his_positions + s.prompt.diff_positions, default=len(s.prompt.ids)) for s in batch)
+    with torch.no_grad():
+        past = llm.model.base_model(inputs_embeds=inputs[:, :frozen], attention_mask=mask[:, :frozen],
+                                    use_cache=True).cache if frozen else None
+    hidden = llm.model.base_model(inputs_embeds=inputs[:, frozen:], attention_mask=mask, cache=past).last_hidden_state
     losses = []
     for row, ((start, count), sample) in enumerate(zip(spans, batch)):
+        start -= frozen
         logits = llm.model.get_output_embeddings()(hidden[row, start:start + count]).float()  # logits of target tokens only
         losses.append(F.cross_entropy(logits, torch.tensor(sample.target, device=llm.device)))
     per_sample = torch.stack(losses)

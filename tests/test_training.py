@@ -6,8 +6,9 @@ import torch
 from dep_engine.adapter import DEPAdapter
 from dep_engine.engine import DEPEngine, EngineConfig
 from dep_engine.evaluation import EvalSettings, evaluate, parse_method
-from dep_engine.generation import SamplingSettings
-from dep_engine.training import TrainSettings, train
+from dep_engine.generation import SamplingSettings, prompt_embeddings
+from dep_engine.splits import training_samples
+from dep_engine.training import TrainSettings, batch_loss, prepare, train
 
 from conftest import TINY_LLM
 
@@ -91,3 +92,29 @@ def test_eval_reviews_file_users_are_new_and_join_the_pool(tiny_llm, dataset, tm
     records = [json.loads(line) for line in (tmp_path / "eval" / "generations.jsonl").read_text().splitlines()]
     assert summary["users"] == 2 and {r["user_id"] for r in records} == {"new-0", "new-1"}
     assert {r["reference"] for r in records} == {users[0][-1].text, users[1][-1].text}
+
+
+def test_batch_loss_matches_one_sample_at_a_time_without_cache(tiny_engine):
+    """Padding, the no-grad prefix cache and the target spans leave loss and gradients as a plain
+    forward of each sample's own sequence would give them."""
+    settings = TrainSettings(k=2, words_per_review=8, max_target_tokens=16, modes=("his+diff", "dep", "his"))
+    samples = prepare(tiny_engine, training_samples(tiny_engine.dataset.reviews)[:6], settings, "test")
+    adapter = DEPAdapter(tiny_engine.adapter.config)
+    llm = tiny_engine.llm
+    mean, _, per_sample = batch_loss(tiny_engine, adapter, samples)
+    mean.backward()
+    batched = [p.grad.clone() for p in adapter.parameters() if p.grad is not None]
+    adapter.zero_grad()
+
+    plain = []
+    for sample in samples:
+        out = adapter(torch.from_numpy(sample.his), torch.from_numpy(sample.diff))
+        prompt = prompt_embeddings(llm, sample.prompt, out["his_tokens"] if sample.prompt.his_positions else None,
+                                   out["diff_tokens"] if sample.prompt.diff_positions else None)
+        sequence = torch.cat([prompt, llm.embed(torch.tensor(sample.target[:-1]))])
+        logits = llm.model(inputs_embeds=sequence[None]).logits[0, len(prompt) - 1:]
+        plain.append(torch.nn.functional.cross_entropy(logits.float(), torch.tensor(sample.target)))
+    torch.stack(plain).mean().backward()
+    torch.testing.assert_close(per_sample, torch.stack(plain).detach(), atol=1e-5, rtol=1e-5)
+    for got, want in zip(batched, [p.grad for p in adapter.parameters() if p.grad is not None]):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
