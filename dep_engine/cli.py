@@ -23,6 +23,8 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--adapter", default=str(BUNDLED_ADAPTER), help="trained DEP adapter folder")
     group.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     group.add_argument("--no-4bit", action="store_true", help="on CUDA, load the LLM in bf16 instead of 4-bit NF4")
+    group.add_argument("--cpu-decode", choices=("bfloat16", "float32"), default=EngineConfig.cpu_decode,
+                       help="on the CPU, decode in this dtype after an fp32 prompt (bfloat16: ~1.5x faster)")
     group.add_argument("--style-features", choices=("on", "off"), default=None,
                        help="append rating and length to review vectors (default: as the adapter was trained)")
 
@@ -46,7 +48,7 @@ def _sampling_args(parser: argparse.ArgumentParser) -> None:
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(data=args.data, encoder=args.encoder, llm=args.llm, adapter=args.adapter,
-                        device=args.device, four_bit=False if args.no_4bit else None,
+                        device=args.device, four_bit=False if args.no_4bit else None, cpu_decode=args.cpu_decode,
                         style_features=None if args.style_features is None else args.style_features == "on")
 
 

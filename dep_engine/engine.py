@@ -34,9 +34,17 @@ class EngineConfig:
     adapter: str | None = str(BUNDLED_ADAPTER)  # a missing bundled adapter means: untrained
     device: str | None = None
     four_bit: bool | None = None   # default: 4-bit NF4 on CUDA, never on the CPU
+    cpu_decode: str = "bfloat16"   # on the CPU: fp32 prompts, decoding in this dtype ("float32": fp32 throughout)
     extra_reviews: str | None = None  # more reviews (file or folder) joining the pool
     style_features: bool | None = None  # rating and length beside text embeddings; default: as the adapter was trained
     cache_dir: str | None = None   # embedding cache; default: next to the data, else ~/.cache/dep-studio
+
+
+def _decode_dtype(name: str) -> torch.dtype | None:
+    choices = {"bfloat16": torch.bfloat16, "float32": None}
+    if name not in choices:
+        raise ValueError(f"cpu_decode must be one of {', '.join(choices)}, got {name!r}")
+    return choices[name]
 
 
 @dataclass
@@ -98,7 +106,8 @@ class DEPEngine:
         extra = earlier_reviews(load_dataset(self.config.extra_reviews)) if self.config.extra_reviews else None
         self.store = ReviewStore.build(self.dataset, self.encoder, cache, progress, style=self._style_features(),
                                        extra=extra, extra_cache_dir=extra and _cache_beside(self.config.extra_reviews))
-        self.llm: LLM = llm or load_llm(self.config.llm, self.config.device, four_bit=self.config.four_bit)
+        self.llm: LLM = llm or load_llm(self.config.llm, self.config.device, four_bit=self.config.four_bit,
+                                        cpu_decode_dtype=_decode_dtype(self.config.cpu_decode))
         self.adapter = self._load_adapter()
         self.users = by_user(self.dataset.reviews)
         self.startup_seconds = time.perf_counter() - start

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import StaticCache, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from .llm import LLM
@@ -105,6 +105,19 @@ class _StopWhenSet(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
+def _prefill(llm: LLM, decoder: torch.nn.Module, batch: torch.Tensor, mask: torch.Tensor,
+             max_new_tokens: int) -> StaticCache:
+    """All prompt positions but the last through the model in its own dtype; their keys and values
+    are handed to the decoder in a static cache (it runs the last position itself, as generate needs one)."""
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as generate numbers left-padded rows
+    prompt = llm.model.base_model(inputs_embeds=batch[:, :-1], attention_mask=mask[:, :-1],
+                                  position_ids=positions[:, :-1], use_cache=True).cache
+    cache = StaticCache(config=decoder.config, max_cache_len=batch.shape[1] + max_new_tokens)
+    for layer, source in zip(cache.layers, prompt.layers):
+        layer.update(source.keys.to(decoder.dtype), source.values.to(decoder.dtype))
+    return cache
+
+
 def _generate(llm: LLM, embeds: Sequence[torch.Tensor], settings: SamplingSettings,
               streamer: _BatchStreamer | None = None, stop: threading.Event | None = None) -> list[str]:
     settings.validate()
@@ -113,8 +126,12 @@ def _generate(llm: LLM, embeds: Sequence[torch.Tensor], settings: SamplingSettin
     sample = settings.temperature > 0
     with generation_lock, torch.inference_mode():
         torch.manual_seed(settings.seed)
-        output = llm.model.generate(
-            inputs_embeds=batch, attention_mask=mask, max_new_tokens=settings.max_new_tokens,
+        model, prefilled = llm.model, {}
+        if batch.shape[1] > 1 and (decoder := llm.decoder()) is not None:
+            model, prefilled = decoder, {"cache": _prefill(llm, decoder, batch, mask, settings.max_new_tokens)}
+            batch = batch.to(decoder.dtype)
+        output = model.generate(
+            inputs_embeds=batch, attention_mask=mask, **prefilled, max_new_tokens=settings.max_new_tokens,
             do_sample=sample, temperature=settings.temperature if sample else None,
             top_p=settings.top_p if sample else None, top_k=None, pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id, streamer=streamer,

@@ -1,10 +1,13 @@
 """Soft tokens through inputs_embeds, on a tiny random Llama with SmolLM2's tokenizer and chat template."""
+import copy
+
 import numpy as np
 import pytest
 import torch
 
 from dep_engine.data import Item
 from dep_engine.generation import SamplingSettings, generate, prompt_embeddings
+from dep_engine.llm import LLM
 from dep_engine.prompt import MODES, PastReview, build_prompt, get_mode
 
 PAST = [PastReview("Guitar strap", 5, "Comfy", "Soft leather strap that holds well."),
@@ -140,3 +143,19 @@ def test_lone_surrogates_and_bad_seeds_are_handled(smol_tokenizer):
     assert "Tuner ? deluxe" in smol_tokenizer.decode(prompt.ids)
     with pytest.raises(ValueError, match="seed must be within"):
         SamplingSettings(seed=2**64).validate()
+
+
+def test_prefill_handover_to_a_decoder_copy_matches_plain_decoding(tiny_llm, smol_tokenizer):
+    """The CPU's fp32-prompt/bf16-decode path, run with a float32 decoder copy: the same greedy tokens as
+    plain decoding for a left-padded batch, so positions, padding and the handed-over cache are right."""
+    embeds = [tiny_llm.embed(torch.tensor(smol_tokenizer.encode(text))) for text in
+              ("A long prompt about a guitar pedal that hums and a cable that crackles.", "Short one.")]
+    greedy = SamplingSettings(temperature=0, max_new_tokens=12)
+    plain = generate(tiny_llm, embeds, greedy)
+    handover = LLM(tiny_llm.model, tiny_llm.tokenizer, tiny_llm.name, tiny_llm.device, decode_dtype=torch.bfloat16)
+    handover._decoder = copy.deepcopy(tiny_llm.model)  # float32: the handover alone, without bf16 rounding
+    assert handover.decoder() is handover._decoder
+    assert generate(handover, embeds, greedy) == plain
+    bf16 = LLM(tiny_llm.model, tiny_llm.tokenizer, tiny_llm.name, tiny_llm.device, decode_dtype=torch.bfloat16)
+    texts = generate(bf16, embeds, greedy)
+    assert bf16.decoder().dtype == torch.bfloat16 and all(texts) and tiny_llm.dtype == torch.float32
