@@ -10,19 +10,22 @@ B. fp32 / bf16 x dynamic / static KV cache x 1 / 2 torch threads, on one typical
    matrix every token, so it is counted once, in full; the input embedding lookup reads one row
    (ignored). "+KV" also counts reading the KV cache (dynamic: the mean context over the 128
    steps; static: the whole preallocated cache, as attention runs over all of it).
-C. Soft (DEP prompt with his/diff soft tokens) vs plain (the same ids, soft slots left with the
-   placeholder token's embedding): same model, same length, greedy, 128 new tokens, interleaved.
+C. (run first, right after loading, with the engine's threads) Soft (DEP prompt with his/diff soft
+   tokens) vs plain (the same ids, soft slots left with the placeholder token's embedding): same
+   model, same length, greedy, 128 new tokens, 6 interleaved pairs.
    Goal: soft/plain decode tokens/s >= 0.95, judged on the median time per decode step (whole-run
    tokens/s printed too; on a shared machine one preempted stretch moves it by 10%).
    The prefill column (time to the first token) is the prompt's prefill, fp32 vs bf16.
-D. A variant the engine does not have (proposed): prefill with the fp32 model, convert its KV
-   cache to bf16 and decode with a bf16 copy of the model and a static cache (two model copies:
-   +269 MB). Run back to back with fp32 + static cache at each thread count (the load changes
+D. Prefill with the fp32 model, convert its KV cache to bf16 and decode with a bf16 copy of the
+   model and a static cache (two model copies: +269 MB; what the engine now does on the CPU). Run back to back with fp32 + static cache at each thread count (the load changes
    over minutes, so only neighbouring runs compare). Also with one model copy: fp32 + static
    cache, the prefill with 2 threads and the decode steps with 1 (a logits processor switches
    torch's thread count after the prompt's forward).
 
-Everything greedy (do_sample=False) with min_new_tokens = max_new_tokens, so every run decodes
+E. The engine's own `generate` on the app's batch (baseline + DEP, sampled), before (fp32
+   throughout) and after (fp32 prompt, bf16 decode: the default), alternated.
+
+Everything in A-D greedy (do_sample=False) with min_new_tokens = max_new_tokens, so every run decodes
 exactly as many tokens. The machine is shared: compare rows of one run, not across runs.
 
 Decoding in B and D stops after --decode-seconds (default 15 s, counted from the first new token,
@@ -299,6 +302,32 @@ def main() -> None:
             for cache in (None, "static"):
                 decode(llm, warm, 4, cache)
 
+    # ---- C. soft vs plain --------------------------------------------------------------------------
+    t_soft = default_threads  # the engine's; C runs first, before the bf16 and static-cache runs touch the process
+    set_threads(t_soft)
+    runs = {"soft": [], "plain": []}
+    for pair in range(args.pairs):
+        order = [("soft", soft["fp32"]), ("plain", plain)]
+        if pair % 2:
+            order.reverse()
+        for label, embeds in order:
+            runs[label].append(decode(fp32, embeds, new))
+    rows = []
+    for label, rs in runs.items():
+        rows.append([label, length, f"{median(r['prefill'] for r in rs):.2f}", f"{median(r['rate'] for r in rs):.2f}",
+                     " ".join(f"{r['rate']:.1f}" for r in rs), f"{median(r['step'] for r in rs) * 1e3:.1f}",
+                     f"{1 / median(r['step'] for r in rs):.2f}"])
+    table(["prompt", "tokens", "prefill s (median)", "decode tok/s (median)", "each run", "median step ms",
+           "tok/s from median step"], rows,
+          f"C. Soft vs plain prompt: fp32, dynamic cache, {t_soft} thread(s) (the engine's default, run before B), greedy, {new} new "
+          f"tokens, {args.pairs} interleaved pair(s)")
+    ratio = median(r["step"] for r in runs["plain"]) / median(r["step"] for r in runs["soft"])
+    mean_ratio = median(r["rate"] for r in runs["soft"]) / median(r["rate"] for r in runs["plain"])
+    print(f"soft/plain decode speed: {ratio:.3f} from the median step time (robust to other work preempting a "
+          f"step), {mean_ratio:.3f} from whole-run tokens/s; goal >= 0.95: {verdict(ratio >= 0.95)}. The prompts "
+          f"differ only in {len(prompt.his_positions) + len(prompt.diff_positions)} input vectors and have the same "
+          "length, so each decode step does the same work; a gap is noise")
+
     # ---- B. dtype x cache x threads --------------------------------------------------------------
     rows, results = [], {}
     for t in thread_counts:
@@ -329,32 +358,6 @@ def main() -> None:
     for name in models:
         best_threads[name] = min(thread_counts, key=lambda t: min(finite_or_inf(results[(name, c, t)]["total"])
                                                                   for c in ("dynamic", "static")))
-
-    # ---- C. soft vs plain --------------------------------------------------------------------------
-    t_soft = best_threads["fp32"]
-    set_threads(t_soft)
-    runs = {"soft": [], "plain": []}
-    for pair in range(args.pairs):
-        order = [("soft", soft["fp32"]), ("plain", plain)]
-        if pair % 2:
-            order.reverse()
-        for label, embeds in order:
-            runs[label].append(decode(fp32, embeds, new))
-    rows = []
-    for label, rs in runs.items():
-        rows.append([label, length, f"{median(r['prefill'] for r in rs):.2f}", f"{median(r['rate'] for r in rs):.2f}",
-                     " ".join(f"{r['rate']:.1f}" for r in rs), f"{median(r['step'] for r in rs) * 1e3:.1f}",
-                     f"{1 / median(r['step'] for r in rs):.2f}"])
-    table(["prompt", "tokens", "prefill s (median)", "decode tok/s (median)", "each run", "median step ms",
-           "tok/s from median step"], rows,
-          f"C. Soft vs plain prompt: fp32, dynamic cache, {t_soft} thread(s) (fp32's fastest above), greedy, {new} new "
-          f"tokens, {args.pairs} interleaved pair(s)")
-    ratio = median(r["step"] for r in runs["plain"]) / median(r["step"] for r in runs["soft"])
-    mean_ratio = median(r["rate"] for r in runs["soft"]) / median(r["rate"] for r in runs["plain"])
-    print(f"soft/plain decode speed: {ratio:.3f} from the median step time (robust to other work preempting a "
-          f"step), {mean_ratio:.3f} from whole-run tokens/s; goal >= 0.95: {verdict(ratio >= 0.95)}. The prompts "
-          f"differ only in {len(prompt.his_positions) + len(prompt.diff_positions)} input vectors and have the same "
-          "length, so each decode step does the same work; a gap is noise")
 
     # ---- D. hybrid, next to fp32 + static cache ---------------------------------------------------
     rows, pairs = [], {}
