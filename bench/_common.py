@@ -130,16 +130,19 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def proc_status_mib(pid: int, *fields: str) -> dict[str, float]:
+    """The named memory fields of /proc/PID/status (VmRSS, VmHWM, RssAnon, ...) in MiB; {} if the process is gone."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return {}
+    return {name: int(rest.split()[0]) / 1024 for name, _, rest in (line.partition(":") for line in lines)
+            if name in fields}
+
+
 def rss_mib(pid: int | None = None) -> float:
     """Current resident memory of a process (this one by default)."""
-    pid = pid or os.getpid()
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
+    return proc_status_mib(pid or os.getpid(), "VmRSS").get("VmRSS", float("nan"))
 
 
 def prepare(engine, request, modes, personalization, sampling=None):

@@ -71,24 +71,14 @@ def tree_rss_mib(pid: int) -> float:
 
 def rss_split(pid: int) -> str:
     """'anon A / file F' MiB from /proc: file-backed pages include the memory-mapped model weights."""
-    values = {}
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(("RssAnon:", "RssFile:")):
-                values[line.split(":")[0]] = int(line.split()[1]) / 1024
-    except OSError:
+    values = _common.proc_status_mib(pid, "RssAnon", "RssFile")
+    if not values:
         return "n/a"
     return f"{values.get('RssAnon', float('nan')):.0f} / {values.get('RssFile', float('nan')):.0f}"
 
 
 def vm_hwm_mib(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
+    return _common.proc_status_mib(pid, "VmHWM").get("VmHWM", float("nan"))
 
 
 class Sampler:

@@ -12,6 +12,7 @@ from .adapter import AdapterError
 from .data import DataError, Item, parse_history
 from .engine import BUNDLED_ADAPTER, BUNDLED_DATA, EngineConfig, PersonalizationSettings, Request
 from .generation import SamplingSettings
+from .llm import CPU_DECODE_DTYPES
 from .prompt import MODES
 
 
@@ -23,7 +24,7 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--adapter", default=str(BUNDLED_ADAPTER), help="trained DEP adapter folder")
     group.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     group.add_argument("--no-4bit", action="store_true", help="on CUDA, load the LLM in bf16 instead of 4-bit NF4")
-    group.add_argument("--cpu-decode", choices=("bfloat16", "float32"), default=EngineConfig.cpu_decode,
+    group.add_argument("--cpu-decode", choices=tuple(CPU_DECODE_DTYPES), default=EngineConfig.cpu_decode,
                        help="on the CPU, decode in this dtype after an fp32 prompt (bfloat16: ~1.5x faster)")
     group.add_argument("--style-features", choices=("on", "off"), default=None,
                        help="append rating and length to review vectors (default: as the adapter was trained)")

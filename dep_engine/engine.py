@@ -15,7 +15,7 @@ from .adapter import CONFIG_NAME, AdapterError, DEPAdapter, DEPAdapterConfig
 from .data import DataError, Dataset, Item, Review, Sample, by_user, load_dataset, parse_rating
 from .embeddings import BUNDLED_ENCODER, Encoder
 from .generation import SamplingSettings, prompt_embeddings, stream
-from .llm import BUNDLED_LLM, LLM, load_llm
+from .llm import BUNDLED_LLM, CPU_DECODE_DTYPES, LLM, load_llm
 from .prompt import MODES, PastReview, PromptIds, build_prompt, get_mode
 from .store import HISTORY_RULES, PersonalContext, ReviewStore
 
@@ -41,10 +41,9 @@ class EngineConfig:
 
 
 def _decode_dtype(name: str) -> torch.dtype | None:
-    choices = {"bfloat16": torch.bfloat16, "float32": None}
-    if name not in choices:
-        raise ValueError(f"cpu_decode must be one of {', '.join(choices)}, got {name!r}")
-    return choices[name]
+    if name not in CPU_DECODE_DTYPES:
+        raise ValueError(f"cpu_decode must be one of {', '.join(CPU_DECODE_DTYPES)}, got {name!r}")
+    return CPU_DECODE_DTYPES[name]
 
 
 @dataclass

@@ -6,6 +6,7 @@ the conversion. On CUDA the model is loaded in 4-bit NF4 (bitsandbytes) with bf1
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
 import logging
 import os
@@ -105,6 +106,8 @@ def resolve_llm(name: str) -> tuple[str, str | None]:
     return name, None
 
 
+CPU_DECODE_DTYPES = {"bfloat16": torch.bfloat16, "float32": None}  # None: the model decodes itself, in fp32
+
 _loaded: dict[tuple, LLM] = {}
 _load_lock = threading.Lock()
 
@@ -112,42 +115,48 @@ _load_lock = threading.Lock()
 def load_llm(name: str = BUNDLED_LLM, device: str | torch.device | None = None,
              dtype: torch.dtype | None = None, four_bit: bool | None = None,
              cpu_decode_dtype: torch.dtype | None = torch.bfloat16) -> LLM:
-    """The frozen LLM, loaded once per process for each (name, device, dtype, decode dtype).
+    """The frozen LLM, its weights loaded once per process for each (name, device, dtype).
 
     Defaults: float32 on the CPU (CPUs without bf16 matrix units run bf16 prompts and training
     2-6x slower, see bench/), decoding in `cpu_decode_dtype` (None: float32 throughout); on CUDA
-    4-bit NF4 weights with bf16 compute."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    4-bit NF4 weights with bf16 compute. LLMs that differ only in decode dtype share the weights."""
     device = torch.device(device) if device is not None else default_device()
     four_bit = (device.type == "cuda") if four_bit is None else four_bit
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     decode_dtype = cpu_decode_dtype if device.type == "cpu" else None
-    key = (name, str(device), dtype, four_bit, decode_dtype)
+    weights_key = (name, str(device), dtype, four_bit)
+    key = weights_key + (decode_dtype,)
     with _load_lock:
-        if key in _loaded:
-            return _loaded[key]
-        source, gguf_file = resolve_llm(name)
-        kwargs: dict = {"dtype": dtype}
-        if gguf_file:
-            kwargs["gguf_file"] = gguf_file
-        else:
-            kwargs["use_safetensors"] = True  # never unpickle weights of a user-chosen model
-        if four_bit:
-            from transformers import BitsAndBytesConfig
+        if key not in _loaded:
+            loaded = next((llm for k, llm in _loaded.items() if k[:-1] == weights_key), None)
+            _loaded[key] = (dataclasses.replace(loaded, decode_dtype=decode_dtype) if loaded
+                            else _load(name, device, dtype, four_bit, decode_dtype))
+        return _loaded[key]
 
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
-            kwargs["device_map"] = {"": device.index or 0}
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-        if not four_bit:
-            model.to(device)
-        model.eval().requires_grad_(False)
-        tokenizer = AutoTokenizer.from_pretrained(source, **({"gguf_file": gguf_file} if gguf_file else {}))
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError(f"LLM {name!r} has no chat template; DEP needs an instruction-tuned chat model")
-        llm = LLM(model=model, tokenizer=tokenizer, name=name, device=device, decode_dtype=decode_dtype)
-        _loaded[key] = llm
-        return llm
+
+def _load(name: str, device: torch.device, dtype: torch.dtype, four_bit: bool,
+          decode_dtype: torch.dtype | None) -> LLM:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source, gguf_file = resolve_llm(name)
+    kwargs: dict = {"dtype": dtype}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    else:
+        kwargs["use_safetensors"] = True  # never unpickle weights of a user-chosen model
+    if four_bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+        kwargs["device_map"] = {"": device.index or 0}
+    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    if not four_bit:
+        model.to(device)
+    model.eval().requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(source, **({"gguf_file": gguf_file} if gguf_file else {}))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"LLM {name!r} has no chat template; DEP needs an instruction-tuned chat model")
+    return LLM(model=model, tokenizer=tokenizer, name=name, device=device, decode_dtype=decode_dtype)
