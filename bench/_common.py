@@ -143,14 +143,3 @@ def proc_status_mib(pid: int, *fields: str) -> dict[str, float]:
 def rss_mib(pid: int | None = None) -> float:
     """Current resident memory of a process (this one by default)."""
     return proc_status_mib(pid or os.getpid(), "VmRSS").get("VmRSS", float("nan"))
-
-
-def prepare(engine, request, modes, personalization, sampling=None):
-    """`engine._prepare` (everything before `generate`), whichever of its signatures this engine has."""
-    import inspect
-
-    from dep_engine.generation import SamplingSettings
-
-    if "sampling" in inspect.signature(engine._prepare).parameters:
-        return engine._prepare(request, modes, personalization, sampling or SamplingSettings())
-    return engine._prepare(request, modes, personalization)

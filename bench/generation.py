@@ -288,7 +288,7 @@ def main() -> None:
     fp32 = engine.llm
     bf16 = load_llm(engine.config.llm, "cpu", dtype=torch.bfloat16)
     length, request, context, prompt = typical_prompt(engine)
-    his, diff = engine.soft_tokens(context)
+    his, diff = engine.soft_tokens(context.his, context.diff)
     soft = {"fp32": prompt_embeddings(fp32, prompt, his, diff), "bf16": prompt_embeddings(bf16, prompt, his, diff)}
     plain = fp32.embed(torch.tensor(prompt.ids)).detach()
     models = {"fp32": fp32, "bf16": bf16}

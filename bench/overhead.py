@@ -1,6 +1,6 @@
 """Personalization overhead per request: everything the engine does before `generate`.
 
-`DEPEngine._prepare` = retrieval of the K past reviews, peers, difference embeddings, SAE and
+`DEPEngine.prepare` = retrieval of the K past reviews, peers, difference embeddings, SAE and
 projectors (the adapter), prompt assembly and the soft-token input embeddings. Timed over bundled
 users' held-out requests (latest review is the target), p50 and p95, and set against the
 end-to-end latency of a few full DEP generations of exactly 128 new tokens.
@@ -44,7 +44,8 @@ def threads(n: int | None):
 def time_prepare(engine, request, modes, personalization, sampling, n_threads):
     with threads(n_threads):
         start = time.perf_counter()
-        _, embeds, _, stages = _common.prepare(engine, request, modes, personalization, sampling)
+        prepared = engine.prepare(request, modes, personalization, sampling)
+        embeds, stages = prepared.embeds, prepared.timings
         total = time.perf_counter() - start
     return total, stages, embeds
 
@@ -60,7 +61,7 @@ def full_generation(engine, request, personalization, sampling, new_tokens, n_th
     cpu = time.process_time()
     start = time.perf_counter()
     with threads(n_threads):
-        _, embeds, _, _ = _common.prepare(engine, request, modes, personalization, sampling)
+        embeds = engine.prepare(request, modes, personalization, sampling).embeds
     prepared = time.perf_counter()
     batch, mask = left_pad(embeds)
     with torch.inference_mode():
@@ -88,7 +89,7 @@ def main() -> None:
     from dep_engine import DEPEngine, PersonalizationSettings
     from dep_engine.generation import SamplingSettings
 
-    _common.header("bench/overhead.py -- personalization overhead per request (DEPEngine._prepare)",
+    _common.header("bench/overhead.py -- personalization overhead per request (DEPEngine.prepare)",
                    "machine shared with other work: compare variants within this run, not across runs")
     start = time.perf_counter()
     engine = DEPEngine(progress=False)
@@ -128,7 +129,7 @@ def main() -> None:
         rows.append([label, name, f"{percentile(values, 50) * 1e3:.2f}", f"{percentile(values, 95) * 1e3:.2f}",
                      f"{max(values) * 1e3:.1f}"])
     table(["modes", "variant", "p50 ms", "p95 ms", "max ms"], rows,
-          f"Whole _prepare over {len(requests)} requests (prompt length p50 {percentile(lengths, 50):.0f} tokens)")
+          f"Whole prepare over {len(requests)} requests (prompt length p50 {percentile(lengths, 50):.0f} tokens)")
     rows = [[name, stage, f"{percentile(v, 50) * 1e3:.2f}", f"{percentile(v, 95) * 1e3:.2f}"]
             for (name, stage), v in sorted(stages.items())]
     table(["variant", "stage (engine's own timings)", "p50 ms", "p95 ms"], rows, "Stages, DEP mode")

@@ -4,7 +4,13 @@
     projectors: soft = W_2 GELU(W_1 z)                          d/2 -> H -> H
 
 The sparse code z (not the reconstruction) is projected to the LLM's hidden size H. Saved as
-safetensors beside a JSON config that names the LLM and encoder it was trained for.
+safetensors beside a JSON config that names the LLM and encoder it was trained for. The weights
+also hold the population-average reviewer: the mean his and diff vectors of the training users,
+which the `generic` mode and the personalization strength use in place of (or mixed with) a user's.
+
+    >>> adapter = DEPAdapter(DEPAdapterConfig(embedding_dim=386, hidden_size=576, llm="m", encoder="e"))
+    >>> adapter(torch.zeros(4, 386), torch.zeros(4, 386))["his_tokens"].shape
+    torch.Size([4, 576])
 """
 from __future__ import annotations
 
@@ -30,15 +36,16 @@ class AdapterError(ValueError):
 
 @dataclass
 class DEPAdapterConfig:
-    embedding_dim: int              # d, the review vector's size (encoder output, + 2 with style features)
+    embedding_dim: int              # d, the review vector's size (encoder output + style features)
     hidden_size: int                # H, the LLM's hidden size
     llm: str                        # the LLM the projectors were trained against
     encoder: str                    # the encoder that produced the embeddings
     sparsity_target: float = 0.05   # rho of the KL penalty
     sparsity_weight: float = 1e-3   # KL weight inside the SAE loss
     sae_loss_weight: float = 100.0  # weight of (reconstruction + KL) beside the LM loss
+    sae_activation: str = "gelu"    # of the code: "gelu" (the paper) or "relu" (exact zeros: sparse in use)
     token_norm: float | None = None  # if set, each soft token is rescaled to this norm
-    style_features: bool = False     # review vectors carry rating and length beside the text embedding
+    style_features: bool | str = "none"  # style features beside the text embedding (`embeddings.STYLE_SETS`)
     trained: bool = False
     training: dict = field(default_factory=dict)  # settings, data fingerprint, results of training
 
@@ -47,15 +54,24 @@ class DEPAdapterConfig:
         return self.embedding_dim // 2
 
 
+SAE_ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu}
+
+
 class SparseAutoencoder(nn.Module):
-    def __init__(self, dim: int, code_dim: int):
+    def __init__(self, dim: int, code_dim: int, activation: str = "gelu"):
         super().__init__()
         self.encoder = nn.Linear(dim, code_dim)
         self.decoder = nn.Linear(code_dim, dim)
+        self.activation = SAE_ACTIVATIONS[activation]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        code = F.gelu(self.encoder(x))
+        code = self.activation(self.encoder(x))
         return code, F.gelu(self.decoder(code))
+
+
+def active_fraction(code: torch.Tensor, threshold: float = 0.01) -> float:
+    """Share of code units clearly on (above `threshold`): how sparse the SAE is in use (target: rho)."""
+    return float((code > threshold).float().mean()) if code.numel() else 0.0
 
 
 class Projector(nn.Sequential):
@@ -73,9 +89,18 @@ class DEPAdapter(nn.Module):
     def __init__(self, config: DEPAdapterConfig):
         super().__init__()
         self.config = config
-        self.sae = SparseAutoencoder(config.embedding_dim, config.code_dim)
+        if config.sae_activation not in SAE_ACTIVATIONS:
+            raise AdapterError(f"sae_activation must be one of {', '.join(SAE_ACTIVATIONS)}, got {config.sae_activation!r}")
+        self.sae = SparseAutoencoder(config.embedding_dim, config.code_dim, config.sae_activation)
         self.his_projector = Projector(config.code_dim, config.hidden_size)
         self.diff_projector = Projector(config.code_dim, config.hidden_size)
+        self.register_buffer("population_his", torch.zeros(config.embedding_dim))
+        self.register_buffer("population_diff", torch.zeros(config.embedding_dim))
+
+    def set_population(self, his: torch.Tensor, diff: torch.Tensor) -> None:
+        """Store the population-average reviewer: (d,) mean his and diff vectors of the training users."""
+        self.population_his.copy_(torch.as_tensor(his, dtype=torch.float32))
+        self.population_diff.copy_(torch.as_tensor(diff, dtype=torch.float32))
 
     def encode(self, his: torch.Tensor, diff: torch.Tensor) -> dict[str, torch.Tensor]:
         """Sparse codes of his and diff vectors (..., d) -> (..., d/2), and the SAE loss over both."""
@@ -145,8 +170,8 @@ class DEPAdapter(nn.Module):
 def _check_types(folder: Path, config: DEPAdapterConfig) -> None:
     """A config whose fields have the wrong types is damaged: refuse it now, not at the first request."""
     kinds = {"embedding_dim": int, "hidden_size": int, "llm": str, "encoder": str, "sparsity_target": (int, float),
-             "sparsity_weight": (int, float), "sae_loss_weight": (int, float), "token_norm": (int, float, type(None)),
-             "trained": bool, "style_features": bool, "training": dict}
+             "sparsity_weight": (int, float), "sae_loss_weight": (int, float), "sae_activation": str, "token_norm": (int, float, type(None)),
+             "trained": bool, "style_features": (bool, str), "training": dict}
     for name, kind in kinds.items():
         value = getattr(config, name)
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):

@@ -5,15 +5,16 @@ import argparse
 import logging
 import sys
 import textwrap
-from dataclasses import fields
 from pathlib import Path
 
 from .adapter import AdapterError
 from .data import DataError, Item, parse_history
-from .engine import BUNDLED_ADAPTER, BUNDLED_DATA, EngineConfig, PersonalizationSettings, Request
-from .generation import SamplingSettings
+from .embeddings import STYLE_SETS
+from .engine import BUNDLED_ADAPTER, BUNDLED_DATA, EngineConfig, Request
+from .settings import HISTORY_RULES, PersonalizationSettings, SamplingSettings
+from .training import TrainSettings
 from .llm import CPU_DECODE_DTYPES
-from .prompt import MODES
+from .prompt import MODES, get_mode
 
 
 def _engine_args(parser: argparse.ArgumentParser) -> None:
@@ -26,14 +27,19 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-4bit", action="store_true", help="on CUDA, load the LLM in bf16 instead of 4-bit NF4")
     group.add_argument("--cpu-decode", choices=tuple(CPU_DECODE_DTYPES), default=EngineConfig.cpu_decode,
                        help="on the CPU, decode in this dtype after an fp32 prompt (bfloat16: ~1.5x faster)")
-    group.add_argument("--style-features", choices=("on", "off"), default=None,
-                       help="append rating and length to review vectors (default: as the adapter was trained)")
+    group.add_argument("--style-features", choices=STYLE_SETS + ("on", "off"), default=None,
+                       help="features appended to review vectors: rating-length, voice (also sentence length, "
+                            "punctuation, first person, capitals, vocabulary, openings) or none; on = rating-length; "
+                            "default: as the adapter was trained")
 
 
 def _personalization_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("personalization")
     group.add_argument("--k", type=int, default=PersonalizationSettings.k, help="past reviews used")
-    group.add_argument("--history-rule", choices=("relevant", "recent"), default=PersonalizationSettings.history_rule)
+    group.add_argument("--history-rule", choices=HISTORY_RULES, default=PersonalizationSettings.history_rule,
+                       help="relevant: the past reviews closest to the product; recent: the newest (the paper's rule)")
+    group.add_argument("--strength", type=float, default=PersonalizationSettings.strength,
+                       help="personalization strength alpha: 0 the generic reviewer, 1 this user, 2 exaggerated")
     group.add_argument("--peer-temperature", type=float, default=PersonalizationSettings.peer_temperature)
     group.add_argument("--words-per-review", type=int, default=PersonalizationSettings.words_per_review,
                        help="words of each past review's text put in the prompt")
@@ -50,12 +56,12 @@ def _sampling_args(parser: argparse.ArgumentParser) -> None:
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(data=args.data, encoder=args.encoder, llm=args.llm, adapter=args.adapter,
                         device=args.device, four_bit=False if args.no_4bit else None, cpu_decode=args.cpu_decode,
-                        style_features=None if args.style_features is None else args.style_features == "on")
+                        style_features={"on": True, "off": False}.get(args.style_features, args.style_features))
 
 
 def personalization(args: argparse.Namespace) -> PersonalizationSettings:
     return PersonalizationSettings(k=args.k, history_rule=args.history_rule, peer_temperature=args.peer_temperature,
-                                   words_per_review=args.words_per_review)
+                                   words_per_review=args.words_per_review, strength=args.strength)
 
 
 def sampling(args: argparse.Namespace) -> SamplingSettings:
@@ -63,24 +69,29 @@ def sampling(args: argparse.Namespace) -> SamplingSettings:
                             seed=args.seed)
 
 
-def _build_request(engine, args) -> Request:
-    if args.history:
-        path = Path(args.history)
-        if not path.is_file():
-            raise DataError(f"{path}: no such history file")
-        reviews, items = parse_history(path.read_text(encoding="utf-8", errors="replace"))
-        if not args.item_title:
-            raise DataError("--item-title is needed with --history")
-        return Request(profile=reviews, item=Item("target", args.item_title, args.item_description or ""),
-                       rating=args.rating, review_title=args.review_title or "", extra_items=items)
-    request = engine.user_request(args.user or next(iter(engine.users)), args.item)
-    if args.item_title:
-        request.item = Item("target", args.item_title, args.item_description or "")
+def _read_history(args: argparse.Namespace) -> str | None:
+    """The --history file's text, checked before any model loads."""
+    if not args.history:
+        return None
+    path = Path(args.history)
+    if not path.is_file():
+        raise DataError(f"{path}: no such history file")
+    if not args.item_title:
+        raise DataError("--item-title is needed with --history")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    parse_history(text)  # a broken file is reported now, not after the models load
+    return text
+
+
+def _build_request(engine, args: argparse.Namespace, history: str | None) -> Request:
+    typed = Item("target", args.item_title, args.item_description or "") if args.item_title else None
+    if history is not None:
+        return engine.history_request(history, typed, 5.0 if args.rating is None else args.rating,
+                                      args.review_title or "")
+    request = engine.user_request(args.user or next(iter(engine.users)), typed or args.item, args.rating,
+                                  args.review_title)
+    if typed:
         request.reference = None
-    if args.rating is not None:
-        request.rating = args.rating
-    if args.review_title is not None:
-        request.review_title = args.review_title
     return request
 
 
@@ -88,9 +99,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from .engine import DEPEngine
 
     modes = args.modes.split(",")
+    for mode in modes:
+        get_mode(mode)
+    settings = personalization(args), sampling(args)
+    history = _read_history(args)
     engine = DEPEngine(engine_config(args))
-    request = _build_request(engine, args)
-    result = engine.generate(request, modes, personalization(args), sampling(args))
+    request = _build_request(engine, args, history)
+    result = engine.generate(request, modes, *settings)
     print(f"\nProduct: {request.item.title}  |  rating {request.rating:g}  |  title: {request.review_title}")
     if not engine.adapter_trained:
         print("NOTE: the DEP adapter is UNTRAINED (no trained checkpoint found): soft prompts are random, "
@@ -116,14 +131,38 @@ def cmd_users(args: argparse.Namespace) -> None:
         print(f"{user_id}\t{len(history)} reviews\tlatest: {history[-1].title[:60]}")
 
 
+TRAIN_OPTIONS = (
+    ("modes", str, "comma-separated prompt modes, taken in turn by the training samples"),
+    ("max_target_tokens", int, "target review tokens learned from"),
+    ("max_samples", int, "cap on training samples (CPU budgets)"),
+    ("val_samples", int, "validation samples for the validation LM loss"),
+    ("epochs", int, "passes over the training samples"),
+    ("batch_size", int, "samples per optimizer step"),
+    ("lr", float, "peak learning rate (AdamW, warm-up then cosine decay)"),
+    ("weight_decay", float, "AdamW weight decay"),
+    ("warmup", float, "share of the steps spent warming up"),
+    ("grad_clip", float, "gradient norm clip"),
+    ("token_norm", str, "soft-token norm: auto (the LLM's median token norm), none, or a number"),
+    ("sparsity_target", float, "rho, the SAE's target mean activation"),
+    ("sparsity_weight", float, "KL sparsity weight inside the SAE loss"),
+    ("sae_loss_weight", float, "weight of the SAE loss beside the LM loss"),
+    ("sae_activation", str, "SAE code activation: gelu (the paper) or relu (exact zeros)"),
+    ("contrast_weight", float, "weight of the margin term rewarding own over another user's vectors"),
+    ("contrast_margin", float, "nats per token own vectors should beat another user's by"),
+    ("max_minutes", float, "stop after this many minutes, keeping the best checkpoint"),
+    ("eval_every", int, "optimizer steps between validations"),
+    ("seed", int, "random seed"),
+)
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from .engine import DEPEngine
-    from .training import TrainSettings, train
+    from .training import train
 
-    overrides = {f.name: getattr(args, f.name) for f in fields(TrainSettings) if getattr(args, f.name, None) is not None}
+    overrides = {name: getattr(args, name) for name, _, _ in TRAIN_OPTIONS if getattr(args, name) is not None}
     if "modes" in overrides:
         overrides["modes"] = tuple(overrides["modes"].split(","))
-    settings = TrainSettings(**overrides)
+    settings = TrainSettings(personalization=personalization(args), **overrides)
     config = engine_config(args)
     config.adapter = None  # training starts from a fresh adapter
     train(DEPEngine(config), settings, resume=not args.restart)
@@ -134,7 +173,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
     evaluate(engine_config(args), EvalSettings(
         methods=args.methods.split(","), limit=args.limit, seed=args.seed, out=args.out,
-        eval_reviews=args.eval_reviews, batch_users=args.batch_users, generate_only=args.generate_only,
+        eval_reviews=args.eval_reviews, batch_users=args.batch_users, generate_only=args.generate_only, split=args.split,
         personalization=personalization(args), sampling=sampling(args)))
 
 
@@ -155,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--item-description")
     gen.add_argument("--rating", type=float, default=None)
     gen.add_argument("--review-title", default=None)
-    gen.add_argument("--modes", default="nonperso,dep", help=f"comma-separated, from: {', '.join(MODES)}")
+    gen.add_argument("--modes", default="generic,dep", help=f"comma-separated, from: {', '.join(MODES)}")
     gen.set_defaults(func=cmd_generate)
 
     users = sub.add_parser("users", help="list bundled users")
@@ -165,13 +204,11 @@ def main(argv: list[str] | None = None) -> int:
 
     tr = sub.add_parser("train", help="train the DEP adapter")
     _engine_args(tr)
-    tr.add_argument("--out", default="runs/adapter")
-    for name, kind in (("k", int), ("history_rule", str), ("peer_temperature", float), ("words_per_review", int),
-                       ("modes", str), ("max_target_tokens", int), ("max_samples", int), ("val_samples", int),
-                       ("epochs", int), ("batch_size", int), ("lr", float), ("weight_decay", float),
-                       ("warmup", float), ("grad_clip", float), ("token_norm", str), ("sparsity_target", float),
-                       ("sparsity_weight", float), ("sae_loss_weight", float), ("eval_every", int), ("seed", int)):
-        tr.add_argument("--" + name.replace("_", "-"), type=kind, default=None, dest=name)
+    _personalization_args(tr)
+    tr.add_argument("--out", default="runs/adapter", help="folder for the adapter, its log and checkpoints")
+    for name, kind, help_text in TRAIN_OPTIONS:
+        tr.add_argument("--" + name.replace("_", "-"), type=kind, default=None, dest=name,
+                        help=f"{help_text} (default: {getattr(TrainSettings, name)})")
     tr.add_argument("--restart", action="store_true", help="ignore a checkpoint in --out and start over")
     tr.set_defaults(func=cmd_train)
 
@@ -180,7 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     _personalization_args(ev)
     _sampling_args(ev)
     ev.add_argument("--eval-reviews", help="extra reviews file: each user in it is evaluated on their latest review")
-    ev.add_argument("--methods", default="nonperso,rag,his,diff,his+diff,dep,dep@k=0,dep@k=1,dep@k=2,dep@k=8,dep-shuffled")
+    ev.add_argument("--methods", default="nonperso,nonperso+length,generic,dep,dep-shuffled,his+diff,his+diff-shuffled",
+                    help="comma-separated mode[-shuffled][@k=N][@alpha=A]")
+    ev.add_argument("--split", choices=("val", "test"), default="test",
+                    help="val: validation users, for choices; test: held-out test users, to report once")
     ev.add_argument("--limit", type=int, default=None, help="number of users")
     ev.add_argument("--out", default="runs/eval")
     ev.add_argument("--batch-users", type=int, default=4, help="users decoded together in one batch")

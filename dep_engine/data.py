@@ -11,7 +11,7 @@ import html
 import io
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -31,9 +31,6 @@ class Review:
     text: str
     timestamp: int  # seconds since the epoch
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 @dataclass(frozen=True)
 class Item:
@@ -46,10 +43,6 @@ class Item:
 class Dataset:
     reviews: list[Review]
     items: dict[str, Item] = field(default_factory=dict)
-
-    def item_title(self, item_id: str) -> str:
-        item = self.items.get(item_id)
-        return item.title if item else item_id
 
 
 @dataclass(frozen=True)
@@ -254,20 +247,34 @@ def by_user(reviews: Iterable[Review]) -> dict[str, list[Review]]:
     return users
 
 
-def chronological_split(reviews: Iterable[Review], min_profile: int = 1) -> list[Sample]:
-    """Latest review of each user is the test target, the one before validation, earlier ones training.
+def split_of(index: int, count: int) -> str:
+    """The chronological split of a user's review `index` of `count`: newest test, the one before
+    validation, earlier ones training."""
+    return "test" if index == count - 1 else "val" if index == count - 2 else "train"
 
-    Each target's profile is every review the user wrote before it; targets with fewer than
-    `min_profile` earlier reviews are not used.
+
+def profile_before(history: list[Review], index: int) -> list[Review]:
+    """What the user wrote before review `index` (a time-sorted history): every earlier review, and
+    the others dated the same day (timestamps are whole days) except held-out validation or test
+    targets. The one same-day rule: history takes such reviews; peers never do (`store`)."""
+    target = history[index]
+    same_day = [r for n, r in enumerate(history[index + 1:], start=index + 1)
+                if r.timestamp == target.timestamp and split_of(n, len(history)) == "train"]
+    return history[:index] + same_day
+
+
+def chronological_split(reviews: Iterable[Review], min_profile: int = 1) -> list[Sample]:
+    """Each user's reviews as samples: the newest is the test target, the one before it validation,
+    earlier ones training (`split_of`). A target's profile is `profile_before` it; targets with fewer
+    than `min_profile` reviews in it are not used.
     """
     samples = []
     for history in by_user(reviews).values():
-        last = len(history) - 1
         for index, target in enumerate(history):
-            if index < min_profile:
+            profile = profile_before(history, index)
+            if len(profile) < min_profile:
                 continue
-            split = "test" if index == last else "val" if index == last - 1 else "train"
-            samples.append(Sample(target=target, profile=tuple(history[:index]), split=split))
+            samples.append(Sample(target=target, profile=tuple(profile), split=split_of(index, len(history))))
     return samples
 
 

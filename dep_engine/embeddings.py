@@ -5,6 +5,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Sequence
@@ -73,18 +74,52 @@ class Encoder:
 
 
 STYLE_SCALE = 0.25  # style features sit at about the size of one embedding's strongest coordinates
+STYLE_SETS = ("none", "rating-length", "voice")
+_FIRST_PERSON = {"i", "me", "my", "mine", "myself", "i'm", "i've", "i'd", "i'll", "im", "ive"}
+_OPENINGS = ({"i", "i'm", "i've", "my", "we"}, {"this", "these", "the", "it", "they"},
+             {"great", "good", "nice", "excellent", "love", "awesome", "perfect", "best"})
 
 
-def style_features(ratings: Sequence[float], word_counts: Sequence[int]) -> np.ndarray:
-    """(N, 2) features a text embedding cannot hold: the rating, and the review's length.
+def style_set(value: bool | str | None) -> str:
+    """A style-feature set by name; True and False are the names older adapters saved."""
+    name = "rating-length" if value is True else "none" if value is None or value is False else value
+    if name not in STYLE_SETS:
+        raise ValueError(f"style features must be one of {', '.join(STYLE_SETS)}, got {value!r}")
+    return name
 
-    Text embeddings are L2-normalised, so a user who writes three lines and one who writes three
-    pages look alike; appended to the embedding, these let his and diff vectors carry how this
-    user rates and how much they write, against their peers. Fixed transforms (not fitted to the
-    pool), so a pasted review gets the same features as a pool review."""
+
+def _voice(text: str) -> list[float]:
+    """How a review is written, from its text alone: sentence length, ! and ? per sentence,
+    first-person words, capitals, vocabulary richness, and the kind of word it opens with."""
+    words = re.findall(r"[\w']+", text)
+    lower = [w.lower() for w in words]
+    sentences = max(1, len(re.findall(r"[.!?]+", text)))
+    letters = [c for c in text if c.isalpha()]
+    head = lower[:50]
+    first = lower[0] if lower else ""
+    return [np.log1p(len(words) / sentences) - 2.5,
+            min(1.0, text.count("!") / sentences),
+            min(1.0, text.count("?") / sentences),
+            min(1.0, 10 * sum(w in _FIRST_PERSON for w in lower) / max(1, len(lower))),
+            min(1.0, 10 * sum(c.isupper() for c in letters) / max(1, len(letters))),
+            (len(set(head)) / len(head) - 0.75) * 4 if head else 0.0,
+            *(float(first in group) for group in _OPENINGS)]
+
+
+def style_features(ratings: Sequence[float], texts: Sequence[str], kind: str = "rating-length") -> np.ndarray:
+    """(N, F) features a text embedding cannot hold: rating and length ("rating-length"), and with
+    "voice" also how the text is written (`_voice`).
+
+    Text embeddings are L2-normalised and mostly encode topic, so a user who writes three lines and
+    one who writes three pages, or one who shouts and one who hedges, look alike; appended to the
+    embedding, these let his and diff vectors carry how this user writes, against their peers.
+    Fixed transforms (not fitted to the pool), so a pasted review gets the same features as a pool one."""
     rating = (np.asarray(ratings, dtype=np.float32) - 3.0) / 2.0
-    length = np.log1p(np.asarray(word_counts, dtype=np.float32)) - 4.0
-    return STYLE_SCALE * np.stack([rating, length], axis=1).astype(np.float32)
+    length = np.log1p(np.asarray([len(t.split()) for t in texts], dtype=np.float32)) - 4.0
+    columns = [rating[:, None], length[:, None]]
+    if kind == "voice":
+        columns.append(np.array([_voice(t) for t in texts], dtype=np.float32).reshape(len(texts), -1))
+    return STYLE_SCALE * np.hstack(columns).astype(np.float32)
 
 
 def content_key(encoder_name: str, texts: Sequence[str]) -> str:

@@ -1,23 +1,32 @@
-"""DEPEngine: data -> embeddings -> peers and differences -> adapter -> soft prompt -> LLM, for one request."""
+"""DEPEngine: data -> embeddings -> peers and differences -> adapter -> soft prompt -> LLM, for one request.
+
+    engine = DEPEngine()                                   # bundled data, encoder, LLM, adapter
+    request = engine.user_request("A2EZWZ8MBEDOLN")        # a bundled user's latest review, held out
+    result = engine.generate(request, ("generic", "dep"))  # result.texts["dep"], result.context, result.prompts
+"""
 from __future__ import annotations
 
 import json
 import logging
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 
+from . import hygiene
 from .adapter import CONFIG_NAME, AdapterError, DEPAdapter, DEPAdapterConfig
-from .data import DataError, Dataset, Item, Review, Sample, by_user, load_dataset, parse_rating
-from .embeddings import BUNDLED_ENCODER, Encoder
-from .generation import SamplingSettings, prompt_embeddings, stream
+from .data import DataError, Dataset, Item, Review, Sample, by_user, load_dataset, parse_history, parse_rating, \
+    profile_before
+from .embeddings import BUNDLED_ENCODER, Encoder, style_set
+from .generation import prompt_embeddings, stream
 from .llm import BUNDLED_LLM, CPU_DECODE_DTYPES, LLM, load_llm
-from .prompt import MODES, PastReview, PromptIds, build_prompt, get_mode
-from .store import HISTORY_RULES, PersonalContext, ReviewStore
+from .prompt import PastReview, PromptIds, build_prompt, get_mode, readable_prompt, typical_length
+from .settings import PersonalizationSettings, SamplingSettings
+from .store import PersonalContext, ReviewStore
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +45,7 @@ class EngineConfig:
     four_bit: bool | None = None   # default: 4-bit NF4 on CUDA, never on the CPU
     cpu_decode: str = "bfloat16"   # on the CPU: fp32 prompts, decoding in this dtype ("float32": fp32 throughout)
     extra_reviews: str | None = None  # more reviews (file or folder) joining the pool
-    style_features: bool | None = None  # rating and length beside text embeddings; default: as the adapter was trained
+    style_features: bool | str | None = None  # style features beside text embeddings; default: as the adapter was trained
     cache_dir: str | None = None   # embedding cache; default: next to the data, else ~/.cache/dep-studio
 
 
@@ -44,25 +53,6 @@ def _decode_dtype(name: str) -> torch.dtype | None:
     if name not in CPU_DECODE_DTYPES:
         raise ValueError(f"cpu_decode must be one of {', '.join(CPU_DECODE_DTYPES)}, got {name!r}")
     return CPU_DECODE_DTYPES[name]
-
-
-@dataclass
-class PersonalizationSettings:
-    k: int = 4
-    history_rule: str = "relevant"      # "relevant" (dense retrieval) or "recent" (the paper's rule)
-    peer_temperature: float = 1.0
-    max_peers: int = 64
-    words_per_review: int = 60
-
-    def validate(self) -> None:
-        if not 0 <= self.k <= 16:
-            raise ValueError(f"K must be within 0-16, got {self.k}")
-        if self.history_rule not in HISTORY_RULES:
-            raise ValueError(f"history rule must be one of {HISTORY_RULES}, got {self.history_rule!r}")
-        if not 0.01 <= self.peer_temperature <= 100:
-            raise ValueError(f"peer temperature must be within 0.01-100, got {self.peer_temperature}")
-        if not 1 <= self.words_per_review <= 500:
-            raise ValueError(f"words per review must be within 1-500, got {self.words_per_review}")
 
 
 @dataclass
@@ -83,12 +73,32 @@ class Request:
 
 
 @dataclass
+class Prepared:
+    """Everything decided before decoding: the context, the prompts the model reads, their embeddings."""
+    context: PersonalContext
+    prompts: dict[str, str]          # mode -> the prompt as read by the model (after any shortening)
+    embeds: list[torch.Tensor]       # one (L, H) input embedding per mode
+    notes: list[str]
+    timings: dict[str, float]
+
+
+@dataclass
 class Result:
     texts: dict[str, str]
     context: PersonalContext
     notes: list[str]
     timings: dict[str, float]
     new_tokens: int = 0
+    prompts: dict[str, str] = field(default_factory=dict)
+
+
+def mix(user: np.ndarray, population: np.ndarray, strength: float) -> np.ndarray:
+    """population + strength * (user - population): 0 is the generic reviewer, 1 exactly the user."""
+    if strength == 1:
+        return user
+    if strength == 0:
+        return np.broadcast_to(population, user.shape).astype(user.dtype)
+    return (population + strength * (user - population)).astype(user.dtype)
 
 
 class DEPEngine:
@@ -111,16 +121,16 @@ class DEPEngine:
         self.users = by_user(self.dataset.reviews)
         self.startup_seconds = time.perf_counter() - start
 
-    def _style_features(self) -> bool:
+    def _style_features(self) -> str:
         if self.config.style_features is not None:
-            return self.config.style_features
+            return style_set(self.config.style_features)
         saved = Path(self.config.adapter or "") / CONFIG_NAME
         if self.config.adapter and saved.is_file():
             try:
-                return bool(json.loads(saved.read_text()).get("style_features", False))
-            except (json.JSONDecodeError, UnicodeDecodeError, OSError):
-                return True  # the adapter's own loading will report the damage
-        return True
+                return style_set(json.loads(saved.read_text()).get("style_features", False))
+            except (json.JSONDecodeError, UnicodeDecodeError, OSError, ValueError):
+                return "rating-length"  # the adapter's own loading will report the damage
+        return "rating-length"
 
     def _load_adapter(self) -> DEPAdapter:
         path = self.config.adapter
@@ -143,18 +153,30 @@ class DEPEngine:
 
     # ---- requests ------------------------------------------------------------------------
 
-    def user_request(self, user_id: str, item_id: str | None = None) -> Request:
-        """A bundled user's request: by default their latest review, held out, with everything before it."""
+    def user_request(self, user_id: str, item: str | Item | None = None, rating: float | None = None,
+                     review_title: str | None = None) -> Request:
+        """A bundled user's request. By default their latest review, held out, with what came before it;
+        for an item they reviewed, that review held out; for any other item, their whole history."""
         history = self.users.get(user_id)
         if not history:
             raise DataError(f"unknown user {user_id!r}")
-        if item_id is None:
-            target = history[-1]
+        if item is None:
+            item = history[-1].item_id
+        item = self.store.item(item) if isinstance(item, str) else item
+        own = next((n for n, r in enumerate(history) if r.item_id == item.item_id), None)
+        if own is None:
+            request = Request(profile=list(history), item=item, rating=5.0)
         else:
-            target = next((r for r in history if r.item_id == item_id), None)
-            if target is None:  # an item the user never reviewed: the whole history is the profile
-                return Request(profile=list(history), item=self.store.item(item_id), rating=5.0)
-        return self.sample_request(Sample(target, tuple(history[:history.index(target)]), "test"))
+            request = self.sample_request(Sample(history[own], tuple(profile_before(history, own)), "test"))
+            request.item = item
+        request.rating = request.rating if rating is None else rating
+        request.review_title = request.review_title if review_title is None else review_title
+        return request
+
+    def history_request(self, history: str, item: Item, rating: float, review_title: str = "") -> Request:
+        """A pasted or uploaded history (any layout `parse_history` reads) and a product."""
+        reviews, items = parse_history(history, user_id="you")
+        return Request(profile=reviews, item=item, rating=rating, review_title=review_title, extra_items=items)
 
     def sample_request(self, sample: Sample) -> Request:
         """The request of a split sample: its profile, its target's item, rating and title, its time."""
@@ -162,16 +184,26 @@ class DEPEngine:
         return Request(profile=list(sample.profile), item=self.store.item(target.item_id), rating=target.rating,
                        review_title=target.title, cutoff=target.timestamp, reference=target.text)
 
-    def context(self, request: Request, settings: PersonalizationSettings) -> PersonalContext:
-        return self.store.context(request.profile, request.item, settings.k, settings.history_rule,
-                                  request.cutoff, settings.peer_temperature, settings.max_peers,
-                                  extra_items=request.extra_items)
+    def context(self, request: Request, settings: PersonalizationSettings,
+                store: ReviewStore | None = None) -> PersonalContext:
+        """The request's K past reviews, peers and difference vectors, from `store` (default: the pool)."""
+        return (store or self.store).context(request.profile, request.item, settings.k, settings.history_rule,
+                                             request.cutoff, settings.peer_temperature, settings.max_peers,
+                                             extra_items=request.extra_items)
 
-    def soft_tokens(self, context: PersonalContext) -> tuple[torch.Tensor, torch.Tensor]:
-        """(K, H) his and diff soft tokens of a context."""
+    # ---- soft tokens ---------------------------------------------------------------------
+
+    def vectors(self, context: PersonalContext, strength: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+        """(K, d) his and diff vectors at a personalization strength (0: the population's, 1: the user's)."""
+        population = self.adapter.population_his.cpu().numpy(), self.adapter.population_diff.cpu().numpy()
+        return mix(context.his, population[0], strength), mix(context.diff, population[1], strength)
+
+    def soft_tokens(self, his: np.ndarray, diff: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K, H) his and diff soft tokens of (K, d) his and diff vectors."""
         device = self.llm.device
         with torch.no_grad():
-            out = self.adapter(torch.from_numpy(context.his).to(device), torch.from_numpy(context.diff).to(device))
+            out = self.adapter(torch.from_numpy(np.ascontiguousarray(his)).to(device),
+                               torch.from_numpy(np.ascontiguousarray(diff)).to(device))
         return out["his_tokens"], out["diff_tokens"]
 
     def sae_codes(self, context: PersonalContext) -> tuple[np.ndarray, np.ndarray]:
@@ -181,21 +213,34 @@ class DEPEngine:
             out = self.adapter.encode(torch.from_numpy(context.his).to(device), torch.from_numpy(context.diff).to(device))
         return out["his_code"].float().cpu().numpy(), out["diff_code"].float().cpu().numpy()
 
-    def prompt(self, request: Request, context: PersonalContext, mode: str,
-               words_per_review: int = 60) -> PromptIds:
+    def embed_prompt(self, prompt: PromptIds, his: np.ndarray, diff: np.ndarray) -> torch.Tensor:
+        """(L, H) input embeddings of a prompt, its slots filled with the soft tokens of his/diff vectors."""
+        if not (prompt.his_positions or prompt.diff_positions):
+            return prompt_embeddings(self.llm, prompt)
+        his_tokens, diff_tokens = self.soft_tokens(his, diff)
+        return prompt_embeddings(self.llm, prompt, his_tokens if prompt.his_positions else None,
+                                 diff_tokens if prompt.diff_positions else None)
+
+    # ---- prompts -------------------------------------------------------------------------
+
+    def prompt(self, request: Request, context: PersonalContext, mode: str, words_per_review: int = 30,
+               readable: bool = False) -> PromptIds | str:
+        """The prompt's token ids and slots (or, with `readable`, its text as a person reads it)."""
         past = [PastReview.of(s.review, s.item_title) for s in context.selected]
-        return build_prompt(self.llm.tokenizer, request.item, request.rating, request.review_title, past,
-                            get_mode(mode), words_per_review)
+        build = readable_prompt if readable else partial(build_prompt, self.llm.tokenizer)
+        return build(request.item, request.rating, request.review_title, past, get_mode(mode), words_per_review,
+                     typical_length(request.profile))
 
     def max_prompt_tokens(self, max_new_tokens: int) -> int:
         return int(getattr(self.llm.model.config, "max_position_embeddings", 2048)) - max_new_tokens
 
     def fit_prompts(self, request: Request, context: PersonalContext, modes: Sequence[str], words_per_review: int,
-                    limit: int) -> tuple[PersonalContext, list[PromptIds], list[str]]:
-        """Prompts of every mode, shortened until the longest fits `limit` tokens.
+                    limit: int) -> tuple[PersonalContext, list[PromptIds], int, list[str]]:
+        """Prompts of every mode, shortened until the longest fits `limit` tokens; also the words kept
+        per past review.
 
         The rule: first halve the words kept per past review (down to 10), then drop the least
-        relevant past review, one at a time. A note says what was cut."""
+        relevant past review (the last of the ranked selection), one at a time. A note says what was cut."""
         words, notes = words_per_review, []
         while True:
             prompts = [self.prompt(request, context, mode, words) for mode in modes]
@@ -211,13 +256,16 @@ class DEPEngine:
                                  f"{limit} the LLM's context leaves; shorten them")
             notes = [f"prompt shortened to fit the LLM's context ({limit} tokens): {words} words per past review, "
                      f"{context.k} past review(s)"]
-        return context, prompts, notes
+        return context, prompts, words, notes
 
-    def _prepare(self, request: Request, modes: Sequence[str], personalization: PersonalizationSettings,
-                 sampling: SamplingSettings):
+    def prepare(self, request: Request, modes: Sequence[str] = ("generic", "dep"),
+                personalization: PersonalizationSettings | None = None,
+                sampling: SamplingSettings | None = None) -> Prepared:
+        """History, peers and differences, the prompts of every mode (fitted to the LLM's context),
+        and their input embeddings: all that happens before decoding."""
+        personalization = personalization or PersonalizationSettings()
+        sampling = sampling or SamplingSettings()
         request.validate()
-        personalization.validate()
-        sampling.validate()
         for mode in modes:
             get_mode(mode)
         timings: dict[str, float] = {}
@@ -225,24 +273,26 @@ class DEPEngine:
         context = self.context(request, personalization)
         timings["retrieval_and_differences"] = time.perf_counter() - start
         start = time.perf_counter()
-        context, prompts, cut = self.fit_prompts(request, context, modes, personalization.words_per_review,
-                                                 self.max_prompt_tokens(sampling.max_new_tokens))
+        context, prompts, words, cut = self.fit_prompts(request, context, modes, personalization.words_per_review,
+                                                        self.max_prompt_tokens(sampling.max_new_tokens))
         timings["prompt"] = time.perf_counter() - start
         start = time.perf_counter()
-        his_tokens, diff_tokens = self.soft_tokens(context)
+        own = self.vectors(context, personalization.strength)
+        population = self.vectors(context, 0.0)
+        embeds = [self.embed_prompt(prompt, *(population if get_mode(mode).population else own))
+                  for mode, prompt in zip(modes, prompts)]
         timings["adapter"] = time.perf_counter() - start
-        start = time.perf_counter()
-        embeds = [prompt_embeddings(self.llm, prompt, his_tokens if prompt.his_positions else None,
-                                    diff_tokens if prompt.diff_positions else None) for prompt in prompts]
-        timings["prompt"] += time.perf_counter() - start
+        readable = {mode: self.prompt(request, context, mode, words, readable=True) for mode in modes}
         notes = list(context.notes) + cut
         if not context.selected and any(get_mode(m).uses_history for m in modes):
             notes.append("personalized outputs used no history, so they are baseline generations")
         if not self.adapter_trained and any(get_mode(m).soft for m in modes):
             notes.append("the adapter is UNTRAINED: soft prompts are random projections, not personalization")
-        return context, embeds, notes, timings
+        return Prepared(context, readable, embeds, notes, timings)
 
-    def generate(self, request: Request, modes: Sequence[str] = ("nonperso", "dep"),
+    # ---- generation ----------------------------------------------------------------------
+
+    def generate(self, request: Request, modes: Sequence[str] = ("generic", "dep"),
                  personalization: PersonalizationSettings | None = None,
                  sampling: SamplingSettings | None = None) -> Result:
         """All modes decoded together with one seed; see `prompt.MODES`."""
@@ -251,20 +301,59 @@ class DEPEngine:
             pass
         return result
 
-    def stream(self, request: Request, modes: Sequence[str] = ("nonperso", "dep"),
+    def stream(self, request: Request, modes: Sequence[str] = ("generic", "dep"),
                personalization: PersonalizationSettings | None = None,
                sampling: SamplingSettings | None = None) -> Iterator[Result]:
         """Partial results while decoding; the last one is final."""
-        personalization = personalization or PersonalizationSettings()
         sampling = sampling or SamplingSettings()
-        context, embeds, notes, timings = self._prepare(request, modes, personalization, sampling)
+        prepared = self.prepare(request, modes, personalization, sampling)
+        for results in self._decode([prepared], [list(modes)], sampling):
+            yield results[0]
+
+    def stream_compare(self, requests: Sequence[Request], mode: str = "dep",
+                       personalization: PersonalizationSettings | None = None,
+                       sampling: SamplingSettings | None = None) -> Iterator[list[Result]]:
+        """Several reviewers on the same product, settings and seed, decoded in one batch: one
+        Result per request at each step, the last step final."""
+        sampling = sampling or SamplingSettings()
+        prepared = [self.prepare(request, [mode], personalization, sampling) for request in requests]
+        yield from self._decode(prepared, [[mode]] * len(prepared), sampling)
+
+    def _decode(self, prepared: list[Prepared], modes: list[list[str]],
+                sampling: SamplingSettings) -> Iterator[list[Result]]:
+        """Decode every prepared prompt in one batch; yield per-request Results with cleaned texts."""
+        embeds = [e for p in prepared for e in p.embeds]
         start = time.perf_counter()
-        steps = 0
-        for texts in stream(self.llm, embeds, sampling):
+        steps, first_token, raw, timings = 0, None, [""] * len(embeds), {}
+        for raw in stream(self.llm, embeds, sampling):
             steps += 1
-            timings["generation"] = time.perf_counter() - start
-            yield Result(dict(zip(modes, texts)), context, notes, dict(timings),
-                         new_tokens=min(steps, sampling.max_new_tokens))
+            elapsed = time.perf_counter() - start
+            first_token = first_token if first_token is not None else elapsed
+            timings = {"generation": elapsed, "first_token": first_token,
+                       "tokens_per_second": min(steps, sampling.max_new_tokens) / elapsed if elapsed else 0.0}
+            yield self._results(prepared, modes, raw, timings, min(steps, sampling.max_new_tokens), final=False)
+        over_budget = sampling.time_budget_s is not None and time.perf_counter() - start >= sampling.time_budget_s
+        final = self._results(prepared, modes, raw, timings, min(steps, sampling.max_new_tokens), final=True)
+        if over_budget:
+            for result in final:
+                result.notes.append(f"decoding stopped at the time budget ({sampling.time_budget_s:g} s); "
+                                    "the texts are what was written by then")
+        yield final
+
+    @staticmethod
+    def _results(prepared: list[Prepared], modes: list[list[str]], raw: list[str], timings: dict[str, float],
+                 new_tokens: int, final: bool) -> list[Result]:
+        results, row = [], 0
+        for p, names in zip(prepared, modes):
+            cleaned = [hygiene.clean(text) for text in raw[row:row + len(names)]]
+            row += len(names)
+            notes = list(p.notes)
+            if final:
+                notes += [f"{name}: cut where the model began to write {c.reason}" for name, c in zip(names, cleaned)
+                          if c.reason]
+            results.append(Result({n: c.text for n, c in zip(names, cleaned)}, p.context, notes,
+                                  {**p.timings, **timings}, new_tokens, p.prompts))
+        return results
 
 
 def earlier_reviews(extra: Dataset) -> Dataset:

@@ -1,8 +1,12 @@
 """Evaluation: every method on users the adapter never saw, with paired bootstrap intervals.
 
-A method is `mode[-shuffled][@k=N]`, for instance `dep`, `rag@k=1`, `dep-shuffled`. `-shuffled` is
-the control that decides whether anything is personal: the same prompt, but the his and diff
-vectors of another user (a fixed derangement of the evaluated users).
+A method is `mode[-shuffled][@k=N][@alpha=A]`, for instance `dep`, `rag@k=1`, `dep-shuffled`,
+`dep@alpha=0.5`, `generic`. `-shuffled` is the control that decides whether anything is personal:
+the same prompt, but the his and diff vectors of another user (a fixed derangement of the evaluated
+users). `generic` is the same prompt as `dep` with the population-average reviewer's vectors;
+`@alpha=A` mixes them: generic + A * (user - generic). `--split val` evaluates the validation users
+(for choices made before the test users are looked at), `test` (default) the test users.
+Every output goes through the same hygiene (`hygiene.clean`); the raw text and the cut are kept.
 All methods of a group of users are decoded in one batch with one seed, so every method sees the
 same sampling noise. Generations are appended group by group to generations.jsonl, so an
 interrupted run resumes where it stopped.
@@ -19,14 +23,16 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from . import hygiene
 from .data import Sample, by_user, load_dataset
-from .engine import DEPEngine, EngineConfig, PersonalizationSettings
-from .generation import SamplingSettings, generate, prompt_embeddings
+from .engine import DEPEngine, EngineConfig
+from .generation import generate
 from .prompt import get_mode
-from .splits import derangement, test_samples
-from .store import PersonalContext
+from .settings import PersonalizationSettings, SamplingSettings
+from .splits import derangement, held_out_targets, test_samples, validation_samples
+from .store import PersonalContext, ReviewStore
 
-_METHOD = re.compile(r"^(?P<mode>[a-z+]+)(?P<shuffled>-shuffled)?(@k=(?P<k>\d+))?$")
+_METHOD = re.compile(r"^(?P<mode>[a-z+]+)(?P<shuffled>-shuffled)?(@k=(?P<k>\d+))?(@alpha=(?P<alpha>[0-9.]+))?$")
 
 
 @dataclass(frozen=True)
@@ -35,17 +41,20 @@ class Method:
     mode: str
     k: int
     shuffled: bool
+    strength: float = 1.0
 
 
 def parse_method(name: str, default_k: int) -> Method:
     match = _METHOD.match(name.strip())
     if not match:
-        raise ValueError(f"method {name!r}: expected mode[-shuffled][@k=N], e.g. dep, rag@k=1, dep-shuffled")
+        raise ValueError(f"method {name!r}: expected mode[-shuffled][@k=N][@alpha=A], e.g. dep, rag@k=1, "
+                         "dep-shuffled, dep@alpha=0.5")
     mode = get_mode(match["mode"])
-    if match["shuffled"] and not mode.soft:
-        raise ValueError(f"method {name!r}: only soft-token modes can borrow another user's embeddings")
+    if (match["shuffled"] or match["alpha"]) and not mode.soft:
+        raise ValueError(f"method {name!r}: only soft-token modes take another user's vectors or a strength")
     k = int(match["k"]) if match["k"] is not None else default_k
-    return Method(name.strip(), mode.name, k if mode.uses_history else 0, bool(match["shuffled"]))
+    strength = float(match["alpha"]) if match["alpha"] is not None else 1.0
+    return Method(name.strip(), mode.name, k if mode.uses_history else 0, bool(match["shuffled"]), strength)
 
 
 @dataclass
@@ -57,6 +66,7 @@ class EvalSettings:
     eval_reviews: str | None = None
     batch_users: int = 4
     generate_only: bool = False
+    split: str = "test"               # "val": validation users (for choices), "test": test users (to report)
     personalization: PersonalizationSettings = field(default_factory=PersonalizationSettings)
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
 
@@ -67,8 +77,12 @@ def evaluation_samples(engine: DEPEngine, settings: EvalSettings) -> list[Sample
         extra = load_dataset(settings.eval_reviews)
         samples = [Sample(history[-1], tuple(history[:-1]), "test")
                    for history in by_user(extra.reviews).values() if len(history) >= 2]
-    else:
+    elif settings.split == "val":
+        samples = validation_samples(engine.dataset.reviews)
+    elif settings.split == "test":
         samples = test_samples(engine.dataset.reviews)
+    else:
+        raise ValueError(f"split must be val or test, got {settings.split!r}")
     samples.sort(key=lambda s: s.target.user_id)
     random.Random(settings.seed).shuffle(samples)
     return samples[:settings.limit] if settings.limit else samples
@@ -88,13 +102,16 @@ def _rows(engine: DEPEngine, sample: Sample, own: PersonalContext, borrowed: Per
         context = own.first(method.k)
         source = borrowed.first(method.k) if method.shuffled else context
         prompt = engine.prompt(request, context, method.mode, personalization.words_per_review)
-        his = diff = None
-        if context.k and source.k and (prompt.his_positions or prompt.diff_positions):
-            take = np.arange(context.k) % source.k  # another user may have fewer past reviews
-            his, diff = engine.soft_tokens(PersonalContext(context.selected, source.his[take], source.diff[take]))
-        rows.append(prompt_embeddings(engine.llm, prompt, his if prompt.his_positions else None,
-                                      diff if prompt.diff_positions else None))
+        take = np.arange(context.k) % max(1, source.k)  # another user may have fewer past reviews
+        vectors = PersonalContext(context.selected, source.his[take], source.diff[take]) if source.k else context
+        strength = 0.0 if get_mode(method.mode).population else method.strength
+        rows.append(engine.embed_prompt(prompt, *engine.vectors(vectors, strength)))
     return rows
+
+
+def pool_for(engine: DEPEngine, settings: EvalSettings) -> ReviewStore:
+    """Validation users are evaluated on the pool training saw (no held-out targets); test users on all of it."""
+    return engine.store.without(held_out_targets(engine.dataset.reviews)) if settings.split == "val" else engine.store
 
 
 def generate_all(engine: DEPEngine, samples: list[Sample], methods: list[Method], settings: EvalSettings,
@@ -103,7 +120,8 @@ def generate_all(engine: DEPEngine, samples: list[Sample], methods: list[Method]
     done = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
     finished = {record["group"] for record in done}
     max_k = max([m.k for m in methods] + [0])
-    contexts = [engine.context(engine.sample_request(s), replace(settings.personalization, k=max_k))
+    store = pool_for(engine, settings)
+    contexts = [engine.context(engine.sample_request(s), replace(settings.personalization, k=max_k), store)
                 for s in tqdm(samples, desc="history, peers, differences", leave=False)]
     partner = derangement(len(samples), settings.seed)
     starts = range(0, len(samples), settings.batch_users)
@@ -115,11 +133,13 @@ def generate_all(engine: DEPEngine, samples: list[Sample], methods: list[Method]
         rows = [row for n, sample in enumerate(chunk)
                 for row in _rows(engine, sample, contexts[start + n], contexts[partner[start + n]], methods,
                                  settings.personalization)]
-        texts = generate(engine.llm, rows, replace(settings.sampling, seed=settings.sampling.seed + group))
+        raw = generate(engine.llm, rows, replace(settings.sampling, seed=settings.sampling.seed + group))
+        cleaned = [hygiene.clean(text) for text in raw]
         seconds = (time.perf_counter() - started) / len(rows)
         records = [{"group": group, "user_id": sample.target.user_id, "item_id": sample.target.item_id,
-                    "method": method.name, "text": texts[n * len(methods) + m], "reference": sample.target.text,
-                    "seconds": seconds}
+                    "method": method.name, "text": cleaned[n * len(methods) + m].text,
+                    "raw": raw[n * len(methods) + m], "cut": cleaned[n * len(methods) + m].reason,
+                    "reference": sample.target.text, "seconds": seconds}
                    for n, sample in enumerate(chunk) for m, method in enumerate(methods)]
         with open(path, "a") as out:  # a whole group or nothing: resuming redoes a cut-off group
             out.write("".join(json.dumps(r) + "\n" for r in records))

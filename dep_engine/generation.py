@@ -1,42 +1,27 @@
 """Soft tokens into `inputs_embeds`, and sampling from the frozen LLM, batched and streamed.
 
 All prompts of one request (baseline, DEP, ablations) are decoded together in one left-padded batch:
-on the CPU decoding is memory-bound, so a batch of two costs little more than one.
+on the CPU decoding is memory-bound, so a batch of two costs little more than one. A row stops
+early at scaffolding or a loop (`hygiene.should_stop`), and every row at the time budget.
 """
 from __future__ import annotations
 
 import queue
 import threading
-from dataclasses import dataclass
+import time
 from typing import Iterator, Sequence
 
 import torch
 from transformers import StaticCache, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from . import hygiene
 from .llm import LLM
 from .prompt import PromptIds
+from .settings import SamplingSettings
 
 # One generation at a time per process: the seed is global torch state, and 2 cores gain nothing from two.
 generation_lock = threading.Lock()
-
-
-@dataclass
-class SamplingSettings:
-    temperature: float = 0.8
-    top_p: float = 0.95
-    max_new_tokens: int = 160
-    seed: int = 0
-
-    def validate(self) -> None:
-        if not 0 <= self.temperature <= 5:
-            raise ValueError(f"temperature must be within 0-5, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be within (0, 1], got {self.top_p}")
-        if not 0 <= self.seed < 2**63:
-            raise ValueError(f"seed must be within 0 to 2^63-1, got {self.seed}")
-        if not 1 <= self.max_new_tokens <= 1024:
-            raise ValueError(f"max_new_tokens must be within 1-1024, got {self.max_new_tokens}")
 
 
 def prompt_embeddings(llm: LLM, prompt: PromptIds, his_tokens: torch.Tensor | None = None,
@@ -105,6 +90,38 @@ class _StopWhenSet(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
+class _StopAtScaffolding(StoppingCriteria):
+    """Finishes each row once its text reaches scaffolding or a loop (`hygiene.should_stop`)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids, skip_special_tokens=True)
+        return torch.tensor([hygiene.should_stop(t) for t in texts], dtype=torch.bool, device=input_ids.device)
+
+
+class _StopAfter(StoppingCriteria):
+    """Ends decoding once `seconds` have passed since decoding began (a request's time budget)."""
+
+    def __init__(self, seconds: float):
+        self.deadline = time.monotonic() + seconds
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        over = time.monotonic() >= self.deadline
+        return torch.full((input_ids.shape[0],), over, dtype=torch.bool, device=input_ids.device)
+
+
+def stopping_criteria(llm: LLM, settings: SamplingSettings, stop: threading.Event | None) -> StoppingCriteriaList:
+    """What ends a row early: scaffolding or loops, the time budget, a reader that went away."""
+    criteria: list[StoppingCriteria] = [_StopAtScaffolding(llm.tokenizer)]
+    if settings.time_budget_s is not None:
+        criteria.append(_StopAfter(settings.time_budget_s))
+    if stop is not None:
+        criteria.append(_StopWhenSet(stop))
+    return StoppingCriteriaList(criteria)
+
+
 def _prefill(llm: LLM, decoder: torch.nn.Module, batch: torch.Tensor, mask: torch.Tensor,
              max_new_tokens: int) -> StaticCache:
     """All prompt positions but the last through the model in its own dtype; their keys and values
@@ -120,7 +137,6 @@ def _prefill(llm: LLM, decoder: torch.nn.Module, batch: torch.Tensor, mask: torc
 
 def _generate(llm: LLM, embeds: Sequence[torch.Tensor], settings: SamplingSettings,
               streamer: _BatchStreamer | None = None, stop: threading.Event | None = None) -> list[str]:
-    settings.validate()
     batch, mask = left_pad(embeds)
     tokenizer = llm.tokenizer
     sample = settings.temperature > 0
@@ -135,12 +151,15 @@ def _generate(llm: LLM, embeds: Sequence[torch.Tensor], settings: SamplingSettin
             do_sample=sample, temperature=settings.temperature if sample else None,
             top_p=settings.top_p if sample else None, top_k=None, pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id, streamer=streamer,
-            stopping_criteria=StoppingCriteriaList([_StopWhenSet(stop)]) if stop else None)
+            stopping_criteria=stopping_criteria(llm, settings, stop))
     return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in output]
 
 
 def generate(llm: LLM, embeds: Sequence[torch.Tensor], settings: SamplingSettings) -> list[str]:
-    """One text per prompt embedding; the same seed gives the same texts."""
+    """One text per prompt embedding; the same seed gives the same texts.
+
+    Each row stops once it reaches scaffolding or a loop; the texts are as decoded, so the
+    caller applies `hygiene.clean` (and can count what it cut)."""
     return _generate(llm, embeds, settings)
 
 

@@ -18,11 +18,18 @@ _SLOT = re.compile(rf"<<{_NONCE}:(his|diff):(\d+)>>")
 
 @dataclass(frozen=True)
 class Mode:
-    """Which signals a generation uses: past review texts, his soft tokens, diff soft tokens."""
+    """Which signals a generation uses: past review texts, his soft tokens, diff soft tokens.
+
+    `population`: the soft tokens come from the population-average reviewer (the adapter's mean
+    training vectors), not from this user: the same prompt with the person taken out.
+    `length_hint`: the prompt tells the user's typical review length in words (a control that
+    separates the length effect from the rest of personalization)."""
     name: str
     texts: bool
     his: bool
     diff: bool
+    population: bool = False
+    length_hint: bool = False
 
     @property
     def uses_history(self) -> bool:
@@ -40,6 +47,8 @@ MODES = {m.name: m for m in (
     Mode("diff", texts=False, his=False, diff=True),
     Mode("his+diff", texts=False, his=True, diff=True),
     Mode("dep", texts=True, his=True, diff=True),
+    Mode("generic", texts=True, his=True, diff=True, population=True),
+    Mode("nonperso+length", texts=False, his=False, diff=False, length_hint=True),
 )}
 
 
@@ -91,12 +100,20 @@ def system_message(mode: Mode) -> str:
                      "from other users' reviews of the same item.")
     if mode.uses_history:
         lines.append("Use them as hints to the user's opinions and style.")
+    if mode.length_hint:
+        lines.append("Make the review about as long as [Output Review Length] says.")
     lines.append("Write only the text of the review.")
     return " ".join(lines)
 
 
+def typical_length(reviews: list[Review]) -> int:
+    """The median word count of a user's reviews: what the length-told control says."""
+    counts = sorted(len(r.text.split()) for r in reviews)
+    return counts[len(counts) // 2] if counts else 0
+
+
 def user_message(item: Item, rating: float, review_title: str, past: list[PastReview], mode: Mode,
-                 words_per_review: int = 60) -> str:
+                 words_per_review: int = 30, length_words: int = 0) -> str:
     lines = [f"[Item Title]: {shorten(item.title, 40)}"]
     if item.description:
         lines.append(f"[Item Description]: {shorten(item.description, 80)}")
@@ -113,13 +130,15 @@ def user_message(item: Item, rating: float, review_title: str, past: list[PastRe
             if mode.diff:
                 lines.append(f"[Review Difference Embedding]: <diff_start><<{_NONCE}:diff:{i}>><diff_end>")
     lines += [f"[Output Review Rating]: {_rating(rating)}", f"[Output Review Title]: {shorten(review_title, 30)}"]
+    if mode.length_hint and length_words:
+        lines.append(f"[Output Review Length]: about {length_words} words")
     return "\n".join(lines)
 
 
 def readable_prompt(item: Item, rating: float, review_title: str, past: list[PastReview], mode: Mode,
-                    words_per_review: int = 60) -> str:
+                    words_per_review: int = 30, length_words: int = 0) -> str:
     """The prompt as a person can read it, each soft slot shown as `[HIS soft token i]`."""
-    user = user_message(item, rating, review_title, past, mode, words_per_review)
+    user = user_message(item, rating, review_title, past, mode, words_per_review, length_words)
     user = _SLOT.sub(lambda m: f"[{m.group(1).upper()} soft token {int(m.group(2)) + 1}]", user)
     return f"SYSTEM:\n{system_message(mode)}\n\nUSER:\n{user}"
 
@@ -135,10 +154,10 @@ def neutralize_special_tokens(tokenizer, text: str) -> str:
 
 
 def build_prompt(tokenizer, item: Item, rating: float, review_title: str, past: list[PastReview], mode: Mode,
-                 words_per_review: int = 60) -> PromptIds:
+                 words_per_review: int = 30, length_words: int = 0) -> PromptIds:
     """Token ids of the chat prompt (generation prompt included) and the positions of its soft slots."""
     content = neutralize_special_tokens(tokenizer, user_message(item, rating, review_title, past, mode,
-                                                                words_per_review))
+                                                                words_per_review, length_words))
     messages = [{"role": "system", "content": system_message(mode)}, {"role": "user", "content": content}]
     rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     placeholder = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

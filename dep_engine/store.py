@@ -14,9 +14,8 @@ import numpy as np
 
 from .data import Dataset, Item, Review
 from .differences import difference_embeddings
-from .embeddings import Encoder, cached_encode, style_features
-
-HISTORY_RULES = ("relevant", "recent")
+from .embeddings import Encoder, cached_encode, style_features, style_set
+from .settings import HISTORY_RULES
 TIME_SPAN = 2**33  # larger than any timestamp in seconds, so (user, time) packs into one sortable int
 
 
@@ -79,11 +78,11 @@ def per_user_running_sums(embeddings: np.ndarray, user_start: np.ndarray, chunk:
 
 class ReviewStore:
     def __init__(self, dataset: Dataset, embeddings: np.ndarray, encoder: Encoder,
-                 item_ids: list[str], item_embeddings: np.ndarray, style: bool = True):
+                 item_ids: list[str], item_embeddings: np.ndarray, style: bool | str = "rating-length"):
         order = sorted(range(len(dataset.reviews)),
                        key=lambda i: (dataset.reviews[i].user_id, dataset.reviews[i].timestamp))
         self.encoder = encoder
-        self.style = style
+        self.style = style_set(style)
         self.text_dim = embeddings.shape[1]
         self.items = dict(dataset.items)
         self.reviews: list[Review] = [dataset.reviews[i] for i in order]
@@ -120,16 +119,16 @@ class ReviewStore:
         return self.embeddings.shape[1]
 
     def _with_style(self, text_embeddings: np.ndarray, reviews: Sequence[Review]) -> np.ndarray:
-        if not self.style:
+        if self.style == "none":
             return text_embeddings
-        features = style_features([r.rating for r in reviews], [len(r.text.split()) for r in reviews])
+        features = style_features([r.rating for r in reviews], [r.text for r in reviews], self.style)
         return np.ascontiguousarray(np.hstack([text_embeddings, features]), dtype=np.float32)
 
     @classmethod
     def build(cls, dataset: Dataset, encoder: Encoder, cache_dir: str | Path, progress: bool = True,
-              style: bool = True, extra: Dataset | None = None, extra_cache_dir: str | Path | None = None
+              style: bool | str = "rating-length", extra: Dataset | None = None, extra_cache_dir: str | Path | None = None
               ) -> "ReviewStore":
-        """Embed the pool (or read the cache) and index it; `style` appends rating and length features.
+        """Embed the pool (or read the cache) and index it; `style` names the style features appended.
 
         `extra` reviews join the pool; they are embedded and cached on their own (in
         `extra_cache_dir`), so the pool's cache stays valid."""
@@ -145,13 +144,14 @@ class ReviewStore:
 
     # ---- users and items -------------------------------------------------------------------
 
-    def history(self, user_id: str) -> list[Review]:
-        """A user's reviews in the pool, oldest first."""
-        n = self.user_index.get(user_id)
-        if n is None:
-            return []
-        end = self.user_start[n + 1] if n + 1 < len(self.user_start) else len(self.reviews)
-        return self.reviews[self.user_start[n]:end]
+    def without(self, reviews: Sequence[Review]) -> "ReviewStore":
+        """The same pool less `reviews` (held-out targets that training must never see as peers),
+        reusing the embeddings: nothing is encoded again."""
+        drop = {(r.user_id, r.item_id, r.timestamp) for r in reviews}
+        keep = [i for i, r in enumerate(self.reviews) if (r.user_id, r.item_id, r.timestamp) not in drop]
+        pool = Dataset([self.reviews[i] for i in keep], self.items)
+        return ReviewStore(pool, self.embeddings[keep, :self.text_dim], self.encoder, self.item_ids,
+                           self.item_embeddings, self.style)
 
     @property
     def item_index(self):
@@ -243,12 +243,20 @@ class ReviewStore:
             raise ValueError(f"history rule must be one of {HISTORY_RULES}, got {rule!r}")
         relevance = profile_embeddings[:, :self.text_dim] @ self.item_vector(target) if len(profile) else np.zeros(0)
         if rule == "relevant":
-            chosen = list(np.argsort(-relevance, kind="stable")[:k])
+            ranked = list(np.argsort(-relevance, kind="stable"))
         else:
             newest = list(range(len(profile) - 1, -1, -1))
             with_peers = [n for n in newest if len(self._peer_rows(profile[n].item_id, user_id, cutoff, 1))]
-            chosen = (with_peers + [n for n in newest if n not in with_peers])[:k]
-        return [int(n) for n in chosen], [float(relevance[n]) for n in chosen]
+            ranked = with_peers + [n for n in newest if n not in with_peers]
+        chosen, seen = [], set()
+        for n in ranked:  # a review pasted or stored twice is shown once
+            key = " ".join(profile[n].text.lower().split())
+            if key not in seen:
+                seen.add(key)
+                chosen.append(int(n))
+            if len(chosen) == k:
+                break
+        return chosen, [float(relevance[n]) for n in chosen]
 
     # ---- one request -----------------------------------------------------------------------
 

@@ -1,10 +1,15 @@
 """Training the DEP adapter against the frozen LLM.
 
 Loss = cross-entropy on the target review's tokens only (prompt masked)
-     + sae_loss_weight * (smooth-L1 reconstruction + sparsity_weight * KL(rho || mean activation)).
-Only the SAE and the two projectors learn. Each training sample is assigned one prompt mode from
-`modes` in turn, so one adapter serves his-only, diff-only, his+diff and DEP prompts.
-The checkpoint kept is the one with the lowest validation LM loss (generation-free, so cheap).
+     + sae_loss_weight * (smooth-L1 reconstruction + sparsity_weight * KL(rho || mean activation))
+     + contrast_weight * mean(relu(contrast_margin - (LM loss with another user's vectors - LM loss with own)))
+The last term (off by default; the paper has none) rewards a sample's own vectors over another
+user's in the same batch: without it the adapter can learn a task prompt that any user's vectors
+unlock. Only the SAE and the two projectors learn. Each training sample is assigned one prompt
+mode from `modes` in turn, so one adapter serves his-only, diff-only, his+diff and DEP prompts.
+Held-out targets (validation and test users' target reviews) never enter a training sample's
+peers. The checkpoint kept is the one with the lowest validation LM loss (generation-free, so cheap);
+it stores the population-average reviewer (mean his and diff vectors of the training samples).
 """
 from __future__ import annotations
 
@@ -22,22 +27,21 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .adapter import DEPAdapter, DEPAdapterConfig
+from .adapter import DEPAdapter, DEPAdapterConfig, active_fraction
 from .atomic import atomic_write
 from .data import Review, Sample
-from .engine import DEPEngine, PersonalizationSettings
+from .engine import DEPEngine
 from .generation import prompt_embeddings
-from .prompt import PromptIds, get_mode
-from .splits import derangement, training_samples, validation_samples
+from .prompt import PromptIds
+from .settings import PersonalizationSettings
+from .splits import derangement, held_out_targets, training_samples, validation_samples
+from .store import ReviewStore
 
 
 @dataclass
 class TrainSettings:
     out: str = "runs/adapter"
-    k: int = 4
-    history_rule: str = "relevant"
-    peer_temperature: float = 1.0
-    words_per_review: int = 30
+    personalization: PersonalizationSettings = field(default_factory=PersonalizationSettings)
     modes: tuple[str, ...] = ("his+diff", "his", "diff", "dep")
     max_target_tokens: int = 128
     max_samples: int | None = None     # cap on training samples (CPU budgets)
@@ -52,6 +56,10 @@ class TrainSettings:
     sparsity_target: float = 0.05
     sparsity_weight: float = 1e-3
     sae_loss_weight: float = 100.0
+    sae_activation: str = "gelu"       # "relu" gives exact zeros (a sparse code in use)
+    contrast_weight: float = 0.0       # weight of the own-vs-another-user's-vectors margin term
+    contrast_margin: float = 0.1       # nats per token the own vectors should beat another user's by
+    max_minutes: float | None = None   # stop training after this long (the best checkpoint is kept)
     eval_every: int = 200              # optimizer steps between validations
     seed: int = 42
 
@@ -74,31 +82,36 @@ def data_fingerprint(reviews: list[Review]) -> str:
     return digest.hexdigest()[:16]
 
 
-def prepare(engine: DEPEngine, samples: list[Sample], settings: TrainSettings, desc: str) -> list[Prepared]:
-    """Contexts (history, peers, differences) and prompts of every sample; samples with no usable
-    history are dropped, since they cannot teach the adapter anything."""
-    personalization = PersonalizationSettings(k=settings.k, history_rule=settings.history_rule,
-                                              peer_temperature=settings.peer_temperature,
-                                              words_per_review=settings.words_per_review)
+def prepare(engine: DEPEngine, samples: list[Sample], settings: TrainSettings, desc: str,
+            store: ReviewStore | None = None) -> list[Prepared]:
+    """Contexts (history, peers, differences, from `store`: by default the engine's) and prompts of
+    every sample; samples with no usable history are dropped, since they cannot teach the adapter anything."""
+    personalization = settings.personalization
     eos = engine.llm.tokenizer.eos_token_id
     prepared = []
     for n, sample in enumerate(tqdm(samples, desc=desc, unit="sample", leave=False)):
         request = engine.sample_request(sample)
-        context = engine.context(request, personalization)
+        context = engine.context(request, personalization, store)
         if not context.selected:
             continue
         mode = settings.modes[n % len(settings.modes)]
         target = engine.llm.tokenizer.encode(" ".join(sample.target.text.split()), add_special_tokens=False)
-        prepared.append(Prepared(engine.prompt(request, context, mode, settings.words_per_review),
+        prepared.append(Prepared(engine.prompt(request, context, mode, personalization.words_per_review),
                                  context.his, context.diff, target[:settings.max_target_tokens] + [eos],
                                  sample.target.user_id, mode))
     return prepared
 
 
+def population_vectors(samples: list[Prepared]) -> tuple[np.ndarray, np.ndarray]:
+    """(d,) mean his and diff vectors over the training samples: the population-average reviewer."""
+    return (np.concatenate([s.his for s in samples]).mean(axis=0),
+            np.concatenate([s.diff for s in samples]).mean(axis=0))
+
+
 def batch_loss(engine: DEPEngine, adapter: DEPAdapter, batch: list[Prepared],
-               borrowed: list[Prepared] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(mean LM loss, SAE loss, per-sample LM loss). `borrowed[i]`, if given, supplies sample i's
-    his/diff vectors (the shuffled-user control); its rows are cycled to the slots' count."""
+               borrowed: list[Prepared] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-sample LM loss, SAE loss). `borrowed[i]`, if given, supplies sample i's his/diff
+    vectors (the shuffled-user control); its rows are cycled to the slots' count."""
     llm = engine.llm
     sources = borrowed or batch
     his_rows, diff_rows = [], []
@@ -138,8 +151,25 @@ def batch_loss(engine: DEPEngine, adapter: DEPAdapter, batch: list[Prepared],
         start -= frozen
         logits = llm.model.get_output_embeddings()(hidden[row, start:start + count]).float()  # logits of target tokens only
         losses.append(F.cross_entropy(logits, torch.tensor(sample.target, device=llm.device)))
-    per_sample = torch.stack(losses)
-    return per_sample.mean(), out["sae_loss"], per_sample.detach()
+    return torch.stack(losses), out["sae_loss"]
+
+
+def training_loss(engine: DEPEngine, adapter: DEPAdapter, batch: list[Prepared], settings: TrainSettings,
+                  step: int) -> tuple[torch.Tensor, dict[str, float]]:
+    """The loss to minimise for one batch, and its parts for the log. With a contrast weight, the
+    batch runs twice in one forward pass: with its own vectors and with a batch-mate's."""
+    if settings.contrast_weight and len(batch) > 1:
+        partner = derangement(len(batch), settings.seed + step)
+        per_sample, sae_loss = batch_loss(engine, adapter, batch + batch, batch + [batch[p] for p in partner])
+        own, other = per_sample[:len(batch)], per_sample[len(batch):]
+        contrast = F.relu(settings.contrast_margin - (other - own)).mean()
+    else:
+        own, sae_loss = batch_loss(engine, adapter, batch)
+        other, contrast = own.detach(), own.new_zeros(())
+    lm_loss = own.mean()
+    loss = lm_loss + settings.sae_loss_weight * sae_loss + settings.contrast_weight * contrast
+    return loss, {"loss": loss.item(), "lm_loss": lm_loss.item(), "sae_loss": sae_loss.item(),
+                  "contrast": contrast.item(), "own_minus_other": float((other - own).detach().mean())}
 
 
 def evaluate_loss(engine: DEPEngine, adapter: DEPAdapter, samples: list[Prepared], batch_size: int,
@@ -151,7 +181,7 @@ def evaluate_loss(engine: DEPEngine, adapter: DEPAdapter, samples: list[Prepared
         for start in range(0, len(samples), batch_size):
             batch = samples[start:start + batch_size]
             borrowed = [samples[partner[i]] for i in range(start, start + len(batch))] if shuffled else None
-            losses.append(batch_loss(engine, adapter, batch, borrowed)[2].cpu())
+            losses.append(batch_loss(engine, adapter, batch, borrowed)[0].cpu())
     return torch.cat(losses).numpy() if losses else np.zeros(0)
 
 
@@ -188,15 +218,10 @@ def _log(path: Path, record: dict) -> None:
         out.write(json.dumps(record) + "\n")
 
 
-def train(engine: DEPEngine, settings: TrainSettings, resume: bool = True) -> Path:
-    """Train, validate every `eval_every` steps, keep the best adapter in `settings.out`."""
-    out = Path(settings.out)
-    last = out / "last"
-    out.mkdir(parents=True, exist_ok=True)
-    random.seed(settings.seed)
-    torch.manual_seed(settings.seed)
-
+def datasets(engine: DEPEngine, settings: TrainSettings) -> tuple[list[Prepared], list[Prepared]]:
+    """Prepared training and validation samples, their peers drawn from a pool without held-out targets."""
     reviews = engine.dataset.reviews
+    store = engine.store.without(held_out_targets(reviews))
     train_raw = training_samples(reviews)
     rng = random.Random(settings.seed)
     rng.shuffle(train_raw)
@@ -204,17 +229,53 @@ def train(engine: DEPEngine, settings: TrainSettings, resume: bool = True) -> Pa
         train_raw = train_raw[:settings.max_samples]
     val_raw = validation_samples(reviews)
     rng.shuffle(val_raw)
-    train_set = prepare(engine, train_raw, settings, "preparing training samples")
-    val_set = prepare(engine, val_raw[:settings.val_samples], settings, "preparing validation samples")
+    return (prepare(engine, train_raw, settings, "preparing training samples", store),
+            prepare(engine, val_raw[:settings.val_samples], settings, "preparing validation samples", store))
 
+
+def new_adapter(engine: DEPEngine, settings: TrainSettings, train_set: list[Prepared]) -> DEPAdapter:
     token_norm = (engine.llm.token_norm() if settings.token_norm == "auto"
                   else None if settings.token_norm == "none" else float(settings.token_norm))
     config = DEPAdapterConfig(
         embedding_dim=engine.store.dim, hidden_size=engine.llm.hidden_size, llm=engine.config.llm,
         encoder=engine.encoder.name, sparsity_target=settings.sparsity_target,
-        sparsity_weight=settings.sparsity_weight, sae_loss_weight=settings.sae_loss_weight, token_norm=token_norm,
-        style_features=engine.store.style)
-    adapter = DEPAdapter(config).to(engine.llm.device)
+        sparsity_weight=settings.sparsity_weight, sae_loss_weight=settings.sae_loss_weight,
+        sae_activation=settings.sae_activation, token_norm=token_norm, style_features=engine.store.style)
+    adapter = DEPAdapter(config)
+    adapter.set_population(*map(torch.from_numpy, population_vectors(train_set)))
+    return adapter.to(engine.llm.device)
+
+
+def sae_active_fraction(adapter: DEPAdapter, samples: list[Prepared]) -> float:
+    """Mean share of SAE code units clearly active on the samples' his and diff vectors."""
+    device = next(adapter.parameters()).device
+    with torch.no_grad():
+        out = adapter.encode(torch.from_numpy(np.concatenate([s.his for s in samples])).to(device),
+                             torch.from_numpy(np.concatenate([s.diff for s in samples])).to(device))
+    return active_fraction(torch.cat([out["his_code"], out["diff_code"]]))
+
+
+def shuffled_user_control(engine: DEPEngine, adapter: DEPAdapter, val_set: list[Prepared],
+                          settings: TrainSettings) -> dict:
+    """Validation LM loss with own and with another user's vectors, and the paired gap."""
+    from .metrics import paired_bootstrap
+
+    own = evaluate_loss(engine, adapter, val_set, settings.batch_size)
+    shuffled = evaluate_loss(engine, adapter, val_set, settings.batch_size, shuffled=True, seed=settings.seed)
+    return {"val_lm_loss_own": float(own.mean()), "val_lm_loss_shuffled_users": float(shuffled.mean()),
+            "personal_gain_nats": paired_bootstrap(shuffled, own), "n": int(len(own)),
+            "sae_active_fraction": sae_active_fraction(adapter, val_set)}
+
+
+def train(engine: DEPEngine, settings: TrainSettings, resume: bool = True) -> Path:
+    """Train, validate every `eval_every` steps, keep the best adapter in `settings.out`."""
+    out, log_path = Path(settings.out), Path(settings.out) / "log.jsonl"
+    last = out / "last"
+    out.mkdir(parents=True, exist_ok=True)
+    random.seed(settings.seed)
+    torch.manual_seed(settings.seed)
+    train_set, val_set = datasets(engine, settings)
+    adapter = new_adapter(engine, settings, train_set)
     optimizer = torch.optim.AdamW(adapter.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     steps_per_epoch = math.ceil(len(train_set) / settings.batch_size)
     total = steps_per_epoch * settings.epochs
@@ -225,19 +286,18 @@ def train(engine: DEPEngine, settings: TrainSettings, resume: bool = True) -> Pa
         _load_optimizer(optimizer, last / "optimizer.safetensors")
         step, best = state["step"], state["best"]
         print(f"resuming from step {step} of {total}")
-    log_path = out / "log.jsonl"
 
-    def validate() -> float:
+    def validate() -> dict:
         adapter.eval()
         loss = float(evaluate_loss(engine, adapter, val_set, settings.batch_size).mean())
         adapter.train()
-        return loss
+        return {"val_lm_loss": loss, "sae_active_fraction": sae_active_fraction(adapter, val_set)}
 
     if step == 0:
-        initial = validate()
-        _log(log_path, {"step": 0, "val_lm_loss": initial})
+        _log(log_path, {"step": 0, **validate()})
     adapter.train()
     started = time.perf_counter()
+    deadline = started + 60 * settings.max_minutes if settings.max_minutes else float("inf")
     bar = tqdm(total=total, initial=step, desc="training", unit="step")
     while step < total:
         epoch, within = divmod(step, steps_per_epoch)
@@ -246,20 +306,19 @@ def train(engine: DEPEngine, settings: TrainSettings, resume: bool = True) -> Pa
         batch = [train_set[i] for i in order[within * settings.batch_size:(within + 1) * settings.batch_size]]
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, total, settings)
-        lm_loss, sae_loss, _ = batch_loss(engine, adapter, batch)
-        loss = lm_loss + settings.sae_loss_weight * sae_loss
+        loss, parts = training_loss(engine, adapter, batch, settings, step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(adapter.parameters(), settings.grad_clip)
         optimizer.step()
         step += 1
-        record = {"step": step, "epoch": epoch, "loss": loss.item(), "lm_loss": lm_loss.item(),
-                  "sae_loss": sae_loss.item(), "grad_norm": float(grad_norm), "lr": optimizer.param_groups[0]["lr"],
-                  "seconds": round(time.perf_counter() - started, 1)}
-        bar.set_postfix(lm=f"{record['lm_loss']:.3f}", sae=f"{record['sae_loss']:.4f}")
+        record = {"step": step, "epoch": epoch, **parts, "grad_norm": float(grad_norm),
+                  "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - started, 1)}
+        bar.set_postfix(lm=f"{parts['lm_loss']:.3f}", sae=f"{parts['sae_loss']:.4f}")
         bar.update(1)
-        if step % settings.eval_every == 0 or step == total:
-            record["val_lm_loss"] = validate()
+        out_of_time = time.perf_counter() > deadline
+        if step % settings.eval_every == 0 or step == total or out_of_time:
+            record.update(validate())
             if record["val_lm_loss"] < best:
                 best = record["val_lm_loss"]
                 _finalize(adapter, settings, engine, out, {"train_samples": len(train_set), "best_step": step,
@@ -268,21 +327,18 @@ def train(engine: DEPEngine, settings: TrainSettings, resume: bool = True) -> Pa
             _save_optimizer(optimizer, last / "optimizer.safetensors")
             atomic_write(last / "state.json", lambda p: Path(p).write_text(json.dumps({"step": step, "best": best})))
         _log(log_path, record)
+        if out_of_time:
+            print(f"stopped at step {step} of {total}: the {settings.max_minutes:g}-minute budget is spent")
+            break
     bar.close()
 
     best_adapter = DEPAdapter.from_pretrained(out).to(engine.llm.device).eval()
-    own = evaluate_loss(engine, best_adapter, val_set, settings.batch_size)
-    shuffled = evaluate_loss(engine, best_adapter, val_set, settings.batch_size, shuffled=True, seed=settings.seed)
-    gap = shuffled - own
-    from .metrics import paired_bootstrap
-
-    control = {"val_lm_loss_own": float(own.mean()), "val_lm_loss_shuffled_users": float(shuffled.mean()),
-               "personal_gain_nats": paired_bootstrap(shuffled, own), "n": int(len(own)),
-               "val_lm_loss_before_training": json.loads(log_path.read_text().splitlines()[0]).get("val_lm_loss")}
+    control = shuffled_user_control(engine, best_adapter, val_set, settings)
+    control["val_lm_loss_before_training"] = json.loads(log_path.read_text().splitlines()[0]).get("val_lm_loss")
+    control["steps_done"] = step
     print(json.dumps(control, indent=2))
     best_adapter.config.training["shuffled_user_control"] = control
     best_adapter.save_pretrained(out)
-    print(f"gain over shuffled users: {gap.mean():.4f} nats/token (n={len(gap)})")
     plot_log(log_path, out / "loss.png")
     return out
 

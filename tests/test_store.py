@@ -96,12 +96,38 @@ def test_embed_reviews_reuses_pool_and_encodes_new(store, encoder, dataset):
     vectors = store.embed_reviews([known, new])
     np.testing.assert_allclose(vectors[0], store.embeddings[store.row_of[(known.user_id, known.item_id)]])
     np.testing.assert_allclose(vectors[1, :384], encoder.encode([new.text])[0], atol=1e-6)
-    np.testing.assert_allclose(vectors[1, 384:], style_features([3.0], [8])[0])
+    np.testing.assert_allclose(vectors[1, 384:], style_features([3.0], [new.text])[0])
 
 
 def test_style_features_follow_rating_and_length():
-    short_low, long_high = style_features([1.0, 5.0], [5, 300])
+    short_low, long_high = style_features([1.0, 5.0], ["word " * 5, "word " * 300])
     assert short_low[0] < 0 < long_high[0] and short_low[1] < 0 < long_high[1]
+
+
+def test_voice_features_tell_a_shouting_writer_from_a_calm_one():
+    shout, calm = style_features([5.0, 5.0], ["I LOVE IT!!! Best strings EVER! I'd buy again!",
+                                              "The strings are fine. They hold their tuning well."], "voice")
+    assert shout.shape == calm.shape == (11,)
+    exclamations, first_person, capitals = 3, 5, 6  # columns after rating, length, sentence length
+    assert shout[exclamations] > calm[exclamations] == 0
+    assert shout[first_person] > calm[first_person] == 0
+    assert shout[capitals] > calm[capitals]
+
+
+def test_held_out_targets_never_enter_the_training_pool(store, dataset):
+    from dep_engine.splits import held_out_targets, user_group
+
+    held = held_out_targets(dataset.reviews)
+    pool = store.without(held)
+    kept = {(r.user_id, r.item_id, r.timestamp) for r in pool.reviews}
+    assert held and not any((r.user_id, r.item_id, r.timestamp) in kept for r in held)
+    assert len(pool.reviews) == len(store.reviews) - len(held)
+    groups = {user_group(r.user_id) for r in held}
+    assert groups == {"val", "test"}
+    for row, review in enumerate(pool.reviews):  # same vectors, rebuilt from the text part
+        np.testing.assert_allclose(pool.embeddings[row], store.embeddings[store.row_of[(review.user_id, review.item_id)]])
+        if row > 50:
+            break
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 8192])

@@ -6,7 +6,8 @@ import torch
 from dep_engine.adapter import DEPAdapter
 from dep_engine.engine import DEPEngine, EngineConfig
 from dep_engine.evaluation import EvalSettings, evaluate, parse_method
-from dep_engine.generation import SamplingSettings, prompt_embeddings
+from dep_engine.generation import prompt_embeddings
+from dep_engine.settings import PersonalizationSettings, SamplingSettings
 from dep_engine.splits import training_samples
 from dep_engine.training import TrainSettings, batch_loss, prepare, train
 
@@ -19,7 +20,8 @@ def checksum(model):
 
 def test_short_training_lowers_loss_and_keeps_llm_frozen(tiny_engine, tmp_path):
     before = checksum(tiny_engine.llm.model)
-    settings = TrainSettings(out=str(tmp_path / "run"), k=2, words_per_review=8, max_target_tokens=24,
+    settings = TrainSettings(out=str(tmp_path / "run"), personalization=PersonalizationSettings(k=2, words_per_review=10),
+                             max_target_tokens=24,
                              max_samples=8, val_samples=4, epochs=6, batch_size=4, lr=3e-3, eval_every=6,
                              sae_loss_weight=1.0, seed=0)
     out = train(tiny_engine, settings)
@@ -85,7 +87,8 @@ def test_eval_reviews_file_users_are_new_and_join_the_pool(tiny_llm, dataset, tm
                             for n, history in enumerate(users) for r in history))
     config = EngineConfig(llm=TINY_LLM, adapter=None, extra_reviews=str(path))
     engine = DEPEngine(config, progress=False, llm=tiny_llm)
-    assert len(engine.store.history("new-0")) == len(users[0]) - 1  # the latest review stays out of the pool
+    pooled = [r for r in engine.store.reviews if r.user_id == "new-0"]
+    assert len(pooled) == len(users[0]) - 1  # the latest review stays out of the pool
     settings = EvalSettings(methods=["nonperso", "dep"], out=str(tmp_path / "eval"), eval_reviews=str(path),
                             sampling=SamplingSettings(max_new_tokens=4))
     summary = evaluate(config, settings, engine=engine)
@@ -97,12 +100,12 @@ def test_eval_reviews_file_users_are_new_and_join_the_pool(tiny_llm, dataset, tm
 def test_batch_loss_matches_one_sample_at_a_time_without_cache(tiny_engine):
     """Padding, the no-grad prefix cache and the target spans leave loss and gradients as a plain
     forward of each sample's own sequence would give them."""
-    settings = TrainSettings(k=2, words_per_review=8, max_target_tokens=16, modes=("his+diff", "dep", "his"))
+    settings = TrainSettings(personalization=PersonalizationSettings(k=2, words_per_review=10), max_target_tokens=16, modes=("his+diff", "dep", "his"))
     samples = prepare(tiny_engine, training_samples(tiny_engine.dataset.reviews)[:6], settings, "test")
     adapter = DEPAdapter(tiny_engine.adapter.config)
     llm = tiny_engine.llm
-    mean, _, per_sample = batch_loss(tiny_engine, adapter, samples)
-    mean.backward()
+    per_sample, _ = batch_loss(tiny_engine, adapter, samples)
+    per_sample.mean().backward()
     batched = [p.grad.clone() for p in adapter.parameters() if p.grad is not None]
     adapter.zero_grad()
 
@@ -115,6 +118,6 @@ def test_batch_loss_matches_one_sample_at_a_time_without_cache(tiny_engine):
         logits = llm.model(inputs_embeds=sequence[None]).logits[0, len(prompt) - 1:]
         plain.append(torch.nn.functional.cross_entropy(logits.float(), torch.tensor(sample.target)))
     torch.stack(plain).mean().backward()
-    torch.testing.assert_close(per_sample, torch.stack(plain).detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(per_sample.detach(), torch.stack(plain).detach(), atol=1e-5, rtol=1e-5)
     for got, want in zip(batched, [p.grad for p in adapter.parameters() if p.grad is not None]):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)

@@ -1,0 +1,82 @@
+"""Output hygiene, the same for every method: a review ends where the model starts writing the
+prompt's scaffolding (its field labels, template brackets such as "[User's Name]") or loops.
+
+A small model left alone often echoes "[Output Review Rating]: 5" or repeats "Great. Great. Great.";
+scoring such text against a real review credits whichever method loops less with "personalization".
+`clean` cuts a text there; `should_stop` tells the decoder that a row is done; `flagged` is a
+broader, independent check used to report how many outputs still carry scaffolding or loops.
+
+    >>> clean("[Review Text]: Nice strings. [Output Review Rating]: 5").text
+    'Nice strings.'
+    >>> clean("Great. Great. Great. Great.").text
+    'Great.'
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# a bracketed label or placeholder: "[Item Title]", "[User's Name]", "[Output Review Rating]"
+_BRACKET = re.compile(r"\[[A-Z][\w' .-]{0,40}\]")
+_MARKER = re.compile(r"</?(?:his|diff)_(?:start|end)>|<\|im_(?:start|end)\|>")
+# a field label at the start of a line, as the prompt writes them: "Review 2:", "Item Title:"
+_LINE_LABEL = re.compile(r"(?m)^\s*(?:Review \d+|Item (?:Title|Description)|Review (?:Rating|Title|Text)|"
+                         r"Output Review \w+|User's Past Reviews)\s*:")
+_LEADING = re.compile(r"^\s*(?:(?:\[[A-Z][\w' .-]{0,40}\]|Output Review \w+|Review(?: Text)?)\s*:\s*)+")
+# a unit of at least 4 characters (holding a letter) written three times in a row
+_LOOP = re.compile(r"((?=[^\n]*[A-Za-z])[^\n]{4,120}?)(?:\s*\1){2,}")
+_SENTENCE = re.compile(r"[^.!?\n]+[.!?]*")
+
+
+@dataclass(frozen=True)
+class Cleaned:
+    text: str
+    reason: str | None  # "scaffolding" or "repetition" when the text was cut, else None
+
+
+def _repeated_sentence(text: str) -> int | None:
+    """Start of the first sentence (of 3 words or more) that repeats an earlier one."""
+    seen: set[str] = set()
+    for match in _SENTENCE.finditer(text):
+        words = re.findall(r"\w+", match.group().lower())
+        if len(words) < 3:
+            continue
+        key = " ".join(words)
+        if key in seen:
+            return match.start()
+        seen.add(key)
+    return None
+
+
+def _cut(text: str) -> tuple[int, str] | None:
+    cuts = []
+    for pattern in (_BRACKET, _MARKER, _LINE_LABEL):
+        if match := pattern.search(text):
+            cuts.append((match.start(), "scaffolding"))
+    if match := _LOOP.search(text):
+        cuts.append((match.start() + len(match.group(1)), "repetition"))
+    if (start := _repeated_sentence(text)) is not None:
+        cuts.append((start, "repetition"))
+    return min(cuts) if cuts else None
+
+
+def clean(text: str) -> Cleaned:
+    """The text without leading field labels, cut at the first scaffolding or runaway repetition."""
+    body = _LEADING.sub("", text)
+    cut = _cut(body)
+    if cut is None:
+        return Cleaned(body.strip(), None)
+    return Cleaned(body[:cut[0]].strip(), cut[1])
+
+
+def should_stop(text: str) -> bool:
+    """True once decoding more of this row can only be cut away."""
+    return _cut(_LEADING.sub("", text)) is not None
+
+
+def flagged(text: str) -> bool:
+    """Any bracket, prompt marker, field label or loop left anywhere in a final output, or no text at all."""
+    if not text.strip():
+        return True
+    return bool(re.search(r"\[[^\]]{1,40}\]", text) or _MARKER.search(text) or _LINE_LABEL.search(text)
+                or re.search(r"(\b\w+(?:\W+\w+){0,3}\b)(?:\W+\1\b){2,}", text, re.I))
