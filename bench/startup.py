@@ -27,26 +27,20 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import _common
 from _common import ROOT, table, verdict
 
+sys.path.insert(0, str(ROOT / "tests"))
+from app_server import launch, stop_process  # noqa: E402  (the app's tests start the server the same way)
+
 TIMEOUT = 600
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def tree_rss_mib(pid: int) -> float:
@@ -107,43 +101,21 @@ MARKERS = {"loading the engine": "imports", "ready in": "engine + UI"}
 
 
 def start_app(cache_dir: str | None, log_path: Path) -> tuple[subprocess.Popen, str, float, dict]:
-    """Launch app.py; return when GET / answers 200, with the moments its log lines first appeared
-    (polled every 0.1 s): 'loading the engine' ends the imports, 'ready in' ends engine + UI."""
-    port = free_port()
-    env = dict(os.environ, GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port), PYTHONUNBUFFERED="1")
-    if cache_dir:
-        env["DEP_CACHE_DIR"] = cache_dir
-    url = f"http://127.0.0.1:{port}/"
-    log = open(log_path, "w")  # noqa: SIM115 - the child writes to it for its whole life; closed on exit
-    start = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    """Launch app.py (tests/app_server.py's helper); return when GET / answers 200, with the moments its
+    log lines first appeared (polled every 0.1 s): 'loading the engine' ends the imports, 'ready in'
+    ends engine + UI."""
     seen: dict[str, float] = {}
-    while time.perf_counter() - start < TIMEOUT:
-        text = log_path.read_text(errors="replace") if len(seen) < len(MARKERS) else ""
+    start = time.perf_counter()
+
+    def watch_log() -> None:
+        text = log_path.read_text(errors="replace") if len(seen) < len(MARKERS) and log_path.exists() else ""
         for marker, phase in MARKERS.items():
             if phase not in seen and marker in text:
                 seen[phase] = time.perf_counter() - start
-        if process.poll() is not None:
-            raise RuntimeError(f"app.py exited with {process.returncode}; see {log_path}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return process, url, time.perf_counter() - start, seen
-        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-            pass
-        time.sleep(0.1)
-    process.kill()
-    raise RuntimeError(f"app.py did not answer within {TIMEOUT} s; see {log_path}")
 
-
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    process, url = launch(log_path, env={"DEP_CACHE_DIR": cache_dir} if cache_dir else None, timeout=TIMEOUT,
+                          on_poll=watch_log)
+    return process, url, time.perf_counter() - start, seen
 
 
 def ready_line(log_path: Path) -> str:
@@ -326,7 +298,7 @@ def main() -> None:
                 if run == runs[-1] and not args.no_generation:
                     gen = one_generation(url, process.pid, args.new_tokens)
             finally:
-                stop(process)
+                stop_process(process)
     finally:
         if cache_dir:
             shutil.rmtree(cache_dir, ignore_errors=True)

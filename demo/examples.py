@@ -32,3 +32,17 @@ JSONL_2023 = "\n".join([
     '"text": "One of the strap locks worked loose in the first week and my bass almost hit the floor. '
     'Installation instructions were useless.", "timestamp": 1694000000000}',
 ])
+
+# The pasted-history examples: the form fields they fill, then one row per example.
+PASTED_FIELDS = ("source", "history", "item_id", "item_title", "item_description", "rating", "review_title",
+                 "reference")
+PASTED = [
+    ["paste", CSV_GUITARIST, "B004XNK7AI", "Snark SN-5 Tuner for Guitar, Bass and Violin", "", 4,
+     "Good tuner, clumsy clip", ""],
+    ["paste", JSONL_2014, None, "Fender 351 Shape Classic Celluloid Picks, 12 pack",
+     "Medium gauge celluloid picks in mixed colors.", 5, "My go-to picks", ""],
+    ["paste", JSONL_2023, "B0009G1E0K", "Protec Guitar Strap with Leather Ends and Pick Pocket, Black", "", 2,
+     "Not for heavy basses", ""],
+]
+PASTED_LABELS = ["A guitarist's CSV → a clip-on tuner", "Amazon 2014 JSONL → a new product",
+                 "Amazon 2023 JSONL, a critical reviewer → a strap"]

@@ -27,13 +27,18 @@ SIGNAL_MODES = {
     frozenset({"texts", "his", "diff"}): "dep",
 }
 MODE_TITLES = {
-    "nonperso": "Baseline: no personalization",
+    "generic": "Baseline: a generic reviewer (DEP with the population's average vectors)",
+    "nonperso": "Baseline: the plain LLM, no personalization",
     "rag": "Personalized: past review texts only (RAG)",
     "his": "Personalized: his embeddings only",
     "diff": "Personalized: diff embeddings only",
     "his+diff": "Personalized: his + diff embeddings, no texts",
     "dep": "Personalized: DEP (texts + his + diff)",
 }
+
+# The left-hand output: the same DEP prompt without the person (the fair comparison), or the plain LLM.
+BASELINES = {"generic": "a generic reviewer (same prompt, average vectors)",
+             "nonperso": "the plain LLM (no history)"}
 
 
 def mode_for(signals: Sequence[str] | None) -> str:

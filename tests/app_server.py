@@ -1,8 +1,8 @@
-"""One real `python app.py` server for the app's tests, started once per test session.
+"""Starting and stopping a real `python app.py` on a free local port: one helper for the app's tests
+and for bench/startup.py.
 
-Both test_app_api.py and test_app_browser.py call `app_url()`; the first call starts the server on a
-free local port and waits for it, later calls reuse it, and it is stopped when the session ends.
-The server's output goes to test-output/app-server.log.
+The tests call `app_url()`: the first call starts the shared server and waits for it, later calls
+reuse it, and it is stopped when the session ends. Its output goes to test-output/app-server.log.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 OUTPUT = ROOT / "test-output"
@@ -28,49 +29,53 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _stop() -> None:
-    process = _server.get("process")
-    if process is not None and process.poll() is None:
+def launch(log_path: Path, env: dict[str, str] | None = None, timeout: float = START_TIMEOUT,
+           on_poll: Callable[[], None] | None = None) -> tuple[subprocess.Popen, str]:
+    """Starts `python app.py` on a free local port with `env` added to this process's environment;
+    returns (process, url) once GET / answers 200. `on_poll` runs every 0.1 s while waiting."""
+    port = free_port()
+    env = dict(os.environ, GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port), PYTHONUNBUFFERED="1",
+               **(env or {}))
+    with open(log_path, "w") as log:  # the child keeps its own handle to the file
+        process = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log,
+                                   stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if on_poll:
+            on_poll()
+        if process.poll() is not None:
+            raise RuntimeError(f"app.py exited with code {process.returncode}; see {log_path}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return process, url
+        except OSError:
+            pass
+        time.sleep(0.1)
+    stop_process(process)
+    raise RuntimeError(f"app.py did not answer within {timeout:.0f} s; see {log_path}")
+
+
+def stop_process(process: subprocess.Popen) -> None:
+    """Terminates the app, and kills it if it has not exited 20 s later."""
+    if process.poll() is None:
         process.terminate()
         try:
             process.wait(timeout=20)
         except subprocess.TimeoutExpired:
             process.kill()
-    handle = _server.get("log")
-    if handle is not None:
-        handle.close()
+            process.wait()
 
 
 def app_url() -> str:
-    """The URL of the running app, starting it on first use."""
+    """The URL of the shared app of this test session, starting it on first use."""
     if "url" in _server:
         if _server["process"].poll() is not None:
             raise RuntimeError(f"the app server exited early; see {OUTPUT / 'app-server.log'}")
         return _server["url"]
     OUTPUT.mkdir(exist_ok=True)
-    port = free_port()
-    env = dict(os.environ, GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port), PYTHONUNBUFFERED="1")
-    log = open(OUTPUT / "app-server.log", "w")
-    process = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    _server.update(process=process, log=log)
-    atexit.register(_stop)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"app.py exited with code {process.returncode}; see {OUTPUT / 'app-server.log'}")
-        try:
-            with urllib.request.urlopen(url + "gradio_api/info", timeout=5) as response:
-                if response.status == 200:
-                    _server["url"] = url
-                    return url
-        except OSError:
-            pass
-        time.sleep(1)
-    _stop()
-    raise RuntimeError(f"app.py did not answer within {START_TIMEOUT:.0f} s; see {OUTPUT / 'app-server.log'}")
-
-
-def stop() -> None:
-    _stop()
-    _server.clear()
+    process, url = launch(OUTPUT / "app-server.log")
+    atexit.register(stop_process, process)
+    _server.update(process=process, url=url)
+    return url

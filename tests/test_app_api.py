@@ -28,7 +28,7 @@ def client():
 
 def test_named_endpoints(client):
     endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
-    assert {"/review", "/users", "/search_items"} <= set(endpoints)
+    assert {"/review", "/compare", "/users", "/search_items"} <= set(endpoints)
 
 
 def test_users_and_catalog_search(client):
@@ -44,7 +44,7 @@ def test_bundled_user_returns_two_reviews_with_evidence(client):
     user = client.predict(limit=1, api_name="/users")[0]
     out = client.predict(user_id=user["user_id"], max_new_tokens=TOKENS, api_name="/review")
     assert out["baseline"].strip() and out["personalized"].strip()
-    assert out["mode"] == "dep"
+    assert out["mode"] == "dep" and out["baseline_mode"] == "generic"
     assert out["item"]["item_id"] == user["held_out_item"]
     assert out["reference"], "the held-out real review comes back for comparison"
     for side in ("baseline", "personalized"):
@@ -84,7 +84,7 @@ BAD_INPUTS = [
     pytest.param(dict(user_id="NOBODY"), "not one of the bundled users", id="unknown-user"),
     pytest.param(dict(user_id="@first", signals=["texts", "his"]), "has no mode", id="signals-without-mode"),
     pytest.param(dict(user_id="@first", item_id="NOT-AN-ITEM"), "not in the catalog", id="unknown-item"),
-    pytest.param(dict(user_id="@first", k=99), "K must be within", id="k-out-of-range"),
+    pytest.param(dict(user_id="@first", k=99), "k must be within", id="k-out-of-range"),
 ]
 
 
@@ -97,3 +97,16 @@ def test_bad_input_gets_a_clear_error(client, kwargs, message):
     text = str(caught.value)
     assert message in text
     assert "Traceback" not in text
+
+
+def test_the_api_writes_what_the_engine_writes_for_the_same_request_and_seed(client):
+    """The app adds nothing to a generation: /review's texts are the engine's own, from another process."""
+    from dep_engine import DEPEngine, PersonalizationSettings, SamplingSettings
+
+    user = client.predict(limit=2, api_name="/users")[1]["user_id"]
+    out = client.predict(user_id=user, max_new_tokens=TOKENS, seed=11, api_name="/review")
+    engine = DEPEngine(progress=False)
+    result = engine.generate(engine.user_request(user), ("generic", "dep"), PersonalizationSettings(),
+                             SamplingSettings(max_new_tokens=TOKENS, seed=11))
+    assert (out["baseline"], out["personalized"]) == (result.texts["generic"], result.texts["dep"])
+    assert out["prompt"] == result.prompts["dep"], "the prompt shown is the one the model read"

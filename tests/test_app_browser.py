@@ -38,20 +38,20 @@ def page():
 
 
 def choose_user(page, user_id: str) -> None:
-    box = page.locator("#user input")
+    box = page.locator("#user_id input")
     box.click()
     box.press("Control+a")
     box.press_sequentially(user_id[:8], delay=20)
-    page.locator("#user [role=option]").filter(has_text=user_id).first.click()
+    page.locator("#user_id [role=option]").filter(has_text=user_id).first.click()
 
 
 def test_pick_a_user_generate_and_screenshot(page, tmp_path):
     page.get_by_label("A bundled reviewer").check()
     user_id = "A2EZWZ8MBEDOLN"  # a bundled reviewer whose held-out item has peers
     choose_user(page, user_id)
-    sync_api.expect(page.locator("#item-title textarea")).not_to_have_value("", timeout=15_000)
-    sync_api.expect(page.locator("#review-title textarea")).not_to_have_value("", timeout=15_000)
-    tokens = page.locator("#max-tokens input[type=number]")
+    sync_api.expect(page.locator("#item_title textarea")).not_to_have_value("", timeout=15_000)
+    sync_api.expect(page.locator("#review_title textarea")).not_to_have_value("", timeout=15_000)
+    tokens = page.locator("#max_new_tokens input[type=number]")
     tokens.fill("16")
     tokens.press("Enter")
     page.locator("#generate").click()

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import gzip
-import json
 
 import numpy as np
 import pytest
@@ -97,7 +96,8 @@ def test_sae_figure():
     assert evidence.sae_figure(np.zeros((0, 192)), np.zeros((0, 192)), []) is None
 
 
-def test_timings_markdown_reports_tokens_per_second():
-    text = evidence.timings_markdown({"adapter": 0.1, "generation": 2.0}, new_tokens=20, outputs=2, startup=30)
-    assert "10.0" in text and "20.0 in all" in text and "30 s" in text
-    json.dumps(text)
+def test_timings_markdown_reports_the_measured_rate():
+    text = evidence.timings_markdown({"adapter": 0.1, "first_token": 0.4, "generation": 2.0, "tokens_per_second": 10.0},
+                                     outputs=2, startup=30)
+    assert "| first token after | 0.40 |" in text and "**10.0** per output, 20.0 in all" in text and "30 s" in text
+    assert "tokens_per_second |" not in text

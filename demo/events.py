@@ -1,0 +1,183 @@
+"""What the page does when a visitor acts: switching the history source, picking a user or an item,
+pasting or uploading a history, choosing signals, and generating."""
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import gradio as gr
+
+from dep_engine import DataError, parse_history
+
+from . import render, texts
+from .inputs import MODE_TITLES, check_size, mode_for, mode_hint, read_upload
+from .layout import OUTPUTS, Components
+from .studio import FORM_FIELDS, Form, Studio, describe_error
+
+PRODUCT = ("item_id", "item_title", "item_description", "rating", "review_title", "reference")
+QUIET = dict(api_visibility="private", show_progress="hidden")
+
+
+def wire(studio: Studio, ui: Components) -> None:
+    """Connects every control of the page to its callback."""
+    _wire_history(studio, ui)
+    _wire_product(studio, ui)
+    ui["signals"].change(on_signals, ui["signals"], [ui["signals_hint"], ui["personalized"]], queue=False, **QUIET)
+    _wire_generate(studio, ui)
+    _wire_compare(studio, ui)
+
+
+def _wire_history(studio: Studio, ui: Components) -> None:
+    def on_source(choice: str) -> list:
+        return [gr.update(visible=choice == group) for group in ("bundled", "paste", "table", "bundled")]
+
+    ui["source"].change(on_source, ui["source"], [ui[n] for n in ("bundled_group", "paste_group", "table_group",
+                                                                   "held_out_button")], queue=False, **QUIET)
+
+    def on_history(text: str | None) -> str:
+        return history_status(studio, text)
+
+    ui["history"].change(on_history, ui["history"], ui["history_status"], trigger_mode="always_last", **QUIET)
+    ui["upload"].upload(on_upload, ui["upload"], [ui["history"], ui["history_status"]],
+                        api_visibility="private")
+
+
+def _wire_product(studio: Studio, ui: Components) -> None:
+    product = [ui[n] for n in PRODUCT]
+
+    def fill_held_out(user_id: str | None) -> list:
+        try:
+            held = studio.held_out(user_id)
+        except DataError as err:
+            gr.Warning(str(err))
+            return [gr.skip()] * len(PRODUCT)
+        return [held[n] for n in PRODUCT]
+
+    def on_user(user_id: str | None) -> list:
+        if not user_id or user_id not in studio.users:
+            return [studio.user_summary(None), studio.user_table(None)] + [gr.skip()] * len(PRODUCT)
+        return [studio.user_summary(user_id), studio.user_table(user_id)] + fill_held_out(user_id)
+
+    ui["user_id"].change(on_user, ui["user_id"], [ui["user_info"], ui["user_history"]] + product, **QUIET)
+    ui["held_out_button"].click(fill_held_out, ui["user_id"], product, **QUIET)
+
+    def on_catalog(item_id: str | None, source: str, user_id: str | None) -> list:
+        item = studio.items.get(item_id or "")
+        if item is None:
+            return [gr.skip()] * 5
+        own = studio.own_review(user_id, item_id)
+        if source == "bundled" and own is not None:
+            return [item.title, item.description, own.rating, own.title, own.text]
+        return [item.title, item.description, gr.skip(), gr.skip(), ""]
+
+    ui["item_id"].input(on_catalog, [ui["item_id"], ui["source"], ui["user_id"]], product[1:], **QUIET)
+
+
+def history_status(studio: Studio, text: str | None) -> str:
+    """A one-line check of a pasted history, while the visitor types."""
+    if not text or not text.strip():
+        return ""
+    try:
+        check_size(text)
+        reviews, items = parse_history(text, user_id="you")
+    except DataError as err:
+        return f"✖ {err}"
+    store = studio.engine.store
+    known = sum(1 for r in reviews if store.resolve_item(store.item(r.item_id, items)).item_id in store.item_slice)
+    return (f"✓ {len(reviews)} review(s) read · {known} of their items are in the catalog, so other "
+            "people's reviews of them can serve as peers")
+
+
+def on_upload(path: str | None) -> tuple:
+    try:
+        return read_upload(path), gr.skip()
+    except DataError as err:
+        return gr.skip(), f"✖ {err}"
+    except OSError as err:
+        return gr.skip(), f"✖ upload: cannot read the file ({err})"
+
+
+def on_signals(chosen: list[str] | None) -> tuple:
+    try:
+        label = MODE_TITLES[mode_for(chosen)]
+    except DataError:
+        return mode_hint(chosen), gr.skip()
+    return mode_hint(chosen), gr.update(label=label)
+
+
+def _wire_generate(studio: Studio, ui: Components) -> None:
+    outputs = [ui[n] for n in OUTPUTS] + [ui["max_new_tokens"]]
+
+    def on_generate(*values: Any) -> Iterator[dict]:
+        for changes in generate(studio, Form(*values)):
+            yield {ui[name]: value for name, value in changes.items()}
+
+    event = ui["generate"].click(on_generate, [ui[n] for n in FORM_FIELDS], outputs, api_name="generate",
+                                 api_visibility="undocumented", concurrency_limit=1, concurrency_id="llm",
+                                 show_progress="minimal")
+    ui["stop"].click(lambda: texts.STOPPED, None, ui["status"], cancels=[event], api_visibility="private",
+                     queue=False)
+
+
+def generate(studio: Studio, form: Form) -> Iterator[dict[str, Any]]:
+    """Both reviews, streamed, then the evidence, metrics and timings; every problem becomes a message."""
+    try:
+        job = studio.job(form)
+    except Exception as err:  # noqa: BLE001 - every problem becomes a message
+        message = describe_error(err)
+        gr.Warning(message, title="Please check the input")
+        yield dict(status=render.error_markdown(message))
+        return
+    reference = (form.reference or "").strip()
+    yield dict(status=f"Working: selecting {job.personalization.k} past reviews of {job.source}, and peers…",
+               baseline=gr.update(value="", label=MODE_TITLES[job.baseline]),
+               personalized=gr.update(value="", label=MODE_TITLES[job.mode]),
+               compare_group=gr.update(visible=bool(reference)), real=reference, metrics="")
+    result = None
+    try:
+        for partial in studio.run(job):
+            changes = dict(baseline=partial.texts[job.baseline], personalized=partial.texts[job.mode],
+                           status=render.working_status(job, partial))
+            if result is None:  # the evidence is known before the first token
+                changes.update(render.evidence_panels(studio, partial.context), prompt=partial.prompts[job.mode])
+            result = partial
+            yield changes
+    except Exception as err:  # noqa: BLE001
+        message = describe_error(err)
+        gr.Warning(message, title="Generation failed")
+        yield dict(status=render.error_markdown(message))
+        return
+    if result is None:
+        yield dict(status=render.error_markdown("the engine returned nothing"))
+        return
+    final = dict(timings=render.timings_panel(studio, result), status=render.done_status(job, result),
+                 max_new_tokens=gr.update(info=studio.speed_hint()))
+    if reference:
+        final["metrics"] = render.metrics_panel(studio, job, result, reference)
+    yield final
+
+
+def _wire_compare(studio: Studio, ui: Components) -> None:
+    outputs = [ui[n] for n in ("compare_status", "first_review", "second_review")]
+
+    def on_compare(*values: Any) -> Iterator[dict]:
+        for changes in compare(studio, Form(*values[:-1]), values[-1]):
+            yield {ui[name]: value for name, value in changes.items()}
+
+    ui["compare"].click(on_compare, [ui[n] for n in FORM_FIELDS] + [ui["other_user_id"]], outputs,
+                        api_visibility="private", concurrency_limit=1, concurrency_id="llm", show_progress="minimal")
+
+
+def compare(studio: Studio, form: Form, other_user_id: str) -> Iterator[dict[str, Any]]:
+    """Two reviewers' personalized reviews, streamed side by side."""
+    try:
+        jobs, stream = studio.compare(form, other_user_id)
+        yield dict(compare_status="Working: two reviewers, one batch…", first_review="", second_review="")
+        results = None
+        for results in stream:
+            yield dict(first_review=results[0].texts[jobs[0].mode], second_review=results[1].texts[jobs[1].mode])
+    except Exception as err:  # noqa: BLE001 - every problem becomes a message
+        yield dict(compare_status=render.error_markdown(describe_error(err)))
+        return
+    notes = sorted(set(results[0].notes) | set(results[1].notes))
+    yield dict(compare_status=f"✓ Done: {jobs[0].source} and {jobs[1].source}, same seed "
+                              f"{jobs[0].sampling.seed}." + render.notes_markdown(notes))

@@ -1,0 +1,83 @@
+"""The page's words and styles, kept apart from the code that places them."""
+
+TITLE = "DEP Studio: personalized review generation"
+
+INTRO = """
+# DEP Studio · reviews in a person's own voice
+
+A small language model (SmolLM2-135M) is given a **product**, the **star rating** and the **title** of a review,
+and writes the review text twice, side by side:
+**without personalization** (the baseline), and **personalized with DEP** (*difference-aware embedding-based
+personalization*, [Zhu et al. 2025](https://arxiv.org/abs/2507.20849)). DEP shows the model a few of the person's
+past reviews, and next to each one two compact hints: ***his***, an embedding of what that review says, and
+***diff***, an embedding of how it differs from what *other* people wrote about the same product. The differences
+are what make a voice recognizable.
+
+**How to use:** ① choose a bundled reviewer (or paste your own reviews) · ② their real, held-out review's product
+is filled in, so you can compare · ③ press **Generate**. Or click one of the examples at the bottom.
+"""
+
+UNTRAINED = """⚠️ **The DEP adapter in this build is untrained.** The *his* and *diff* hints are random projections,
+so today the personalized output differs from the baseline through the past-review texts (and noise) only.
+Train the adapter with `python -m dep_engine train`, then start the app with `--adapter runs/adapter`."""
+
+HOW_IT_WORKS = """
+### How it works, for researchers
+1. **History selection.** K of the user's past reviews: the ones most *relevant* to the product (cosine between
+   the product's and the review's MiniLM embeddings), or the K most *recent* whose items have other reviewers
+   (the paper's rule). Only reviews written before the held-out review are used.
+2. **Peers.** For each selected review, the other users who reviewed the same item (before the target's time).
+   Items nobody else reviewed borrow the reviewers of the nearest items (*cold start*).
+3. **Differences.** diff = Σ w_r (e_user − e_peer_r); the weights w are a softmax of how far each peer's mean
+   embedding is from the user's, at the *peer temperature* (higher → more uniform).
+4. **Adapter.** A sparse autoencoder turns each his and diff vector into a sparse code (plotted in *SAE
+   codes*); two small projectors map the codes to soft tokens in the LLM's embedding space.
+5. **Prompt.** Each past review's text is followed by its own his and diff soft tokens; the frozen LLM writes the
+   review. Baseline and personalized prompts are decoded together in one batch with the same seed.
+
+*Signals* picks the ablation: texts alone is RAG; his / diff / his + diff without texts use the embeddings only;
+all three is DEP. Texts with only one of the two embeddings has no mode in the method, so it is refused.
+The metrics compare one sample against one real review: a single example is noisy, not a benchmark.
+"""
+
+API_HELP = """
+### Use it from Python
+```python
+from gradio_client import Client
+client = Client("http://127.0.0.1:7860/")
+client.predict(limit=5, api_name="/users")                     # bundled users
+out = client.predict(user_id="ADH0O8UVJOT10", max_new_tokens=60, api_name="/review")
+out["baseline"], out["personalized"], out["metrics"]
+client.predict(history=open("my_reviews.csv").read(), item_title="Snark SN-5 Tuner",
+               rating=4, review_title="Handy", api_name="/review")
+```
+"""
+
+COMPARE_HELP = ("The reviewer chosen in ① and a second one write about the product in ② with the settings "
+                "in ③ and the same seed, decoded together: what differs is the person.")
+READY = "Press **Generate** to write both reviews."
+STOPPED = "■ Stopped. The model finishes the batch it was decoding before the next run starts."
+PAST_REVIEWS_HELP = ("The K past reviews put in the prompt, with their relevance to the product "
+                     "(cosine similarity of embeddings).")
+PEERS_HELP = ("For each past review, the other people who reviewed the same item and their "
+              "weight in the difference embedding (weights of one review sum to 1).")
+SAE_HELP = ("Sparse-autoencoder codes of each review's *his* and *diff* vectors: the "
+            "features the adapter turns into soft tokens.")
+TERMS_HELP = "Words and phrases this user writes more (and less) than the peers who reviewed the same items."
+TERMS_NOTE = ("\n\n<small>Words and two-word phrases of the past reviews used, against the other reviews of the "
+              "same items; ranked by the log-odds ratio with an informative prior from the whole pool "
+              "(Monroe et al. 2008). This is read from the texts; the diff embeddings encode such "
+              "differences for the model.</small>")
+
+CSS = """
+.dep-banner { border: 1px solid #f59e0b; background: #fffbeb; border-radius: 8px; padding: 8px 14px; }
+.dep-banner, .dep-banner * { color: #78350f !important; }
+#status .dep-error { color: #b91c1c; }
+.dep-step { margin-top: 6px; }
+#baseline textarea, #personalized textarea { font-size: 15px; line-height: 1.45; }
+footer { margin-top: 12px; }
+mark.dep-mark { background: #ddd6fe; color: #3b0764; border-radius: 3px; padding: 0 2px; }
+#terms-text p { margin: 0 0 10px 0; line-height: 1.5; }
+#selected .virtual-row, #peers .virtual-row, #user-history .virtual-row, #table .virtual-row,
+#selected th, #peers th, #user-history th, #table th { font-family: var(--font) !important; font-size: 13px; }
+"""
