@@ -26,7 +26,8 @@ import time  # noqa: E402
 
 from demo import texts  # noqa: E402
 from demo.page import build_demo, theme  # noqa: E402
-from demo.studio import Studio  # noqa: E402
+from demo.sharing import MAX_PENDING, share_fairly  # noqa: E402
+from demo.studio import DEFAULT_TIME_BUDGET_S, Studio  # noqa: E402
 from dep_engine import AdapterError, DataError, DEPEngine, EngineConfig  # noqa: E402
 
 log = logging.getLogger("dep_studio.app")
@@ -56,6 +57,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--adapter", default=EngineConfig.adapter, help="trained DEP adapter folder")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--no-4bit", action="store_true", help="on CUDA, load the LLM in bf16 instead of 4-bit NF4")
+    parser.add_argument("--time-budget", type=float, default=DEFAULT_TIME_BUDGET_S, metavar="SECONDS",
+                        help="decoding of one generation stops after this long, keeping what was written")
+    parser.add_argument("--max-pending", type=int, default=MAX_PENDING, metavar="N",
+                        help="generations one client may have queued or running at once (0: no limit)")
     args, _ = parser.parse_known_args(argv)
     return args
 
@@ -73,9 +78,10 @@ def main(argv: list[str] | None = None) -> None:
         engine = DEPEngine(config, progress=False)
     except (DataError, AdapterError) as err:  # a bad --data or --adapter: one line, not a traceback
         raise SystemExit(f"error: {err}") from None
-    demo = build_demo(Studio(engine))
+    demo = build_demo(Studio(engine, time_budget_s=args.time_budget))
     log.info("ready in %.0f s (adapter trained: %s)", time.perf_counter() - began, engine.adapter_trained)
     demo.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE)
+    share_fairly(demo, limit=args.max_pending)
     demo.launch(theme=theme(), css=texts.CSS, max_file_size=MAX_UPLOAD, footer_links=["api", "gradio", "settings"])
 
 

@@ -11,6 +11,7 @@ from typing import Any, Callable
 import gradio as gr
 
 from . import evidence
+from .sharing import RequestLog
 from .studio import API_FIELDS, FORM_TYPES, Form, Job, Studio, describe_error
 
 TEXT_FIELDS = ("user_id", "history", "item_id", "item_title", "item_description", "review_title", "reference",
@@ -19,12 +20,24 @@ TEXT_FIELDS = ("user_id", "history", "item_id", "item_title", "item_description"
 
 def review(studio: Studio, **arguments: Any) -> dict:
     """One /review call run to the end: baseline and personalized reviews, metrics and evidence."""
-    form = review_form(studio, **arguments)
-    job = studio.job(form)
-    result = None
-    for result in studio.run(job):
-        pass
-    return review_json(studio, job, result, form.reference)
+    record = RequestLog("api", _source(arguments))
+    try:
+        form = review_form(studio, **arguments)
+        job = studio.job(form)
+        record.jobs, record.modes = [job], (job.baseline, job.mode)
+        for record.result in studio.run(job):
+            pass
+        return review_json(studio, job, record.result, form.reference)
+    except Exception as err:
+        record.error = err
+        raise
+    finally:
+        record.done()
+
+
+def _source(arguments: dict) -> str:
+    history = arguments.get("history")
+    return "paste" if isinstance(history, str) and history.strip() else "bundled"
 
 
 def review_form(studio: Studio, **arguments: Any) -> Form:
@@ -102,11 +115,18 @@ def users(studio: Studio, limit: int = 20) -> list[dict]:
 
 def compare(studio: Studio, other_user_id: str = "", **arguments: Any) -> dict:
     """Two bundled reviewers' personalized reviews of one product, with the same settings and seed."""
-    form = review_form(studio, **arguments)
-    jobs, stream = studio.compare(form, other_user_id)
-    results = None
-    for results in stream:
-        pass
+    record = RequestLog("api-compare", "bundled")
+    try:
+        form = review_form(studio, **arguments)
+        jobs, stream = studio.compare(form, other_user_id)
+        record.jobs, record.modes = jobs, (jobs[0].mode,)
+        for results in stream:
+            record.result = results[0]
+    except Exception as err:
+        record.error = err
+        raise
+    finally:
+        record.done()
     return dict(item=dict(item_id=jobs[0].request.item.item_id, title=jobs[0].request.item.title),
                 rating=jobs[0].request.rating, review_title=jobs[0].request.review_title, mode=jobs[0].mode,
                 reviews=[dict(user_id=user, text=result.texts[job.mode], notes=list(result.notes))

@@ -11,6 +11,7 @@ from dep_engine import DataError, parse_history
 from . import render, texts
 from .inputs import MODE_TITLES, check_size, mode_for, mode_hint, read_upload
 from .layout import OUTPUTS, Components
+from .sharing import RequestLog, forget_upload
 from .studio import FORM_FIELDS, Form, Studio, describe_error
 
 PRODUCT = ("item_id", "item_title", "item_description", "rating", "review_title", "reference")
@@ -37,7 +38,7 @@ def _wire_history(studio: Studio, ui: Components) -> None:
         return history_status(studio, text)
 
     ui["history"].change(on_history, ui["history"], ui["history_status"], trigger_mode="always_last", **QUIET)
-    ui["upload"].upload(on_upload, ui["upload"], [ui["history"], ui["history_status"]],
+    ui["upload"].upload(on_upload, ui["upload"], [ui["history"], ui["history_status"], ui["upload"]],
                         api_visibility="private")
 
 
@@ -88,12 +89,15 @@ def history_status(studio: Studio, text: str | None) -> str:
 
 
 def on_upload(path: str | None) -> tuple:
+    """The upload's text into the history box; the file itself is deleted once read (or refused)."""
     try:
-        return read_upload(path), gr.skip()
+        return read_upload(path), gr.skip(), None
     except DataError as err:
-        return gr.skip(), f"✖ {err}"
+        return gr.skip(), f"✖ {err}", None
     except OSError as err:
-        return gr.skip(), f"✖ upload: cannot read the file ({err})"
+        return gr.skip(), f"✖ upload: cannot read the file ({err})", None
+    finally:
+        forget_upload(path)
 
 
 def on_signals(chosen: list[str] | None) -> tuple:
@@ -119,33 +123,45 @@ def _wire_generate(studio: Studio, ui: Components) -> None:
 
 
 def generate(studio: Studio, form: Form) -> Iterator[dict[str, Any]]:
-    """Both reviews, streamed, then the evidence, metrics and timings; every problem becomes a message."""
+    """Both reviews, streamed, then the evidence, metrics and timings; every problem becomes a message.
+    One log line per request, also when the visitor stops it."""
+    record = RequestLog("page", form.source)
+    try:
+        yield from _generate(studio, form, record)
+    finally:
+        record.done()
+
+
+def _generate(studio: Studio, form: Form, record: RequestLog) -> Iterator[dict[str, Any]]:
     try:
         job = studio.job(form)
     except Exception as err:  # noqa: BLE001 - every problem becomes a message
+        record.error = err
         message = describe_error(err)
         gr.Warning(message, title="Please check the input")
         yield dict(status=render.error_markdown(message))
         return
+    record.jobs, record.modes = [job], (job.baseline, job.mode)
     reference = (form.reference or "").strip()
     yield dict(status=f"Working: selecting {job.personalization.k} past reviews of {job.source}, and peers…",
                baseline=gr.update(value="", label=MODE_TITLES[job.baseline]),
                personalized=gr.update(value="", label=MODE_TITLES[job.mode]),
                compare_group=gr.update(visible=bool(reference)), real=reference, metrics="")
-    result = None
     try:
         for partial in studio.run(job):
             changes = dict(baseline=partial.texts[job.baseline], personalized=partial.texts[job.mode],
                            status=render.working_status(job, partial))
-            if result is None:  # the evidence is known before the first token
+            if record.result is None:  # the evidence is known before the first token
                 changes.update(render.evidence_panels(studio, partial.context), prompt=partial.prompts[job.mode])
-            result = partial
+            record.result = partial
             yield changes
     except Exception as err:  # noqa: BLE001
+        record.error = err
         message = describe_error(err)
         gr.Warning(message, title="Generation failed")
         yield dict(status=render.error_markdown(message))
         return
+    result = record.result
     if result is None:
         yield dict(status=render.error_markdown("the engine returned nothing"))
         return
@@ -169,15 +185,19 @@ def _wire_compare(studio: Studio, ui: Components) -> None:
 
 def compare(studio: Studio, form: Form, other_user_id: str) -> Iterator[dict[str, Any]]:
     """Two reviewers' personalized reviews, streamed side by side."""
+    record = RequestLog("page-compare", "bundled")
     try:
         jobs, stream = studio.compare(form, other_user_id)
+        record.jobs, record.modes = jobs, (jobs[0].mode,)
         yield dict(compare_status="Working: two reviewers, one batch…", first_review="", second_review="")
-        results = None
         for results in stream:
+            record.result = results[0]
             yield dict(first_review=results[0].texts[jobs[0].mode], second_review=results[1].texts[jobs[1].mode])
+        notes = sorted(set(results[0].notes) | set(results[1].notes))
+        yield dict(compare_status=f"✓ Done: {jobs[0].source} and {jobs[1].source}, same seed "
+                                  f"{jobs[0].sampling.seed}." + render.notes_markdown(notes))
     except Exception as err:  # noqa: BLE001 - every problem becomes a message
+        record.error = err
         yield dict(compare_status=render.error_markdown(describe_error(err)))
-        return
-    notes = sorted(set(results[0].notes) | set(results[1].notes))
-    yield dict(compare_status=f"✓ Done: {jobs[0].source} and {jobs[1].source}, same seed "
-                              f"{jobs[0].sampling.seed}." + render.notes_markdown(notes))
+    finally:
+        record.done()

@@ -5,11 +5,12 @@ from __future__ import annotations
 import gradio as gr
 
 from . import api, events, layout, texts
+from .sharing import DELETE_CACHE
 from .studio import Studio
 
 
 def build_demo(studio: Studio) -> gr.Blocks:
-    with gr.Blocks(title=texts.TITLE) as demo:
+    with gr.Blocks(title=texts.TITLE, delete_cache=DELETE_CACHE) as demo:
         gr.Markdown(texts.INTRO)
         if not studio.engine.adapter_trained:
             gr.Markdown(texts.UNTRAINED, elem_classes="dep-banner")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import traceback
 import typing
 from collections import Counter
 from dataclasses import dataclass, fields, replace
@@ -295,7 +296,8 @@ def describe_error(err: BaseException) -> str:
     """The message a person sees: the engine's own wording for bad input, a short line otherwise."""
     if isinstance(err, (DataError, ValueError)):
         return str(err)
-    log.exception("unexpected error while generating")
+    # the traceback without the message: a message can quote what the visitor typed
+    log.error("unexpected %s while generating:\n%s", type(err).__name__, "".join(traceback.format_tb(err.__traceback__)))
     return (f"Something went wrong inside the engine ({type(err).__name__}: {err}). "
             "The details are in the server log; try again, or change the input.")
 

@@ -30,14 +30,14 @@ def free_port() -> int:
 
 
 def launch(log_path: Path, env: dict[str, str] | None = None, timeout: float = START_TIMEOUT,
-           on_poll: Callable[[], None] | None = None) -> tuple[subprocess.Popen, str]:
-    """Starts `python app.py` on a free local port with `env` added to this process's environment;
-    returns (process, url) once GET / answers 200. `on_poll` runs every 0.1 s while waiting."""
+           on_poll: Callable[[], None] | None = None, args: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
+    """Starts `python app.py [args]` on a free local port with `env` added to this process's
+    environment; returns (process, url) once GET / answers 200. `on_poll` runs every 0.1 s while waiting."""
     port = free_port()
     env = dict(os.environ, GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port), PYTHONUNBUFFERED="1",
                **(env or {}))
     with open(log_path, "w") as log:  # the child keeps its own handle to the file
-        process = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log,
+        process = subprocess.Popen([sys.executable, "app.py", *args], cwd=ROOT, env=env, stdout=log,
                                    stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + timeout

@@ -217,7 +217,8 @@ def test_an_overlong_prompt_is_shortened_and_the_ui_says_so(studio):
     title = " ".join(f"qzxv{n}wkj9pfh3" for n in range(30))  # rare strings: several tokens per word
     table = io.StringIO()  # long review titles, short texts: the encoder has little to do
     csv.writer(table).writerows([["item_title", "rating", "review_title", "review_text"]]
-                                + [[item, 4, title, "Fine."] for item, _ in studio.catalog_choices[:16]])
+                                + [[item, 4, title, f"Fine, pick {n}."]  # distinct: equal reviews count once
+                                   for n, (item, _) in enumerate(studio.catalog_choices[:16])])
     out = api.review(studio, **{**GOOD, "history": table.getvalue(), "k": 16})
     note = next(n for n in out["notes"] if n.startswith("prompt shortened to fit the LLM's context"))
     assert len(out["selected"]) < 16 and f"{len(out['selected'])} past review(s)" in note
