@@ -68,6 +68,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # "could not load AVX512 ..." is not a failure
     began = time.perf_counter()
     if ON_SPACE:
         ensure_bundled_models()
@@ -82,7 +83,8 @@ def main(argv: list[str] | None = None) -> None:
     log.info("ready in %.0f s (adapter trained: %s)", time.perf_counter() - began, engine.adapter_trained)
     demo.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE)
     share_fairly(demo, limit=args.max_pending)
-    demo.launch(theme=theme(), css=texts.CSS, max_file_size=MAX_UPLOAD, footer_links=["api", "gradio", "settings"])
+    demo.launch(theme=theme(), css=texts.CSS, js=texts.JS, max_file_size=MAX_UPLOAD,
+                footer_links=["api", "gradio", "settings"])
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ def wire(studio: Studio, ui: Components) -> None:
     _wire_history(studio, ui)
     _wire_product(studio, ui)
     ui["signals"].change(on_signals, ui["signals"], [ui["signals_hint"], ui["personalized"]], queue=False, **QUIET)
+    ui["sae_tab"].select(lambda figure: figure, ui["sae_figure"], ui["sae"], queue=False, **QUIET)
     _wire_generate(studio, ui)
     _wire_compare(studio, ui)
 
@@ -43,34 +44,54 @@ def _wire_history(studio: Studio, ui: Components) -> None:
 
 
 def _wire_product(studio: Studio, ui: Components) -> None:
+    """The product fields follow the reviewer and the catalog pick, and never keep what belonged to
+    another reviewer or product (their real review above all: it is what the outputs are scored on)."""
     product = [ui[n] for n in PRODUCT]
-
-    def fill_held_out(user_id: str | None) -> list:
-        try:
-            held = studio.held_out(user_id)
-        except DataError as err:
-            gr.Warning(str(err))
-            return [gr.skip()] * len(PRODUCT)
-        return [held[n] for n in PRODUCT]
 
     def on_user(user_id: str | None) -> list:
         if not user_id or user_id not in studio.users:
             return [studio.user_summary(None), studio.user_table(None)] + [gr.skip()] * len(PRODUCT)
-        return [studio.user_summary(user_id), studio.user_table(user_id)] + fill_held_out(user_id)
+        return [studio.user_summary(user_id), studio.user_table(user_id)] + held_out_values(studio, user_id)
 
     ui["user_id"].change(on_user, ui["user_id"], [ui["user_info"], ui["user_history"]] + product, **QUIET)
-    ui["held_out_button"].click(fill_held_out, ui["user_id"], product, **QUIET)
+    ui["held_out_button"].click(lambda user_id: held_out_values(studio, user_id), ui["user_id"], product, **QUIET)
+
+    def on_source(choice: str, user_id: str | None) -> list:
+        if choice == "bundled":
+            return held_out_values(studio, user_id)
+        return [None, "", "", gr.skip(), "", ""]  # the rating alone says nothing about the old reviewer
+
+    ui["source"].input(on_source, [ui["source"], ui["user_id"]], product, **QUIET)
 
     def on_catalog(item_id: str | None, source: str, user_id: str | None) -> list:
         item = studio.items.get(item_id or "")
         if item is None:
             return [gr.skip()] * 5
-        own = studio.own_review(user_id, item_id)
-        if source == "bundled" and own is not None:
+        own = studio.own_review(user_id, item_id) if source == "bundled" else None
+        if own is not None:
             return [item.title, item.description, own.rating, own.title, own.text]
         return [item.title, item.description, gr.skip(), gr.skip(), ""]
 
     ui["item_id"].input(on_catalog, [ui["item_id"], ui["source"], ui["user_id"]], product[1:], **QUIET)
+
+    def on_title(title: str, item_id: str | None) -> list:
+        item = studio.items.get(item_id or "")
+        if item is not None and item.title.strip() != (title or "").strip():
+            return [None, ""]  # another product now: not the catalog pick, nor its real review
+        return [gr.skip(), gr.skip()]
+
+    ui["item_title"].input(on_title, [ui["item_title"], ui["item_id"]], [ui["item_id"], ui["reference"]],
+                           trigger_mode="always_last", **QUIET)
+
+
+def held_out_values(studio: Studio, user_id: str | None) -> list:
+    """The product fields of a bundled reviewer's held-out review (unchanged, with a warning, if none)."""
+    try:
+        held = studio.held_out(user_id)
+    except DataError as err:
+        gr.Warning(str(err))
+        return [gr.skip()] * len(PRODUCT)
+    return [held[n] for n in PRODUCT]
 
 
 def history_status(studio: Studio, text: str | None) -> str:

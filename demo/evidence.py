@@ -76,6 +76,9 @@ def typical_rating(ratings: Sequence[float]) -> float:
 
 # ---- figures -----------------------------------------------------------------------------------
 
+LABEL_SIZE = 11  # points: about 15 px on the page, readable without zooming
+
+
 def sae_figure(his_codes: np.ndarray, diff_codes: np.ndarray, labels: Sequence[str], untrained: bool = False):
     """Heatmaps of the sparse codes, one row per selected past review; None when there is none."""
     from matplotlib.figure import Figure
@@ -83,7 +86,7 @@ def sae_figure(his_codes: np.ndarray, diff_codes: np.ndarray, labels: Sequence[s
     if his_codes.size == 0:
         return None
     k, width = his_codes.shape
-    fig = Figure(figsize=(10, 1.9 + 0.62 * k), dpi=110, layout="constrained")
+    fig = Figure(figsize=(10, 2.4 + 0.8 * k), dpi=110, layout="constrained")
     axes = fig.subplots(2, 1, sharex=True)
     vmax = float(max(his_codes.max(), diff_codes.max(), 1e-6))
     names = [("his codes: what each past review says", his_codes),
@@ -91,10 +94,13 @@ def sae_figure(his_codes: np.ndarray, diff_codes: np.ndarray, labels: Sequence[s
     for ax, (title, codes) in zip(axes, names):
         image = ax.imshow(codes, aspect="auto", cmap="magma", interpolation="nearest", vmin=0, vmax=vmax)
         active = (codes > 0.05 * vmax).sum(axis=1).mean()
-        ax.set_title(f"{title}  (≈{active:.0f} of {width} features clearly active per review)", fontsize=9, loc="left")
-        ax.set_yticks(range(k), [shorten(label, 6)[:34] for label in labels], fontsize=7)
-    axes[-1].set_xlabel("SAE feature", fontsize=8)
-    fig.colorbar(image, ax=list(axes), shrink=0.8, label="activation")
+        ax.set_title(f"{title} (≈{active:.0f} of {width} features active)", fontsize=LABEL_SIZE, loc="left")
+        ax.set_yticks(range(k), [shorten(label, 6)[:34] for label in labels], fontsize=LABEL_SIZE)
+        ax.tick_params(axis="x", labelsize=LABEL_SIZE)
+    axes[-1].set_xlabel("SAE feature", fontsize=LABEL_SIZE)
+    bar = fig.colorbar(image, ax=list(axes), shrink=0.8)
+    bar.set_label("activation", fontsize=LABEL_SIZE)
+    bar.ax.tick_params(labelsize=LABEL_SIZE)
     if untrained:
         fig.suptitle("untrained adapter: these activations come from random weights", fontsize=9, color="#b45309")
     return fig

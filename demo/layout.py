@@ -10,12 +10,12 @@ from . import evidence, examples, texts
 from dep_engine import BOUNDS
 
 from .inputs import BASELINES, MODE_TITLES, SIGNALS, TABLE_HEADERS, mode_hint
-from .studio import ALL_SIGNALS, FORM_FIELDS, Form, Studio
+from .studio import ALL_SIGNALS, Form, Studio
 
 Components = dict[str, gr.components.Component]
 
 OUTPUTS = ("status", "baseline", "personalized", "compare_group", "real", "metrics", "selected", "peers", "sae",
-           "terms", "terms_text", "prompt", "timings")
+           "sae_figure", "terms", "terms_text", "prompt", "timings")
 
 
 def build_inputs(studio: Studio) -> Components:
@@ -25,11 +25,9 @@ def build_inputs(studio: Studio) -> Components:
     _history_inputs(studio, ui)
     _product_inputs(studio, ui, start)
     _settings_inputs(studio, ui)
-    with gr.Row():
+    with gr.Row(elem_id="action-bar"):  # sticky (texts.CSS): on the first screen, and while scrolling the form
         ui["generate"] = gr.Button("Generate", variant="primary", scale=3, elem_id="generate")
         ui["stop"] = gr.Button("Stop", variant="stop", scale=1)
-    missing = set(FORM_FIELDS) - set(ui)
-    assert not missing, f"form fields without a component: {missing}"
     return ui
 
 
@@ -94,7 +92,7 @@ def _settings_inputs(studio: Studio, ui: Components) -> None:
                                       value=form.history_rule, label="Which past reviews",
                                       elem_id="history_rule")
     ui["signals"] = gr.CheckboxGroup(SIGNALS, value=ALL_SIGNALS, label="Signals for the personalized output",
-                                     elem_id="signals")
+                                     info=texts.SIGNALS_HELP, elem_id="signals")
     ui["signals_hint"] = gr.Markdown(mode_hint(ALL_SIGNALS))
     ui["strength"] = _slider("strength", form.strength, 0.1, "Personalization strength",
                              info="0 = the generic reviewer, 1 = this user, 2 = this user, exaggerated",
@@ -144,23 +142,24 @@ def build_evidence() -> Components:
         with gr.Tab("Past reviews"):
             gr.Markdown(texts.PAST_REVIEWS_HELP, padding=True)
             ui["selected"] = gr.Dataframe(pd.DataFrame(columns=evidence.SELECTED_HEADERS), interactive=False,
-                                          wrap=True, max_height=420, elem_id="selected",
+                                          wrap=True, max_height=2000, elem_id="selected",
                                           column_widths=["5%", "24%", "8%", "17%", "10%", "9%", "27%"])
         with gr.Tab("Peers"):
             gr.Markdown(texts.PEERS_HELP, padding=True)
             ui["peers"] = gr.Dataframe(pd.DataFrame(columns=evidence.PEER_HEADERS), interactive=False, wrap=True,
-                                       max_height=420, elem_id="peers",
+                                       max_height=600, elem_id="peers",
                                        column_widths=["5%", "20%", "17%", "8%", "9%", "41%"])
-        with gr.Tab("SAE codes"):
-            gr.Markdown(texts.SAE_HELP, padding=True)
-            ui["sae"] = gr.Plot(show_label=False)
+        with gr.Tab("SAE codes") as ui["sae_tab"]:
+            gr.Markdown(texts.SAE_HELP, padding=True, elem_id="sae-help")
+            ui["sae"] = gr.Plot(show_label=False, elem_id="sae-plot")
+            ui["sae_figure"] = gr.State()  # the latest figure: a plot updated in a hidden tab stays blank
         with gr.Tab("Distinctive words"):
             ui["terms"] = gr.Markdown(texts.TERMS_HELP, padding=True)
             gr.Markdown("**Where this user's words appear in the past reviews used**", padding=True)
             ui["terms_text"] = gr.HTML(elem_id="terms-text", padding=True)
         with gr.Tab("Prompt"):
             ui["prompt"] = gr.Textbox(show_label=False, lines=14, max_lines=30, interactive=False, buttons=["copy"],
-                                      placeholder="The personalized prompt appears here.")
+                                      placeholder="The personalized prompt appears here.", elem_id="prompt")
         with gr.Tab("Timings"):
             ui["timings"] = gr.Markdown("Run a generation to see the time of each stage.", padding=True)
     return ui

@@ -54,11 +54,13 @@ def evidence_panels(studio: Studio, context) -> dict[str, Any]:
     if not context.selected:
         empty = "No past review was used, so there is nothing to explain." + notes_markdown(context.notes)
         return dict(selected=pd.DataFrame(columns=evidence.SELECTED_HEADERS),
-                    peers=pd.DataFrame(columns=evidence.PEER_HEADERS), sae=None, terms=empty, terms_text="")
+                    peers=pd.DataFrame(columns=evidence.PEER_HEADERS), sae=None, sae_figure=None, terms=empty,
+                    terms_text="")
     mine, theirs = studio.terms(context)
+    figure = studio.sae_figure(context)
     return dict(selected=pd.DataFrame(evidence.selected_rows(context), columns=evidence.SELECTED_HEADERS),
                 peers=pd.DataFrame(evidence.peer_rows(context), columns=evidence.PEER_HEADERS),
-                sae=studio.sae_figure(context), terms=_terms_markdown(context, mine, theirs),
+                sae=figure, sae_figure=figure, terms=_terms_markdown(context, mine, theirs),
                 terms_text=_marked_reviews(context, {t.term for t in mine}))
 
 

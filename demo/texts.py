@@ -61,8 +61,14 @@ PAST_REVIEWS_HELP = ("The K past reviews put in the prompt, with their relevance
                      "(cosine similarity of embeddings).")
 PEERS_HELP = ("For each past review, the other people who reviewed the same item and their "
               "weight in the difference embedding (weights of one review sum to 1).")
-SAE_HELP = ("Sparse-autoencoder codes of each review's *his* and *diff* vectors: the "
-            "features the adapter turns into soft tokens.")
+SAE_HELP = ("A **sparse autoencoder (SAE)** rewrites each *his* and *diff* vector as a set of features, most of "
+            "them off; the adapter turns these codes into soft tokens. **How to read it:** one row per past "
+            "review, one column per feature, brighter = more active; a column bright in every row is a "
+            "feature this user always shows, a bright spot in one row belongs to that review alone.")
+SIGNALS_HELP = ("*his*: an embedding (a vector of numbers standing for the meaning) of each past review. *diff*: "
+                "how that review differs from what other people wrote about the same item. Both reach the model "
+                "as **soft tokens**: vectors placed in the prompt where words would be, that the model reads "
+                "like words but no one can type.")
 TERMS_HELP = "Words and phrases this user writes more (and less) than the peers who reviewed the same items."
 TERMS_NOTE = ("\n\n<small>Words and two-word phrases of the past reviews used, against the other reviews of the "
               "same items; ranked by the log-odds ratio with an informative prior from the whole pool "
@@ -78,6 +84,24 @@ CSS = """
 footer { margin-top: 12px; }
 mark.dep-mark { background: #ddd6fe; color: #3b0764; border-radius: 3px; padding: 0 2px; }
 #terms-text p { margin: 0 0 10px 0; line-height: 1.5; }
+#action-bar { position: fixed; left: 0; right: 0; bottom: 0; z-index: 20; margin: 0; padding: 8px max(16px, 3vw);
+  max-width: none; background: var(--body-background-fill); box-shadow: 0 -6px 14px -8px rgba(0, 0, 0, 0.3); }
+#action-bar button { max-width: 320px; }
+.gradio-container { padding-bottom: 72px !important; }
+#selected th, #selected th *, #peers th, #peers th *, #metrics th { white-space: nowrap !important; word-break: keep-all; }
 #selected .virtual-row, #peers .virtual-row, #user-history .virtual-row, #table .virtual-row,
 #selected th, #peers th, #user-history th, #table th { font-family: var(--font) !important; font-size: 13px; }
+"""
+
+# On load: a click into a search box (reviewer, catalog) selects its text, so typing replaces the long
+# label instead of being inserted into it.
+JS = """
+() => {
+  document.addEventListener('focusin', (event) => {
+    const box = event.target;
+    if (box.matches && box.matches('#user_id input, #other-user input, #item_id input')) {
+      setTimeout(() => box.select(), 0);
+    }
+  });
+}
 """

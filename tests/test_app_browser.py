@@ -25,16 +25,40 @@ GENERATION_TIMEOUT_MS = 420_000
 
 
 @pytest.fixture(scope="module")
-def page():
-    url = app_url()
+def browser():
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
-        page = browser.new_page(viewport={"width": 1440, "height": 1000})
-        page.set_default_timeout(30_000)
-        page.goto(url)
-        page.wait_for_selector("#generate")
-        yield page
+        yield browser
         browser.close()
+
+
+@pytest.fixture
+def page(browser):
+    """A fresh page of the shared app, at a laptop's size."""
+    page = browser.new_page(viewport={"width": 1440, "height": 1000})
+    page.set_default_timeout(30_000)
+    page.goto(app_url())
+    page.wait_for_selector("#generate")
+    yield page
+    page.close()
+
+
+def set_tokens(page, tokens: int) -> None:
+    box = page.locator("#max_new_tokens input[type=number]")
+    box.fill(str(tokens))
+    box.press("Enter")
+
+
+def generate_and_wait(page) -> None:
+    page.locator("#generate").click()
+    page.wait_for_function(
+        """() => {
+            const text = id => (document.querySelector(`#${id} textarea`) || {}).value || "";
+            const status = document.querySelector('#status').innerText;
+            return (text('baseline').trim() && text('personalized').trim() && status.includes('Done'))
+                || status.includes('Could not generate');
+        }""", timeout=GENERATION_TIMEOUT_MS)
+    assert "Could not generate" not in page.locator("#status").inner_text()
 
 
 def choose_user(page, user_id: str) -> None:
@@ -51,20 +75,13 @@ def test_pick_a_user_generate_and_screenshot(page, tmp_path):
     choose_user(page, user_id)
     sync_api.expect(page.locator("#item_title textarea")).not_to_have_value("", timeout=15_000)
     sync_api.expect(page.locator("#review_title textarea")).not_to_have_value("", timeout=15_000)
-    tokens = page.locator("#max_new_tokens input[type=number]")
-    tokens.fill("16")
-    tokens.press("Enter")
-    page.locator("#generate").click()
-    page.wait_for_function(
-        """() => {
-            const text = id => (document.querySelector(`#${id} textarea`) || {}).value || "";
-            const status = document.querySelector('#status').innerText;
-            return text('baseline').trim() && text('personalized').trim() && status.includes('Done');
-        }""", timeout=GENERATION_TIMEOUT_MS)
-    assert "Could not generate" not in page.locator("#status").inner_text()
+    set_tokens(page, 16)
+    generate_and_wait(page)
     assert page.locator("#real textarea").input_value().strip(), "the real review is shown for comparison"
     sync_api.expect(page.locator("#metrics")).to_contain_text("ROUGE-1")
     sync_api.expect(page.locator("#selected")).to_contain_text("relevance")
+    sync_api.expect(page.locator("#max_new_tokens")).to_contain_text("on this machine:")  # the measured rate
+    check_evidence_tables(page, k=4)
     page.wait_for_timeout(500)
     OUTPUT.mkdir(exist_ok=True)
     page.screenshot(path=str(OUTPUT / "app-browser.png"), full_page=True)
@@ -86,3 +103,123 @@ def test_bad_input_shows_a_clear_message(page, tmp_path):
     sync_api.expect(page.locator("#status")).to_contain_text("line 2: malformed JSON")
     assert "Traceback" not in page.locator("#status").inner_text()
     page.screenshot(path=str(OUTPUT / "app-browser-error.png"), full_page=False)
+
+
+def check_evidence_tables(page, k: int) -> None:
+    """All K past reviews in view without scrolling inside the table, and one-line headers."""
+    page.get_by_role("tab", name="Past reviews").click()
+    table = page.locator("#selected")
+    sync_api.expect(table.locator("[role=row]")).to_have_count(k + 1)  # the header row and K rows
+    clipped = page.evaluate("""() => [document.querySelector('#selected'), ...document.querySelectorAll('#selected *')]
+        .filter(e => ['auto', 'scroll'].includes(getComputedStyle(e).overflowY) && e.scrollHeight > e.clientHeight + 2)
+        .length""")
+    assert clipped == 0, "no past review hides in a scroll box"
+    heights = page.evaluate("() => [...document.querySelectorAll('#selected th.header-cell')].map(h => h.offsetHeight)")
+    assert len(heights) == 7 and max(heights) < 45, f"a header wraps onto a second line: {heights}"
+    page.get_by_role("tab", name="SAE codes").click()
+    sync_api.expect(page.locator("#sae-help")).to_contain_text("How to read it")
+    sync_api.expect(page.locator("#sae-plot img")).to_have_count(1, timeout=15_000)  # drawn, though updated hidden
+
+
+def test_generate_is_on_the_first_screen(page):
+    box = page.locator("#generate").bounding_box()
+    assert box and box["y"] >= 0 and box["y"] + box["height"] <= 1000, f"Generate sits at {box}"
+    on_top = page.evaluate("""() => { const r = document.querySelector('#generate').getBoundingClientRect();
+        const hit = document.elementFromPoint(r.x + r.width / 2, r.y + r.height / 2);
+        return !!hit && !!hit.closest('#generate'); }""")
+    assert on_top, "nothing covers the Generate button"
+    page.mouse.wheel(0, 1500)
+    page.wait_for_timeout(300)
+    assert page.locator("#generate").bounding_box()["y"] + 40 <= 1000, "it stays in view while scrolling"
+
+
+def test_clicking_the_reviewer_picker_lets_one_type_a_search(page):
+    box = page.locator("#user_id input")
+    assert "reviews" in box.input_value(), "the picker shows the long label of the chosen reviewer"
+    box.click()
+    box.press_sequentially("A2EZWZ", delay=30)
+    assert box.input_value() == "A2EZWZ", "typing replaces the label instead of going into it"
+    sync_api.expect(page.locator("#user_id [role=option]").filter(has_text="A2EZWZ8MBEDOLN")).to_have_count(1)
+
+
+def test_his_diff_soft_tokens_and_the_sae_are_explained_where_they_appear(page):
+    signals = page.locator("#signals")
+    for words in ("his", "diff", "soft tokens"):
+        sync_api.expect(signals).to_contain_text(words)
+    sync_api.expect(signals).to_contain_text("where words would be")
+    page.get_by_role("tab", name="SAE codes").click()
+    sync_api.expect(page.locator("#sae-help")).to_contain_text("sparse autoencoder (SAE)")
+
+
+def open_reference(page) -> None:
+    page.get_by_text("Real review, to compare against").click()
+    page.locator("#reference textarea").wait_for()
+
+
+def test_a_pasted_history_does_not_keep_the_reviewers_product_or_real_review(page):
+    open_reference(page)
+    assert page.locator("#reference textarea").input_value().strip(), "a bundled reviewer's real review"
+    page.get_by_label("Paste or upload reviews").check()
+    for field in ("item_title", "review_title", "reference"):
+        sync_api.expect(page.locator(f"#{field} textarea")).to_have_value("", timeout=10_000)
+    sync_api.expect(page.locator("#item_id input")).to_have_value("")
+    page.get_by_label("A bundled reviewer").check()
+    sync_api.expect(page.locator("#item_title textarea")).not_to_have_value("", timeout=10_000)
+    sync_api.expect(page.locator("#reference textarea")).not_to_have_value("")
+
+    page.get_by_label("Paste or upload reviews").check()
+    sync_api.expect(page.locator("#reference textarea")).to_have_value("", timeout=10_000)
+    page.locator("#history textarea").fill(PASTED)
+    page.locator("#item_title textarea").fill("A clip-on tuner")
+    set_tokens(page, 8)
+    generate_and_wait(page)
+    assert not page.locator("#real").is_visible(), "no real review: it would belong to someone else"
+    assert not page.locator("#metrics").is_visible()
+
+
+def test_a_typed_title_drops_the_catalog_pick_and_its_real_review(page):
+    open_reference(page)
+    title = page.locator("#item_title textarea")
+    title.click()
+    title.press("Control+a")
+    title.press_sequentially("Some other product", delay=20)
+    sync_api.expect(page.locator("#reference textarea")).to_have_value("", timeout=10_000)
+    sync_api.expect(page.locator("#item_id input")).to_have_value("")
+
+
+PASTED = ("item_title,rating,review_title,review_text\n"
+          "Snark SN1 Guitar Tuner,5,Fast,Clip-on tuner that grabs the note quickly.\n"
+          "Fender picks,4,Good grip,Medium picks that do not slip.\n")
+
+ATTACKS = ["<script>window.__dep_pwned = 'script'</script>", "<img src=x onerror='window.__dep_pwned = 1'>",
+           "<svg onload='window.__dep_pwned = 2'></svg>", "<iframe srcdoc='<script>parent.__dep_pwned = 3</script>'>"]
+
+
+def test_pasted_html_and_scripts_execute_nowhere(page):
+    """Script and event-handler texts in a pasted history and the product are shown as text in the
+    outputs, evidence tables, highlighted words and prompt, and never run."""
+    dialogs = []
+    page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+    history = "item_title,rating,review_title,review_text\n" + "".join(
+        f'"Snark SN1 Guitar Tuner {attack}",5,"Fast {attack}","Grabs the note quickly, {attack}, and stays on."\n'
+        for attack in ATTACKS) + "Fender picks <b onmouseover=alert(1)>bold</b>,4,Grip,Picks <img src=x onerror=alert(2)>\n"
+    page.get_by_label("Paste or upload reviews").check()
+    page.locator("#history textarea").fill(history)
+    page.locator("#item_title textarea").fill(f"Tuner {ATTACKS[1]}")
+    page.locator("#review_title textarea").fill(ATTACKS[0])
+    set_tokens(page, 8)
+    generate_and_wait(page)
+    for tab in ("Past reviews", "Peers", "SAE codes", "Distinctive words", "Prompt", "Timings"):
+        page.get_by_role("tab", name=tab).click()
+        page.wait_for_timeout(300)
+        page.mouse.move(700, 600)
+    page.get_by_role("tab", name="Prompt").click()
+    assert ATTACKS[0] in page.locator("#prompt textarea").input_value(), "the prompt shows the title as text"
+    page.get_by_role("tab", name="Past reviews").click()
+    sync_api.expect(page.locator("#selected")).to_contain_text("onerror=", timeout=10_000)
+    page.get_by_role("tab", name="Distinctive words").click()
+    assert "<svg" in page.locator("#terms-text").inner_text() or "<img" in page.locator("#terms-text").inner_text()
+    assert page.evaluate("() => window.__dep_pwned === undefined"), "a pasted script ran"
+    assert dialogs == [], f"a pasted handler opened a dialog: {dialogs}"
+    injected = "#outputs img:not(#sae-plot img), #outputs script, #outputs iframe, #outputs svg[onload]"
+    assert page.locator(injected).count() == 0, "a pasted tag became an element"

@@ -93,6 +93,8 @@ def test_sae_figure():
     codes = np.abs(np.random.default_rng(0).normal(size=(3, 192))).astype(np.float32)
     figure = evidence.sae_figure(codes, codes / 2, ["#1 a", "#2 b", "#3 c"], untrained=True)
     assert len(figure.axes) == 3  # his, diff, colour bar
+    labels = [label for ax in figure.axes for label in ax.get_yticklabels() + ax.get_xticklabels()]
+    assert labels and min(label.get_fontsize() for label in labels) >= 10, "labels readable without zooming"
     assert evidence.sae_figure(np.zeros((0, 192)), np.zeros((0, 192)), []) is None
 
 
