@@ -18,8 +18,9 @@ PRODUCT = ("item_id", "item_title", "item_description", "rating", "review_title"
 QUIET = dict(api_visibility="private", show_progress="hidden")
 
 
-def wire(studio: Studio, ui: Components) -> None:
+def wire(demo: gr.Blocks, studio: Studio, ui: Components) -> None:
     """Connects every control of the page to its callback."""
+    demo.load(lambda: gr.update(info=studio.speed_hint()), None, ui["max_new_tokens"], queue=False, **QUIET)
     _wire_history(studio, ui)
     _wire_product(studio, ui)
     ui["signals"].change(on_signals, ui["signals"], [ui["signals_hint"], ui["personalized"]], queue=False, **QUIET)

@@ -25,7 +25,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
         with gr.Row():
             gr.Markdown(texts.HOW_IT_WORKS)
             gr.Markdown(texts.API_HELP)
-        events.wire(studio, ui)
+        events.wire(demo, studio, ui)
         api.register(studio)
     return demo
 

@@ -6,12 +6,12 @@ INTRO = """
 # DEP Studio · reviews in a person's own voice
 
 A small language model (SmolLM2-135M) is given a **product**, the **star rating** and the **title** of a review,
-and writes the review text twice, side by side:
-**without personalization** (the baseline), and **personalized with DEP** (*difference-aware embedding-based
-personalization*, [Zhu et al. 2025](https://arxiv.org/abs/2507.20849)). DEP shows the model a few of the person's
-past reviews, and next to each one two compact hints: ***his***, an embedding of what that review says, and
-***diff***, an embedding of how it differs from what *other* people wrote about the same product. The differences
-are what make a voice recognizable.
+and writes the review text twice, side by side: as a **generic reviewer** would, and **personalized with DEP**
+(*difference-aware embedding-based personalization*, [Zhu et al. 2025](https://arxiv.org/abs/2507.20849)). DEP
+shows the model a few of the person's past reviews, and next to each one two compact hints: ***his***, an embedding
+of what that review says, and ***diff***, an embedding of how it differs from what *other* people wrote about the
+same product. The generic reviewer gets the very same prompt with the average reviewer's hints, so what differs
+between the two is the person. The plain model without any history can be chosen instead under ③.
 
 **How to use:** ① choose a bundled reviewer (or paste your own reviews) · ② their real, held-out review's product
 is filled in, so you can compare · ③ press **Generate**. Or click one of the examples at the bottom.
@@ -33,7 +33,9 @@ HOW_IT_WORKS = """
 4. **Adapter.** A sparse autoencoder turns each his and diff vector into a sparse code (plotted in *SAE
    codes*); two small projectors map the codes to soft tokens in the LLM's embedding space.
 5. **Prompt.** Each past review's text is followed by its own his and diff soft tokens; the frozen LLM writes the
-   review. Baseline and personalized prompts are decoded together in one batch with the same seed.
+   review. The generic baseline uses the same prompt with the population's average his and diff vectors
+   (the *strength* slider moves between the two: 0 generic, 1 this user). Both prompts are decoded together in
+   one batch with the same seed, and cut where the model starts echoing the prompt's labels or repeating itself.
 
 *Signals* picks the ablation: texts alone is RAG; his / diff / his + diff without texts use the embeddings only;
 all three is DEP. Texts with only one of the two embeddings has no mode in the method, so it is refused.
@@ -47,9 +49,10 @@ from gradio_client import Client
 client = Client("http://127.0.0.1:7860/")
 client.predict(limit=5, api_name="/users")                     # bundled users
 out = client.predict(user_id="ADH0O8UVJOT10", max_new_tokens=60, api_name="/review")
-out["baseline"], out["personalized"], out["metrics"]
+out["baseline"], out["personalized"], out["metrics"], out["prompt"]
 client.predict(history=open("my_reviews.csv").read(), item_title="Snark SN-5 Tuner",
-               rating=4, review_title="Handy", api_name="/review")
+               rating=4, review_title="Handy", strength=1.5, api_name="/review")
+client.predict(user_id="ADH0O8UVJOT10", other_user_id="A2EZWZ8MBEDOLN", api_name="/compare")
 ```
 """
 
