@@ -13,7 +13,7 @@ from .embeddings import STYLE_SETS
 from .engine import BUNDLED_ADAPTER, BUNDLED_DATA, EngineConfig, Request
 from .settings import HISTORY_RULES, PersonalizationSettings, SamplingSettings
 from .training import TrainSettings
-from .llm import CPU_DECODE_DTYPES
+from .llm import CPU_BACKENDS, CPU_DECODE_DTYPES
 from .prompt import MODES, get_mode
 
 
@@ -26,7 +26,9 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     group.add_argument("--no-4bit", action="store_true", help="on CUDA, load the LLM in bf16 instead of 4-bit NF4")
     group.add_argument("--cpu-decode", choices=tuple(CPU_DECODE_DTYPES), default=EngineConfig.cpu_decode,
-                       help="on the CPU, decode in this dtype after an fp32 prompt (bfloat16: ~1.5x faster)")
+                       help="with --cpu-backend torch, decode in this dtype after an fp32 prompt (bfloat16: ~1.5x faster)")
+    group.add_argument("--cpu-backend", choices=CPU_BACKENDS, default=EngineConfig.cpu_backend,
+                       help="on the CPU, generate with ONNX Runtime (int8 weights, converted once) or PyTorch")
     group.add_argument("--style-features", choices=STYLE_SETS + ("on", "off"), default=None,
                        help="features appended to review vectors: rating-length, voice (also sentence length, "
                             "punctuation, first person, capitals, vocabulary, openings) or none; on = rating-length; "
@@ -56,6 +58,7 @@ def _sampling_args(parser: argparse.ArgumentParser) -> None:
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(data=args.data, encoder=args.encoder, llm=args.llm, adapter=args.adapter,
                         device=args.device, four_bit=False if args.no_4bit else None, cpu_decode=args.cpu_decode,
+                        cpu_backend=args.cpu_backend,
                         style_features={"on": True, "off": False}.get(args.style_features, args.style_features))
 
 
@@ -162,7 +165,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     overrides = {name: getattr(args, name) for name, _, _ in TRAIN_OPTIONS if getattr(args, name) is not None}
     if "modes" in overrides:
         overrides["modes"] = tuple(overrides["modes"].split(","))
-    settings = TrainSettings(personalization=personalization(args), **overrides)
+    settings = TrainSettings(out=args.out, personalization=personalization(args), **overrides)
     config = engine_config(args)
     config.adapter = None  # training starts from a fresh adapter
     train(DEPEngine(config), settings, resume=not args.restart)

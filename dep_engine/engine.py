@@ -44,6 +44,7 @@ class EngineConfig:
     device: str | None = None
     four_bit: bool | None = None   # default: 4-bit NF4 on CUDA, never on the CPU
     cpu_decode: str = "bfloat16"   # on the CPU: fp32 prompts, decoding in this dtype ("float32": fp32 throughout)
+    cpu_backend: str = "onnx"      # on the CPU: ONNX Runtime generates (int8); "torch": PyTorch, in cpu_decode
     extra_reviews: str | None = None  # more reviews (file or folder) joining the pool
     style_features: bool | str | None = None  # style features beside text embeddings; default: as the adapter was trained
     cache_dir: str | None = None   # embedding cache; default: next to the data, else ~/.cache/dep-studio
@@ -116,7 +117,9 @@ class DEPEngine:
         self.store = ReviewStore.build(self.dataset, self.encoder, cache, progress, style=self._style_features(),
                                        extra=extra, extra_cache_dir=extra and _cache_beside(self.config.extra_reviews))
         self.llm: LLM = llm or load_llm(self.config.llm, self.config.device, four_bit=self.config.four_bit,
-                                        cpu_decode_dtype=_decode_dtype(self.config.cpu_decode))
+                                        cpu_decode_dtype=_decode_dtype(self.config.cpu_decode),
+                                        cpu_backend=self.config.cpu_backend)
+        self.llm.onnx_decoder()  # convert (once) and load now, not at the first request
         self.adapter = self._load_adapter()
         self.users = by_user(self.dataset.reviews)
         self.startup_seconds = time.perf_counter() - start

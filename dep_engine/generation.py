@@ -64,7 +64,11 @@ class _BatchStreamer(BaseStreamer):
         if not self.prompt_seen:  # generate() first hands over the prompt, which has no ids here
             self.prompt_seen = True
             return
-        for row, token in enumerate(value.reshape(len(self.ids), -1)[:, -1].tolist()):
+        self.put_step(value.reshape(len(self.ids), -1)[:, -1])
+
+    def put_step(self, tokens: torch.Tensor) -> None:
+        """One step's (B,) new tokens."""
+        for row, token in enumerate(tokens.tolist()):
             if self.done[row]:
                 continue
             if token in self.tokenizer.all_special_ids:
@@ -137,8 +141,15 @@ def _prefill(llm: LLM, decoder: torch.nn.Module, batch: torch.Tensor, mask: torc
 
 def _generate(llm: LLM, embeds: Sequence[torch.Tensor], settings: SamplingSettings,
               streamer: _BatchStreamer | None = None, stop: threading.Event | None = None) -> list[str]:
-    batch, mask = left_pad(embeds)
     tokenizer = llm.tokenizer
+    if (fast := llm.onnx_decoder()) is not None:  # the CPU default: ONNX Runtime (onnx_decode.py)
+        with generation_lock, torch.inference_mode():
+            output = fast.decode(embeds, settings, stopping_criteria(llm, settings, stop), tokenizer.eos_token_id,
+                                 tokenizer.pad_token_id, streamer.put_step if streamer else None)
+        if streamer is not None:
+            streamer.end()
+        return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in output]
+    batch, mask = left_pad(embeds)
     sample = settings.temperature > 0
     with generation_lock, torch.inference_mode():
         torch.manual_seed(settings.seed)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib.util
+import inspect
 import logging
 import os
 import shutil
@@ -29,13 +30,17 @@ BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 class LLM:
     """The frozen model. With `decode_dtype` set (the CPU default: bfloat16), prompts run in the
     model's own dtype and decoding in a copy of it in `decode_dtype`: on the CPU fp32 prompts are
-    6x faster than bf16 ones, while bf16 decoding reads half the bytes per token (bench/generation.py)."""
+    6x faster than bf16 ones, while bf16 decoding reads half the bytes per token (bench/generation.py).
+    With `onnx_decode` (the CPU default) ONNX Runtime generates instead, from int8 weights (`onnx_decode`
+    module, 3x+ faster per token); the PyTorch model stays for embeddings, training and GPUs."""
     model: torch.nn.Module
     tokenizer: object
     name: str
     device: torch.device
     decode_dtype: torch.dtype | None = None
+    onnx_decode: bool = False
     _decoder: torch.nn.Module | None = field(default=None, init=False, repr=False)
+    _onnx: object | None = field(default=None, init=False, repr=False)
 
     @property
     def hidden_size(self) -> int:
@@ -53,12 +58,37 @@ class LLM:
             self._decoder = copy.deepcopy(self.model).to(self.decode_dtype).eval().requires_grad_(False)
         return self._decoder
 
+    def onnx_decoder(self):
+        """The ONNX Runtime decoder (`onnx_decode.OnnxDecoder`), converted and loaded on first use; None
+        when this LLM decodes in PyTorch, or when it cannot be converted (logged once; PyTorch decodes)."""
+        if not self.onnx_decode or self.device.type != "cpu":
+            return None
+        if self._onnx is None:
+            from .onnx_decode import load_decoder
+            from .onnx_model import ConversionError
+
+            try:
+                self._onnx = load_decoder(self.name, resolve_llm(self.name)[0], self.model.get_input_embeddings().weight)
+            except ConversionError as err:
+                log.warning("%s; decoding in PyTorch instead", err)
+                self.onnx_decode = False
+                return None
+        return self._onnx
+
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(ids.to(self.device))
 
     def token_norm(self) -> float:
         """Median norm of the LLM's token embeddings: the scale a soft token should live at."""
         return float(self.model.get_input_embeddings().weight.float().norm(dim=-1).median())
+
+
+def forward_with_cache(model: torch.nn.Module, cache=None, **inputs):
+    """(output, KV cache) of `model(**inputs)` continuing `cache`, under the keyword this transformers
+    version takes: `cache` in current 5.x releases, `past_key_values` in earlier ones (a GPU image may lag)."""
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    out = model(**inputs, use_cache=True, **({name: cache} if cache is not None else {}))
+    return out, getattr(out, name)
 
 
 def bundled_gguf() -> Path | None:
@@ -107,6 +137,7 @@ def resolve_llm(name: str) -> tuple[str, str | None]:
 
 
 CPU_DECODE_DTYPES = {"bfloat16": torch.bfloat16, "float32": None}  # None: the model decodes itself, in fp32
+CPU_BACKENDS = ("onnx", "torch")  # who generates on the CPU: ONNX Runtime (int8), or PyTorch in CPU_DECODE_DTYPES
 
 _loaded: dict[tuple, LLM] = {}
 _load_lock = threading.Lock()
@@ -114,23 +145,27 @@ _load_lock = threading.Lock()
 
 def load_llm(name: str = BUNDLED_LLM, device: str | torch.device | None = None,
              dtype: torch.dtype | None = None, four_bit: bool | None = None,
-             cpu_decode_dtype: torch.dtype | None = torch.bfloat16) -> LLM:
+             cpu_decode_dtype: torch.dtype | None = torch.bfloat16, cpu_backend: str = "onnx") -> LLM:
     """The frozen LLM, its weights loaded once per process for each (name, device, dtype).
 
     Defaults: float32 on the CPU (CPUs without bf16 matrix units run bf16 prompts and training
     2-6x slower, see bench/), decoding in `cpu_decode_dtype` (None: float32 throughout); on CUDA
-    4-bit NF4 weights with bf16 compute. LLMs that differ only in decode dtype share the weights."""
+    4-bit NF4 weights with bf16 compute; `cpu_backend` "onnx" generates on the CPU with ONNX Runtime.
+    LLMs that differ only in how they decode share the weights."""
     device = torch.device(device) if device is not None else default_device()
     four_bit = (device.type == "cuda") if four_bit is None else four_bit
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if cpu_backend not in CPU_BACKENDS:
+        raise ValueError(f"cpu_backend must be one of {', '.join(CPU_BACKENDS)}, got {cpu_backend!r}")
     decode_dtype = cpu_decode_dtype if device.type == "cpu" else None
+    onnx = device.type == "cpu" and cpu_backend == "onnx"
     weights_key = (name, str(device), dtype, four_bit)
-    key = weights_key + (decode_dtype,)
+    key = weights_key + (decode_dtype, onnx)
     with _load_lock:
         if key not in _loaded:
-            loaded = next((llm for k, llm in _loaded.items() if k[:-1] == weights_key), None)
-            _loaded[key] = (dataclasses.replace(loaded, decode_dtype=decode_dtype) if loaded
-                            else _load(name, device, dtype, four_bit, decode_dtype))
+            loaded = next((llm for k, llm in _loaded.items() if k[:len(weights_key)] == weights_key), None)
+            _loaded[key] = dataclasses.replace(loaded or _load(name, device, dtype, four_bit, decode_dtype),
+                                               decode_dtype=decode_dtype, onnx_decode=onnx)
         return _loaded[key]
 
 

