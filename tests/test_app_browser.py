@@ -223,3 +223,14 @@ def test_pasted_html_and_scripts_execute_nowhere(page):
     assert dialogs == [], f"a pasted handler opened a dialog: {dialogs}"
     injected = "#outputs img:not(#sae-plot img), #outputs script, #outputs iframe, #outputs svg[onload]"
     assert page.locator(injected).count() == 0, "a pasted tag became an element"
+
+
+def test_compare_two_reviewers_side_by_side(page):
+    set_tokens(page, 8)
+    page.get_by_text("Compare two reviewers: the same product, settings and seed").click()
+    page.locator("#compare").click()
+    sync_api.expect(page.locator("#compare-status")).to_contain_text("Done", timeout=GENERATION_TIMEOUT_MS)
+    status = page.locator("#compare-status").inner_text()
+    assert "same seed 0" in status and status.count("bundled user") == 2
+    first, second = (page.locator(f"#{side} textarea").input_value() for side in ("first-review", "second-review"))
+    assert first.strip() and second.strip()

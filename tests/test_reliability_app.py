@@ -130,7 +130,7 @@ def test_cli_writes_what_the_app_writes_for_the_same_seed_without_pickle(alone):
     requests, _, outputs, _ = alone
     request, out = requests[0], outputs[0]
     env = dict(os.environ, PYTHONHASHSEED="12345")
-    args = ["generate", "--user", request["user_id"], "--k", str(K), "--modes", "nonperso,his+diff",
+    args = ["generate", "--user", request["user_id"], "--k", str(K), "--modes", "generic,his+diff",
             "--max-new-tokens", str(TOKENS), "--seed", str(request["seed"])]
     run = subprocess.run([sys.executable, "-c", GUARD, *args], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=300)
@@ -141,7 +141,7 @@ def test_cli_writes_what_the_app_writes_for_the_same_seed_without_pickle(alone):
     def words(text: str) -> str:
         return " ".join(text.split())
 
-    assert words(sections["nonperso"]) == words(out["baseline"])
+    assert words(sections["generic"]) == words(out["baseline"])
     assert words(sections["his+diff"]) == words(out["personalized"])
 
 
