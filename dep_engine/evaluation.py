@@ -114,15 +114,23 @@ def pool_for(engine: DEPEngine, settings: EvalSettings) -> ReviewStore:
     return engine.store.without(held_out_targets(engine.dataset.reviews)) if settings.split == "val" else engine.store
 
 
-def generate_all(engine: DEPEngine, samples: list[Sample], methods: list[Method], settings: EvalSettings,
-                 path: Path) -> list[dict]:
-    """Generations of every sample and method, read back from `path` where an earlier run made them."""
-    done = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-    finished = {record["group"] for record in done}
+def sample_contexts(engine: DEPEngine, samples: list[Sample], methods: list[Method],
+                    settings: EvalSettings) -> list[PersonalContext]:
+    """Each sample's context at the largest K any method uses (smaller K are its prefixes)."""
     max_k = max([m.k for m in methods] + [0])
     store = pool_for(engine, settings)
-    contexts = [engine.context(engine.sample_request(s), replace(settings.personalization, k=max_k), store)
-                for s in tqdm(samples, desc="history, peers, differences", leave=False)]
+    return [engine.context(engine.sample_request(s), replace(settings.personalization, k=max_k), store)
+            for s in tqdm(samples, desc="history, peers, differences", leave=False)]
+
+
+def generate_all(engine: DEPEngine, samples: list[Sample], contexts: list[PersonalContext], methods: list[Method],
+                 settings: EvalSettings, path: Path) -> list[dict]:
+    """Generations of every sample and method, read back from `path` where an earlier run made them."""
+    done = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    for record in done:  # the raw text is the record; hygiene is applied as it stands now
+        cleaned = hygiene.clean(record.get("raw", record["text"]))
+        record["text"], record["cut"] = cleaned.text, cleaned.reason
+    finished = {record["group"] for record in done}
     partner = derangement(len(samples), settings.seed)
     starts = range(0, len(samples), settings.batch_users)
     for group, start in enumerate(tqdm(starts, desc=f"generating ({len(methods)} methods)", unit="group")):
@@ -167,7 +175,7 @@ def summarize(records: list[dict], methods: list[Method], seed: int = 0) -> dict
             mean, low, high = mean_ci(scores[method.name][metric], seed=seed)
             entry["metrics"][metric] = {"mean": mean, "low": low, "high": high}
         results[method.name] = entry
-    for baseline_name, label in (("nonperso", "vs_nonperso"),):
+    for baseline_name, label in (("nonperso", "vs_nonperso"), ("generic", "vs_generic")):
         if baseline_name in scores:
             for method in methods:
                 for metric in METRICS:
@@ -183,9 +191,64 @@ def summarize(records: list[dict], methods: list[Method], seed: int = 0) -> dict
     return {"users": len(users), "methods": results}
 
 
+def voice_and_hygiene(engine: DEPEngine, samples: list[Sample], contexts: list[PersonalContext],
+                      records: list[dict], methods: list[Method], settings: EvalSettings) -> dict:
+    """Per method: the voice measures (`voice.py`) with own-minus-shuffled and versus-generic gaps,
+    and the share of outputs with scaffolding or loops before and after hygiene."""
+    from . import voice
+    from .metrics import paired_bootstrap
+
+    by_key = {(r["method"], r["user_id"]): r for r in records}
+    keep = [n for n, s in enumerate(samples) if all((m.name, s.target.user_id) in by_key for m in methods)]
+    samples, contexts = [samples[n] for n in keep], [contexts[n] for n in keep]
+    store = pool_for(engine, settings)
+    profiles = voice.build_profiles(store, samples)
+    candidates = voice.candidate_sets(len(samples), seed=settings.seed)
+    voices = voice.sample_voices(store, samples, contexts)
+    references = [s.target.text for s in samples]
+    texts = {m.name: [by_key[(m.name, s.target.user_id)]["text"] for s in samples] for m in methods}
+    texts["real review"] = references
+    values = {name: voice.per_sample(t, references, engine.encoder.encode(t), voices, profiles, candidates)
+              for name, t in tqdm(texts.items(), desc="voice measures", leave=False)}
+    out = {"n": len(samples), "candidates": voice.CANDIDATES, "chance": voice.chance(), "methods": {}}
+    measures = ("top1", "reciprocal_rank", "own_words", "drifted")
+    for name in texts:
+        entry = voice.summary(values[name], settings.seed)
+        if name != "real review":
+            raw = [by_key[(name, s.target.user_id)] for s in samples]
+            entry["scaffolding_or_loops_before"] = float(np.mean([hygiene.flagged(r.get("raw", r["text"])) for r in raw]))
+            entry["scaffolding_or_loops_after"] = float(np.mean([hygiene.flagged(r["text"]) for r in raw]))
+        for label, other in (("own_minus_shuffled", name + "-shuffled"), ("minus_generic", "generic")):
+            if other in values and name != other and not name.endswith("-shuffled") and name != "real review":
+                entry[label] = {k: paired_bootstrap(values[name][k], values[other][k], seed=settings.seed)
+                                for k in measures}
+        out["methods"][name] = entry
+    return out
+
+
+def voice_table(voice: dict) -> str:
+    chance = voice["chance"]
+    lines = [f"Voice measures (n = {voice['n']}; attribution among {voice['candidates']} candidates, chance top-1 "
+             f"{chance['top1']:.3f}, MRR {chance['reciprocal_rank']:.3f}):", "",
+             "| method | attribution top-1 | MRR | own words | drifted | length ratio (median) | length corr. | "
+             "scaffolding/loops before → after hygiene |", "|---|---|---|---|---|---|---|---|"]
+    for name, e in voice["methods"].items():
+        hyg = (f"{e['scaffolding_or_loops_before']:.1%} → {e['scaffolding_or_loops_after']:.1%}"
+               if "scaffolding_or_loops_before" in e else "")
+        lines.append(f"| {name} | {e['top1']['mean']:.3f} [{e['top1']['low']:.3f}, {e['top1']['high']:.3f}] | "
+                     f"{e['reciprocal_rank']['mean']:.3f} | {e['own_words']['mean']:.3f} | {e['drifted']['mean']:.3f} | "
+                     f"{e['length_ratio_median']:.2f} | {e['length_correlation']:+.2f} | {hyg} |")
+    for name, e in voice["methods"].items():
+        for label in ("own_minus_shuffled", "minus_generic"):
+            if label in e:
+                gaps = ", ".join(f"{k} {v['mean_diff']:+.3f} [{v['low']:+.3f}, {v['high']:+.3f}]" for k, v in e[label].items())
+                lines.append(f"\n{name} {label.replace('_', ' ')}: {gaps}")
+    return "\n".join(lines)
+
+
 def markdown_table(summary: dict) -> str:
-    lines = ["| method | n | ROUGE-1 | ROUGE-L | METEOR | BLEU | ΔROUGE-1 vs nonperso [95% CI] | ΔMETEOR vs nonperso [95% CI] |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | n | ROUGE-1 | ROUGE-L | METEOR | corpus BLEU | mean sentence BLEU | ΔROUGE-1 vs nonperso [95% CI] "
+             "| ΔMETEOR vs nonperso [95% CI] |", "|---|---|---|---|---|---|---|---|---|"]
     for name, entry in summary["methods"].items():
         m = entry["metrics"]
 
@@ -194,7 +257,14 @@ def markdown_table(summary: dict) -> str:
             return f"{d['mean_diff']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]" if d and name != "nonperso" else ""
 
         lines.append(f"| {name} | {entry['n']} | {m['rouge1']['mean']:.4f} | {m['rougeL']['mean']:.4f} | "
-                     f"{m['meteor']['mean']:.4f} | {m['bleu']['mean']:.2f} | {delta('rouge1')} | {delta('meteor')} |")
+                     f"{m['meteor']['mean']:.4f} | {entry['corpus_bleu']:.2f} | {m['bleu']['mean']:.2f} | "
+                     f"{delta('rouge1')} | {delta('meteor')} |")
+    for name, entry in summary["methods"].items():
+        if name not in ("generic", "nonperso") and "vs_generic" in entry["metrics"]["rouge1"]:
+            lines.append("")
+            lines.append(f"{name} minus generic: " + ", ".join(
+                f"{k} {v['vs_generic']['mean_diff']:+.4f} [{v['vs_generic']['low']:+.4f}, {v['vs_generic']['high']:+.4f}]"
+                for k, v in entry["metrics"].items()))
     gaps = [(n, e["own_minus_shuffled"]) for n, e in summary["methods"].items() if "own_minus_shuffled" in e]
     for name, gap in gaps:
         lines.append("")
@@ -238,17 +308,20 @@ def evaluate(config: EngineConfig, settings: EvalSettings, engine: DEPEngine | N
     if not samples:
         raise ValueError("no users to evaluate (each needs at least two reviews)")
     started = time.perf_counter()
-    records = generate_all(engine, samples, methods, settings, out / "generations.jsonl")
+    contexts = sample_contexts(engine, samples, methods, settings)
+    records = generate_all(engine, samples, contexts, methods, settings, out / "generations.jsonl")
     if settings.generate_only:
         return None
     summary = summarize(records, methods, settings.seed)
+    summary["voice"] = voice_and_hygiene(engine, samples, contexts, records, methods, settings)
     summary["settings"] = {"methods": settings.methods, "limit": settings.limit, "seed": settings.seed,
+                           "split": settings.split,
                            "eval_reviews": settings.eval_reviews, "adapter": config.adapter,
                            "adapter_trained": engine.adapter_trained, "llm": config.llm, "encoder": config.encoder,
                            "personalization": vars(settings.personalization), "sampling": vars(settings.sampling),
                            "seconds": time.perf_counter() - started}
     (out / "results.json").write_text(json.dumps(summary, indent=2))
-    table = markdown_table(summary)
+    table = markdown_table(summary) + "\n\n" + voice_table(summary["voice"])
     (out / "results.md").write_text(table + "\n")
     bar_chart(summary, out / "results.png")
     print(table)

@@ -95,12 +95,18 @@ class _StopWhenSet(StoppingCriteria):
 
 
 class _StopAtScaffolding(StoppingCriteria):
-    """Finishes each row once its text reaches scaffolding or a loop (`hygiene.should_stop`)."""
+    """Finishes each row once its text reaches scaffolding or a loop (`hygiene.should_stop`).
 
-    def __init__(self, tokenizer):
+    Checked every `every` steps: a row decodes at most that many tokens past its cut (which
+    `hygiene.clean` removes), while big evaluation batches skip most of the decoding and matching."""
+
+    def __init__(self, tokenizer, every: int = 4):
         self.tokenizer = tokenizer
+        self.every = every
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        if input_ids.shape[1] % self.every:
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         texts = self.tokenizer.batch_decode(input_ids, skip_special_tokens=True)
         return torch.tensor([hygiene.should_stop(t) for t in texts], dtype=torch.bool, device=input_ids.device)
 

@@ -17,14 +17,17 @@ import re
 from dataclasses import dataclass
 
 # a bracketed label or placeholder: "[Item Title]", "[User's Name]", "[Output Review Rating]"
-_BRACKET = re.compile(r"\[[A-Z][\w' .-]{0,40}\]")
+_BRACKET = re.compile(r"\[[#*]?[A-Za-z][\w' .:#/-]{0,40}\]")
 _MARKER = re.compile(r"</?(?:his|diff)_(?:start|end)>|<\|im_(?:start|end)\|>")
 # a field label at the start of a line, as the prompt writes them: "Review 2:", "Item Title:"
 _LINE_LABEL = re.compile(r"(?m)^\s*(?:Review \d+|Item (?:Title|Description)|Review (?:Rating|Title|Text)|"
                          r"Output Review \w+|User's Past Reviews)\s*:")
-_LEADING = re.compile(r"^\s*(?:(?:\[[A-Z][\w' .-]{0,40}\]|Output Review \w+|Review(?: Text)?)\s*:\s*)+")
-# a unit of at least 4 characters (holding a letter) written three times in a row
-_LOOP = re.compile(r"((?=[^\n]*[A-Za-z])[^\n]{4,120}?)(?:\s*\1){2,}")
+# leading echoes of the prompt's output fields ("[Output Review Rating]: 5" on its own line) go whole;
+# a leading "Review Text:" label goes, and the text after it stays
+_ECHO = re.compile(r"^\s*\[?#?(?:Output )?(?:Review |Item )?(?:Rating|Title|Description)\]?\s*:[^\n]*(?:\n|$)")
+_LEADING = re.compile(r"^\s*(?:\[[^\]\n]{1,40}\]\s*:?\s*|(?:Output Review \w+|Review(?: Text)?)\s*:\s*)+")
+_WORD = re.compile(r"\S+")
+_MAX_UNIT = 20  # words in the longest looping unit looked for
 _SENTENCE = re.compile(r"[^.!?\n]+[.!?]*")
 
 
@@ -48,21 +51,41 @@ def _repeated_sentence(text: str) -> int | None:
     return None
 
 
+def _loop(text: str) -> int | None:
+    """End of the first occurrence of a unit of words (4 characters or more, with a letter) that is
+    written three times in a row: "Great. Great. Great." is cut after the first "Great."."""
+    spans = [(m.end(), m.group().lower()) for m in _WORD.finditer(text)]
+    words = [w for _, w in spans]
+    for start in range(len(words)):
+        for size in range(1, min(_MAX_UNIT, (len(words) - start) // 3) + 1):
+            unit = words[start:start + size]
+            if (words[start + size:start + 2 * size] == unit == words[start + 2 * size:start + 3 * size]
+                    and len(" ".join(unit)) >= 4 and any(c.isalpha() for c in "".join(unit))):
+                return spans[start + size - 1][0]
+    return None
+
+
 def _cut(text: str) -> tuple[int, str] | None:
     cuts = []
     for pattern in (_BRACKET, _MARKER, _LINE_LABEL):
         if match := pattern.search(text):
             cuts.append((match.start(), "scaffolding"))
-    if match := _LOOP.search(text):
-        cuts.append((match.start() + len(match.group(1)), "repetition"))
+    if (end := _loop(text)) is not None:
+        cuts.append((end, "repetition"))
     if (start := _repeated_sentence(text)) is not None:
         cuts.append((start, "repetition"))
     return min(cuts) if cuts else None
 
 
+def _strip_leading(text: str) -> str:
+    while (shorter := _ECHO.sub("", text, count=1)) != text:
+        text = shorter
+    return _LEADING.sub("", text)
+
+
 def clean(text: str) -> Cleaned:
     """The text without leading field labels, cut at the first scaffolding or runaway repetition."""
-    body = _LEADING.sub("", text)
+    body = _strip_leading(text)
     cut = _cut(body)
     if cut is None:
         return Cleaned(body.strip(), None)
@@ -71,7 +94,7 @@ def clean(text: str) -> Cleaned:
 
 def should_stop(text: str) -> bool:
     """True once decoding more of this row can only be cut away."""
-    return _cut(_LEADING.sub("", text)) is not None
+    return _cut(_strip_leading(text)) is not None
 
 
 def flagged(text: str) -> bool:
@@ -79,4 +102,5 @@ def flagged(text: str) -> bool:
     if not text.strip():
         return True
     return bool(re.search(r"\[[^\]]{1,40}\]", text) or _MARKER.search(text) or _LINE_LABEL.search(text)
-                or re.search(r"(\b\w+(?:\W+\w+){0,3}\b)(?:\W+\1\b){2,}", text, re.I))
+                or _repeated_sentence(text) is not None
+                or re.search(r"(\b[a-z]\w*(?:\W+\w+){0,3}\b)(?:\W+\1\b){2,}", text, re.I))

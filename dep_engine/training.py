@@ -32,6 +32,7 @@ from .atomic import atomic_write
 from .data import Review, Sample
 from .engine import DEPEngine
 from .generation import prompt_embeddings
+from .llm import forward_with_cache
 from .prompt import PromptIds
 from .settings import PersonalizationSettings
 from .splits import derangement, held_out_targets, training_samples, validation_samples
@@ -143,9 +144,10 @@ def batch_loss(engine: DEPEngine, adapter: DEPAdapter, batch: list[Prepared],
     # without autograd and keep only their keys and values, so the backward pass skips them.
     frozen = min(min(s.prompt.his_positions + s.prompt.diff_positions, default=len(s.prompt.ids)) for s in batch)
     with torch.no_grad():
-        past = llm.model.base_model(inputs_embeds=inputs[:, :frozen], attention_mask=mask[:, :frozen],
-                                    use_cache=True).cache if frozen else None
-    hidden = llm.model.base_model(inputs_embeds=inputs[:, frozen:], attention_mask=mask, cache=past).last_hidden_state
+        past = forward_with_cache(llm.model.base_model, inputs_embeds=inputs[:, :frozen],
+                                  attention_mask=mask[:, :frozen])[1] if frozen else None
+    hidden = forward_with_cache(llm.model.base_model, past, inputs_embeds=inputs[:, frozen:],
+                                attention_mask=mask)[0].last_hidden_state
     losses = []
     for row, ((start, count), sample) in enumerate(zip(spans, batch)):
         start -= frozen

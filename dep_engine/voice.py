@@ -1,0 +1,152 @@
+"""Measures of a user's voice in generated reviews, beside ROUGE and METEOR (which mostly reward
+topic words and length): does the text sound like *this* person?
+
+- length: generated / real length ratio, and their correlation across users;
+- attribution: rank the true author among N candidate users (the same candidates for every
+  method) by how close the text is to each candidate's past reviews (MiniLM embedding plus
+  standardized voice features); top-1 accuracy and MRR, chance 1/N and H_N/N. The real reviews'
+  own score is the ceiling: how much voice the data holds for this measure;
+- own words: the share of the user's distinctive terms (log-odds against peers, `terms.py`) that
+  the output uses;
+- on-product: whether the output is closer to one of the past items in the prompt than to the
+  target item (it drifted to another product).
+Per-example values go through the same paired bootstrap as the metrics (`metrics.py`).
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+
+from .data import Sample
+from .embeddings import style_features
+from .store import PersonalContext, ReviewStore
+from .terms import distinctive_terms, term_counts, terms
+
+CANDIDATES = 20
+STYLE_WEIGHT = 0.5  # norm of the voice block beside the unit-norm text embedding
+
+
+@dataclass
+class Profiles:
+    """Each evaluated user's voice: the centroid of their past reviews' vectors."""
+    centroids: np.ndarray       # (U, D) normalised
+    mean: np.ndarray            # style standardization, fitted on the pool
+    std: np.ndarray
+
+
+def _style(texts: list[str]) -> np.ndarray:
+    """Voice features without the rating (every method is told the target rating)."""
+    return style_features([3.0] * len(texts), texts, "voice")[:, 1:]
+
+
+def _vectors(text_embeddings: np.ndarray, styles: np.ndarray, profiles_mean: np.ndarray,
+             profiles_std: np.ndarray) -> np.ndarray:
+    z = (styles - profiles_mean) / profiles_std * (STYLE_WEIGHT / np.sqrt(styles.shape[1]))
+    v = np.hstack([text_embeddings, z])
+    return v / np.linalg.norm(v, axis=1, keepdims=True).clip(1e-9)
+
+
+def build_profiles(store: ReviewStore, samples: list[Sample]) -> Profiles:
+    pool_style = _style([r.text for r in store.reviews])
+    mean, std = pool_style.mean(axis=0), pool_style.std(axis=0).clip(1e-6)
+    centroids = []
+    for sample in samples:
+        profile = list(sample.profile)
+        text = store.embed_reviews(profile)[:, :store.text_dim]
+        vectors = _vectors(text, _style([r.text for r in profile]), mean, std)
+        centroid = vectors.mean(axis=0)
+        centroids.append(centroid / np.linalg.norm(centroid).clip(1e-9))
+    return Profiles(np.array(centroids), mean, std)
+
+
+def candidate_sets(n: int, size: int = CANDIDATES, seed: int = 0) -> list[list[int]]:
+    """For sample i: i and size-1 other samples' users, fixed by the seed (the same for every method)."""
+    rng = random.Random(seed)
+    return [[i] + rng.sample([j for j in range(n) if j != i], min(size, n) - 1) for i in range(n)]
+
+
+def attribution_ranks(text_embeddings: np.ndarray, texts: list[str], profiles: Profiles,
+                      candidates: list[list[int]]) -> np.ndarray:
+    """Rank (1 = first) of each text's true author (candidates[i][0]) among its candidates."""
+    vectors = _vectors(text_embeddings, _style(texts), profiles.mean, profiles.std)
+    ranks = []
+    for i, group in enumerate(candidates):
+        scores = profiles.centroids[group] @ vectors[i]
+        ranks.append(1 + int((scores[1:] > scores[0]).sum()))
+    return np.array(ranks)
+
+
+def own_word_share(text: str, user_terms: list[str]) -> float:
+    """Share of the user's distinctive terms that the text uses (0 when the user has none)."""
+    if not user_terms:
+        return 0.0
+    used = set(terms(text))
+    return sum(t in used for t in user_terms) / len(user_terms)
+
+
+def distinctive_user_terms(store: ReviewStore, sample: Sample, context: PersonalContext,
+                           background) -> list[str]:
+    peers = [p.text for s in context.selected for p in s.peers]
+    mine, _ = distinctive_terms([r.text for r in sample.profile], peers, background, top=12)
+    return [t.term for t in mine]
+
+
+def drifted(text_embedding: np.ndarray, target: np.ndarray, past: np.ndarray) -> bool:
+    """True when the text is closer to one of the prompt's past items than to the target item."""
+    return bool(len(past) and (past @ text_embedding).max() > target @ text_embedding)
+
+
+@dataclass
+class SampleVoice:
+    """What the measures need of one evaluated sample, computed once for every method."""
+    user_terms: list[str]
+    target_item: np.ndarray     # (384,) encoder vector of the target item
+    past_items: np.ndarray      # (K, 384) encoder vectors of the prompt's past items
+
+
+def sample_voices(store: ReviewStore, samples: list[Sample], contexts: list[PersonalContext]) -> list[SampleVoice]:
+    background = term_counts(r.text for r in store.reviews)
+    out = []
+    for sample, context in zip(samples, contexts):
+        items = [store.item(sample.target.item_id)] + [store.item(s.review.item_id) for s in context.selected]
+        vectors = store.item_vectors(items)
+        out.append(SampleVoice(distinctive_user_terms(store, sample, context, background), vectors[0], vectors[1:]))
+    return out
+
+
+def per_sample(texts: list[str], references: list[str], embeddings: np.ndarray, voices: list[SampleVoice],
+               profiles: Profiles, candidates: list[list[int]]) -> dict[str, np.ndarray]:
+    """Per-sample values of every voice measure for one method's texts (samples in one order)."""
+    ranks = attribution_ranks(embeddings, texts, profiles, candidates)
+    words = np.array([len(t.split()) for t in texts], dtype=float)
+    real = np.array([len(r.split()) for r in references], dtype=float)
+    return {
+        "top1": (ranks == 1).astype(float),
+        "reciprocal_rank": 1.0 / ranks,
+        "own_words": np.array([own_word_share(t, v.user_terms) for t, v in zip(texts, voices)]),
+        "drifted": np.array([drifted(e, v.target_item, v.past_items) for e, v in zip(embeddings, voices)], float),
+        "length_ratio": (words + 1) / (real + 1),
+        "words": words,
+        "real_words": real,
+    }
+
+
+def summary(values: dict[str, np.ndarray], seed: int = 0) -> dict:
+    """Means with bootstrap intervals, the length correlation, and chance levels."""
+    from .metrics import mean_ci
+
+    out = {}
+    for name in ("top1", "reciprocal_rank", "own_words", "drifted"):
+        mean, low, high = mean_ci(values[name], seed=seed)
+        out[name] = {"mean": mean, "low": low, "high": high}
+    out["length_ratio_median"] = float(np.median(values["length_ratio"]))
+    words, real = values["words"], values["real_words"]
+    out["length_correlation"] = float(np.corrcoef(words, real)[0, 1]) if words.std() and real.std() else 0.0
+    return out
+
+
+def chance(n_candidates: int = CANDIDATES) -> dict[str, float]:
+    return {"top1": 1 / n_candidates, "reciprocal_rank": sum(1 / r for r in range(1, n_candidates + 1)) / n_candidates}
+

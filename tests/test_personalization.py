@@ -1,0 +1,125 @@
+"""Issue 10's fair comparison and measures: the generic reviewer, the strength, output hygiene,
+voice attribution, and the rules that keep held-out reviews out of training (real bundled data)."""
+import numpy as np
+import pytest
+import torch
+
+from dep_engine import PersonalizationSettings, SamplingSettings, hygiene, voice
+from dep_engine.data import Review, by_user, profile_before, split_of
+from dep_engine.generation import stopping_criteria
+from dep_engine import splits
+
+GREEDY = SamplingSettings(temperature=0.0, max_new_tokens=6)
+
+
+def _user(engine):
+    return next(u for u, h in engine.users.items() if len(h) > 8)
+
+
+def test_generic_is_dep_with_the_population_vectors_and_strength_mixes_them(tiny_engine):
+    torch.manual_seed(1)
+    tiny_engine.adapter.set_population(torch.randn(tiny_engine.store.dim), torch.randn(tiny_engine.store.dim))
+    request = tiny_engine.user_request(_user(tiny_engine))
+
+    def embeds(strength: float, modes=("generic", "dep")):
+        return tiny_engine.prepare(request, modes, PersonalizationSettings(strength=strength), GREEDY).embeds
+
+    generic, dep = embeds(1.0)
+    assert not torch.equal(generic, dep)  # the user's vectors are not the population's
+    assert torch.equal(embeds(0.0)[1], generic)  # strength 0: the generic reviewer, exactly
+    assert torch.equal(embeds(1.0, ("dep",))[0], dep)  # strength 1: exactly the personalized mode
+    half = embeds(0.5)[1]
+    assert not torch.equal(half, generic) and not torch.equal(half, dep)
+    texts = tiny_engine.generate(request, ("generic", "dep"), PersonalizationSettings(strength=0.0), GREEDY).texts
+    assert texts["generic"] == texts["dep"]
+
+
+def test_two_reviewers_share_product_settings_and_seed(tiny_engine):
+    users = [u for u, h in tiny_engine.users.items() if len(h) > 8][:2]
+    item = tiny_engine.user_request(users[0]).item
+    requests = [tiny_engine.user_request(u, item) for u in users]
+    final = list(tiny_engine.stream_compare(requests, "dep", sampling=GREEDY))[-1]
+    assert [r.context.selected[0].review.user_id for r in final] == users
+    alone = tiny_engine.generate(requests[1], ("dep",), sampling=GREEDY).texts["dep"]
+    assert final[1].texts["dep"] == alone  # greedy: batching two reviewers changes nothing
+
+
+@pytest.mark.parametrize("raw, kept, reason", [
+    ("Great tone. [Output Review Rating]: 5", "Great tone.", "scaffolding"),
+    ("Hey [User's Name], nice pedal", "Hey", "scaffolding"),
+    ("[Output Review Rating]: 4\n[Output Review Title]: Solid\nIt holds tune well.", "It holds tune well.", None),
+    ("Great. Great. Great. Great.", "Great.", "repetition"),
+    ("I like it. It works fine. I like it. It works fine.", "I like it. It works fine.", "repetition"),
+    ("Works as described.\nReview 2:\nItem Title: Capo", "Works as described.", "scaffolding"),
+    ("A fine strap, soft and strong.", "A fine strap, soft and strong.", None),
+])
+def test_hygiene_cuts_scaffolding_and_loops(raw, kept, reason):
+    cleaned = hygiene.clean(raw)
+    assert (cleaned.text, cleaned.reason) == (kept, reason)
+    assert not hygiene.flagged(cleaned.text)
+    assert hygiene.flagged(raw) == (raw != kept)
+
+
+def test_decoding_stops_the_rows_that_reached_scaffolding(tiny_engine):
+    tokenizer = tiny_engine.llm.tokenizer
+    rows = ["It sounds warm and clear. [Output Review Rating]: 5", "It sounds warm and clear and it stays in"]
+    ids = [tokenizer.encode(t, add_special_tokens=False) for t in rows]
+    width = max(map(len, ids))
+    width += -width % 4  # the check runs every 4 steps
+    batch = torch.tensor([[tokenizer.pad_token_id] * (width - len(i)) + i for i in ids])
+    stop = stopping_criteria(tiny_engine.llm, SamplingSettings(), None)
+    assert stop(batch, None).tolist() == [True, False]
+
+
+def test_time_budget_stops_decoding_with_a_note(tiny_engine):
+    import time
+
+    request = tiny_engine.user_request(_user(tiny_engine))
+    started = time.perf_counter()
+    result = tiny_engine.generate(request, ("nonperso",), sampling=SamplingSettings(max_new_tokens=400, time_budget_s=1))
+    assert time.perf_counter() - started < 1 + 10  # prefill and set-up on 2 shared cores, then at most the budget
+    assert result.new_tokens < 400 and any("time budget" in n for n in result.notes)
+
+
+@pytest.fixture(scope="module")
+def test_users(dataset):
+    return splits.test_samples(dataset.reviews)[:120]
+
+
+def test_attribution_finds_authors_of_their_own_words_and_sits_at_chance_on_one_text(store, encoder, test_users):
+    profiles = voice.build_profiles(store, test_users)
+    candidates = voice.candidate_sets(len(test_users), seed=0)
+    own = [s.profile[-1].text for s in test_users]  # a review each user really wrote
+    ranks = voice.attribution_ranks(encoder.encode(own), own, profiles, candidates)
+    assert (ranks == 1).mean() > 0.5  # chance is 0.05
+    same = ["These strings sound bright and stay in tune."] * len(test_users)
+    ranks = voice.attribution_ranks(encoder.encode(same), same, profiles, candidates)
+    assert abs((ranks == 1).mean() - 0.05) < 0.06 and abs((1 / ranks).mean() - voice.chance()["reciprocal_rank"]) < 0.08
+
+
+def test_own_words_and_drift():
+    assert voice.own_word_share("the tone knob is smooth", ["tone knob", "smooth", "cheap"]) == pytest.approx(2 / 3)
+    target, past = np.array([1.0, 0.0]), np.array([[0.0, 1.0]])
+    assert voice.drifted(np.array([0.2, 0.9]), target, past) and not voice.drifted(np.array([0.9, 0.2]), target, past)
+
+
+def test_same_day_reviews_go_to_history_never_to_peers(dataset, store):
+    histories = by_user(dataset.reviews).values()
+    history, n = next((h, n) for h in histories for n in range(len(h) - 1)
+                      if h[n].timestamp == h[n + 1].timestamp and split_of(n + 1, len(h)) == "train")
+    assert history[n + 1] in profile_before(history, n)  # a later review of the same day is history
+    last = len(history) - 1
+    assert history[last] not in profile_before(history, last - 1)  # the held-out test target never is
+    target = history[n]
+    peers = store._peer_rows(target.item_id, "nobody", target.timestamp, 1000)
+    assert all(store.times[r] < target.timestamp for r in peers)
+
+
+def test_identical_past_reviews_are_used_once(tiny_engine):
+    base = tiny_engine.users[_user(tiny_engine)]
+    twin = [Review(r.user_id, r.item_id + "-again", r.rating, r.title, r.text, r.timestamp) for r in base[:3]]
+    request = tiny_engine.user_request(base[0].user_id)
+    request.profile = list(base[:3]) + twin
+    context = tiny_engine.context(request, PersonalizationSettings(k=6))
+    texts = [s.review.text for s in context.selected]
+    assert len(texts) == len(set(texts)) == len({r.text for r in base[:3]})
