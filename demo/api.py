@@ -11,7 +11,7 @@ from typing import Any, Callable
 import gradio as gr
 
 from . import evidence
-from .sharing import RequestLog
+from .sharing import LLM_QUEUE, RequestLog
 from .studio import API_FIELDS, FORM_TYPES, Form, Job, Studio, describe_error
 
 TEXT_FIELDS = ("user_id", "history", "item_id", "item_title", "item_description", "review_title", "reference",
@@ -137,9 +137,9 @@ def compare(studio: Studio, other_user_id: str = "", **arguments: Any) -> dict:
 def register(studio: Studio) -> None:
     """Adds the named endpoints to the Blocks being built."""
     gr.api(_endpoint(studio, review, API_FIELDS, REVIEW_DOC), api_name="review", concurrency_limit=1,
-           concurrency_id="llm")
+           concurrency_id=LLM_QUEUE)
     gr.api(_endpoint(studio, compare, COMPARE_FIELDS, COMPARE_DOC, first=("other_user_id", str, "")),
-           api_name="compare", concurrency_limit=1, concurrency_id="llm")
+           api_name="compare", concurrency_limit=1, concurrency_id=LLM_QUEUE)
 
     def users_endpoint(limit: int = 20) -> list[dict]:
         """Bundled users, most reviews first: id, number of reviews, typical rating, held-out item."""

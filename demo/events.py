@@ -11,7 +11,7 @@ from dep_engine import DataError, parse_history
 from . import render, texts
 from .inputs import MODE_TITLES, check_size, mode_for, mode_hint, read_upload
 from .layout import OUTPUTS, Components
-from .sharing import RequestLog, forget_upload
+from .sharing import LLM_QUEUE, RequestLog, forget_upload
 from .studio import FORM_FIELDS, Form, Studio, describe_error
 
 PRODUCT = ("item_id", "item_title", "item_description", "rating", "review_title", "reference")
@@ -30,10 +30,10 @@ def wire(demo: gr.Blocks, studio: Studio, ui: Components) -> None:
 
 
 def _wire_history(studio: Studio, ui: Components) -> None:
-    def on_source(choice: str) -> list:
+    def show_source(choice: str) -> list:
         return [gr.update(visible=choice == group) for group in ("bundled", "paste", "table", "bundled")]
 
-    ui["source"].change(on_source, ui["source"], [ui[n] for n in ("bundled_group", "paste_group", "table_group",
+    ui["source"].change(show_source, ui["source"], [ui[n] for n in ("bundled_group", "paste_group", "table_group",
                                                                    "held_out_button")], queue=False, **QUIET)
 
     def on_history(text: str | None) -> str:
@@ -138,7 +138,7 @@ def _wire_generate(studio: Studio, ui: Components) -> None:
             yield {ui[name]: value for name, value in changes.items()}
 
     event = ui["generate"].click(on_generate, [ui[n] for n in FORM_FIELDS], outputs, api_name="generate",
-                                 api_visibility="undocumented", concurrency_limit=1, concurrency_id="llm",
+                                 api_visibility="undocumented", concurrency_limit=1, concurrency_id=LLM_QUEUE,
                                  show_progress="minimal")
     ui["stop"].click(lambda: texts.STOPPED, None, ui["status"], cancels=[event], api_visibility="private",
                      queue=False)
@@ -165,7 +165,7 @@ def _generate(studio: Studio, form: Form, record: RequestLog) -> Iterator[dict[s
         return
     record.jobs, record.modes = [job], (job.baseline, job.mode)
     reference = (form.reference or "").strip()
-    yield dict(status=f"Working: selecting {job.personalization.k} past reviews of {job.source}, and peers…",
+    yield dict(status=f"Working: selecting {job.personalization.k} past reviews of {job.who}, and peers…",
                baseline=gr.update(value="", label=MODE_TITLES[job.baseline]),
                personalized=gr.update(value="", label=MODE_TITLES[job.mode]),
                compare_group=gr.update(visible=bool(reference)), real=reference, metrics="")
@@ -202,7 +202,7 @@ def _wire_compare(studio: Studio, ui: Components) -> None:
             yield {ui[name]: value for name, value in changes.items()}
 
     ui["compare"].click(on_compare, [ui[n] for n in FORM_FIELDS] + [ui["other_user_id"]], outputs,
-                        api_visibility="private", concurrency_limit=1, concurrency_id="llm", show_progress="minimal")
+                        api_visibility="private", concurrency_limit=1, concurrency_id=LLM_QUEUE, show_progress="minimal")
 
 
 def compare(studio: Studio, form: Form, other_user_id: str) -> Iterator[dict[str, Any]]:
@@ -216,7 +216,7 @@ def compare(studio: Studio, form: Form, other_user_id: str) -> Iterator[dict[str
             record.result = results[0]
             yield dict(first_review=results[0].texts[jobs[0].mode], second_review=results[1].texts[jobs[1].mode])
         notes = sorted(set(results[0].notes) | set(results[1].notes))
-        yield dict(compare_status=f"✓ Done: {jobs[0].source} and {jobs[1].source}, same seed "
+        yield dict(compare_status=f"✓ Done: {jobs[0].who} and {jobs[1].who}, same seed "
                                   f"{jobs[0].sampling.seed}." + render.notes_markdown(notes))
     except Exception as err:  # noqa: BLE001 - every problem becomes a message
         record.error = err

@@ -31,7 +31,7 @@ def working_status(job: Job, result) -> str:
 
 def done_status(job: Job, result) -> str:
     return (f"✓ Done: {result.new_tokens} tokens in {result.timings.get('generation', 0):.1f} s "
-            f"({result.timings.get('tokens_per_second', 0.0):.1f} tokens/s per output) for {job.source}."
+            f"({result.timings.get('tokens_per_second', 0.0):.1f} tokens/s per output) for {job.who}."
             + notes_markdown(result.notes))
 
 

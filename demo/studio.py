@@ -74,7 +74,7 @@ class Job:
     mode: str
     personalization: PersonalizationSettings
     sampling: SamplingSettings
-    source: str
+    who: str                            # "bundled user X (41 earlier reviews)", "your history (3 reviews)"
 
 
 ENGINE: dict[str, DEPEngine] = {}  # this process's engine, kept out of the GPU function's arguments
@@ -316,6 +316,8 @@ def _float(value: Any, name: str) -> float:
 
 
 def _int(value: Any, name: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value  # exact: a float would round a large seed
     number = _float(value, name)
     if not math.isfinite(number) or number != int(number):
         raise DataError(f"{name}: {value!r} is not a whole number")
