@@ -7,6 +7,7 @@ The page and the API are built in demo/ (demo/page.py assembles them).
 
 API (also listed under "Use via API" in the page's footer), for `gradio_client`:
     /review        one request: baseline and personalized reviews, metrics, evidence (JSON)
+    /compare       two bundled reviewers on one product, same settings and seed
     /users         bundled users with a short summary
     /search_items  catalog items whose title matches a query
 """
