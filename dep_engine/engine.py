@@ -24,15 +24,13 @@ from .data import DataError, Dataset, Item, Review, Sample, by_user, load_datase
 from .embeddings import BUNDLED_ENCODER, Encoder, style_set
 from .generation import prompt_embeddings, stream
 from .llm import BUNDLED_LLM, CPU_DECODE_DTYPES, LLM, load_llm
+from .paths import BUNDLED_ADAPTER, BUNDLED_DATA
 from .prompt import PastReview, PromptIds, build_prompt, get_mode, readable_prompt, typical_length
 from .settings import PersonalizationSettings, SamplingSettings
 from .store import PersonalContext, ReviewStore
 
 log = logging.getLogger(__name__)
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
-BUNDLED_DATA = ASSETS / "data" / "amazon-mi-2014"
-BUNDLED_ADAPTER = ASSETS / "adapter"
 
 
 @dataclass
