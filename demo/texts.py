@@ -50,7 +50,7 @@ client = Client("http://127.0.0.1:7860/")
 client.predict(limit=5, api_name="/users")                     # bundled users
 out = client.predict(user_id="ADH0O8UVJOT10", max_new_tokens=60, api_name="/review")
 out["baseline"], out["personalized"], out["metrics"], out["prompt"]
-client.predict(history=open("my_reviews.csv").read(), item_title="Snark SN-5 Tuner",
+client.predict(history=open("assets/examples/my_reviews.csv").read(), item_title="Snark SN-5 Tuner",
                rating=4, review_title="Handy", strength=1.5, api_name="/review")
 client.predict(user_id="ADH0O8UVJOT10", other_user_id="A2EZWZ8MBEDOLN", api_name="/compare")
 ```
