@@ -42,17 +42,20 @@ def _personalization_args(parser: argparse.ArgumentParser) -> None:
                        help="relevant: the past reviews closest to the product; recent: the newest (the paper's rule)")
     group.add_argument("--strength", type=float, default=PersonalizationSettings.strength,
                        help="personalization strength alpha: 0 the generic reviewer, 1 this user, 2 exaggerated")
-    group.add_argument("--peer-temperature", type=float, default=PersonalizationSettings.peer_temperature)
+    group.add_argument("--peer-temperature", type=float, default=PersonalizationSettings.peer_temperature,
+                       help="softmax temperature of the peer weights: lower puts more weight on the nearest peers")
     group.add_argument("--words-per-review", type=int, default=PersonalizationSettings.words_per_review,
                        help="words of each past review's text put in the prompt")
 
 
 def _sampling_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("sampling")
-    group.add_argument("--temperature", type=float, default=SamplingSettings.temperature)
-    group.add_argument("--top-p", type=float, default=SamplingSettings.top_p)
-    group.add_argument("--max-new-tokens", type=int, default=SamplingSettings.max_new_tokens)
-    group.add_argument("--seed", type=int, default=SamplingSettings.seed)
+    group.add_argument("--temperature", type=float, default=SamplingSettings.temperature,
+                       help="sampling temperature (0: greedy)")
+    group.add_argument("--top-p", type=float, default=SamplingSettings.top_p, help="nucleus sampling mass")
+    group.add_argument("--max-new-tokens", type=int, default=SamplingSettings.max_new_tokens,
+                       help="longest review written, in tokens")
+    group.add_argument("--seed", type=int, default=SamplingSettings.seed, help="sampling seed (same seed, same text)")
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -86,6 +89,22 @@ def _read_history(args: argparse.Namespace) -> str | None:
     return text
 
 
+def _check_paths(args: argparse.Namespace) -> None:
+    """--data and --adapter exist: a typo is reported in seconds, not after the models load."""
+    if not Path(args.data).exists():
+        raise DataError(f"{args.data}: no such data file or folder (--data)")
+    adapter = getattr(args, "adapter", None)
+    if adapter and Path(adapter) != BUNDLED_ADAPTER and not Path(adapter).is_dir():
+        raise AdapterError(f"{adapter}: no such adapter folder (--adapter)")
+
+
+def _quiet_model_loading() -> None:
+    """No "Loading weights" bars from transformers; our own long work (training, evaluation) keeps its bars."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+
+
 def _build_request(engine, args: argparse.Namespace, history: str | None) -> Request:
     typed = Item("target", args.item_title, args.item_description or "") if args.item_title else None
     if history is not None:
@@ -106,6 +125,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         get_mode(mode)
     settings = personalization(args), sampling(args)
     history = _read_history(args)
+    _check_paths(args)
+    _quiet_model_loading()
     engine = DEPEngine(engine_config(args))
     request = _build_request(engine, args, history)
     result = engine.generate(request, modes, *settings)
@@ -123,14 +144,16 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print(f"\n=== {mode} ===\n" + textwrap.fill(text, 100))
     if request.reference:
         print("\n=== real review ===\n" + textwrap.fill(request.reference, 100))
-    print(f"\ntimings: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in result.timings.items()))
+    print("\ntimings: " + ", ".join(f"{k} {v:.1f}" if k == "tokens_per_second" else f"{k} {v * 1000:.0f} ms"
+                                   for k, v in result.timings.items()))
 
 
 def cmd_users(args: argparse.Namespace) -> None:
     from .data import by_user, load_dataset
 
     users = by_user(load_dataset(args.data).reviews)
-    for user_id, history in list(users.items())[:args.limit]:
+    most_reviewed_first = sorted(users.items(), key=lambda item: (-len(item[1]), item[0]))  # as the app's /users
+    for user_id, history in most_reviewed_first[:args.limit]:
         print(f"{user_id}\t{len(history)} reviews\tlatest: {history[-1].title[:60]}")
 
 
@@ -165,24 +188,34 @@ def cmd_train(args: argparse.Namespace) -> None:
     overrides = {name: getattr(args, name) for name, _, _ in TRAIN_OPTIONS if getattr(args, name) is not None}
     if "modes" in overrides:
         overrides["modes"] = tuple(overrides["modes"].split(","))
+        for mode in overrides["modes"]:
+            get_mode(mode)
     settings = TrainSettings(out=args.out, personalization=personalization(args), **overrides)
     config = engine_config(args)
     config.adapter = None  # training starts from a fresh adapter
+    _check_paths(argparse.Namespace(data=args.data))
+    _quiet_model_loading()
     train(DEPEngine(config), settings, resume=not args.restart)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from .evaluation import EvalSettings, evaluate
+    from .evaluation import EvalSettings, evaluate, parse_method
 
+    for method in args.methods.split(","):
+        parse_method(method, args.k)
+    if args.eval_reviews and not Path(args.eval_reviews).exists():
+        raise DataError(f"{args.eval_reviews}: no such reviews file or folder (--eval-reviews)")
+    _check_paths(args)
+    _quiet_model_loading()
     evaluate(engine_config(args), EvalSettings(
         methods=args.methods.split(","), limit=args.limit, seed=args.seed, out=args.out,
         eval_reviews=args.eval_reviews, batch_users=args.batch_users, generate_only=args.generate_only, split=args.split,
         personalization=personalization(args), sampling=sampling(args)))
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dep_engine", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO) messages")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="personalized and baseline reviews for one user and product")
@@ -194,15 +227,16 @@ def main(argv: list[str] | None = None) -> int:
     who.add_argument("--history", help="a history file: JSON/JSONL in either Amazon schema, or CSV")
     gen.add_argument("--item", help="item id from the catalog (default: the user's held-out latest review)")
     gen.add_argument("--item-title", help="a product by title instead of a catalog item")
-    gen.add_argument("--item-description")
-    gen.add_argument("--rating", type=float, default=None)
-    gen.add_argument("--review-title", default=None)
+    gen.add_argument("--item-description", help="the product's description, with --item-title")
+    gen.add_argument("--rating", type=float, default=None,
+                     help="the review's star rating, 1-5 (default: the held-out review's, or 5)")
+    gen.add_argument("--review-title", default=None, help="the review's title (default: the held-out review's)")
     gen.add_argument("--modes", default="generic,dep", help=f"comma-separated, from: {', '.join(MODES)}")
     gen.set_defaults(func=cmd_generate)
 
     users = sub.add_parser("users", help="list bundled users")
-    users.add_argument("--data", default=str(BUNDLED_DATA))
-    users.add_argument("--limit", type=int, default=20)
+    users.add_argument("--data", default=str(BUNDLED_DATA), help="reviews file or folder (default: bundled)")
+    users.add_argument("--limit", type=int, default=20, help="users listed, most reviewed first")
     users.set_defaults(func=cmd_users)
 
     tr = sub.add_parser("train", help="train the DEP adapter")
@@ -225,12 +259,15 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--split", choices=("val", "test"), default="test",
                     help="val: validation users, for choices; test: held-out test users, to report once")
     ev.add_argument("--limit", type=int, default=None, help="number of users")
-    ev.add_argument("--out", default="runs/eval")
+    ev.add_argument("--out", default="runs/eval", help="folder for results.json, generations.jsonl, results.md/png")
     ev.add_argument("--batch-users", type=int, default=4, help="users decoded together in one batch")
     ev.add_argument("--generate-only", action="store_true", help="write generations, skip the metrics")
     ev.set_defaults(func=cmd_evaluate)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         args.func(args)
