@@ -1,0 +1,104 @@
+"""The command line as a newcomer meets it: README commands on the bundled data, help texts, early errors."""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dep_engine import cli
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE_HISTORY = ROOT / "assets" / "examples" / "my_reviews.csv"
+
+
+def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dep_engine", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def subcommands() -> dict[str, argparse.ArgumentParser]:
+    parser = cli.build_parser()
+    [sub] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return {"(top)": parser, **sub.choices}
+
+
+@pytest.mark.parametrize("command", ["(top)", "generate", "users", "train", "evaluate"])
+def test_every_option_has_a_help_text(command):
+    parser = subcommands()[command]
+    options = [a for a in parser._actions if a.option_strings and not isinstance(a, argparse._HelpAction)]
+    assert options
+    missing = [a.option_strings[0] for a in options if not (a.help or "").strip()]
+    assert not missing, f"{command}: options without help: {missing}"
+    rules = next((a for a in options if a.dest == "history_rule"), None)
+    if rules is not None:
+        assert set(rules.choices) == {"relevant", "recent"}
+
+
+BAD_ARGUMENTS = [
+    (["generate", "--history", "no_such_history.csv", "--item-title", "A capo"], "no_such_history.csv"),
+    (["generate", "--adapter", "no_such_adapter"], "no_such_adapter"),
+    (["generate", "--data", "no_such_data"], "no_such_data"),
+    (["generate", "--modes", "generic,bogus"], "bogus"),
+    (["train", "--modes", "his,bogus", "--out", "{tmp}/adapter"], "bogus"),
+    (["train", "--data", "no_such_data", "--out", "{tmp}/adapter"], "no_such_data"),
+    (["evaluate", "--methods", "dep,bogus@k=2", "--out", "{tmp}/eval"], "bogus"),
+    (["evaluate", "--eval-reviews", "no_such_reviews", "--out", "{tmp}/eval"], "no_such_reviews"),
+    (["evaluate", "--adapter", "no_such_adapter", "--out", "{tmp}/eval"], "no_such_adapter"),
+]
+
+
+@pytest.mark.parametrize("argv, named", BAD_ARGUMENTS, ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_bad_arguments_are_refused_before_any_model_loads(argv, named, tmp_path, monkeypatch, capsys):
+    def no_models(*_, **__):
+        raise AssertionError("models were loaded before the arguments were checked")
+
+    from dep_engine.engine import DEPEngine
+
+    monkeypatch.setattr(DEPEngine, "__init__", no_models)  # the one class every command builds its models with
+    assert cli.main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and named in error
+
+
+def test_missing_history_file_errors_in_seconds_without_loading_models():
+    began = time.perf_counter()
+    done = run_cli("generate", "--history", "no_such_history.csv", "--item-title", "A capo", timeout=120)
+    seconds = time.perf_counter() - began
+    assert done.returncode == 2 and done.stderr.strip() == "error: no_such_history.csv: no such history file"
+    # Loading the models took 19 s on 2 shared cores; the check itself is Python and torch imports.
+    assert seconds < 15, f"took {seconds:.1f} s"
+
+
+def test_users_lists_the_most_reviewed_first():
+    done = run_cli("users", "--limit", "6", timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line.split("\t") for line in done.stdout.splitlines()]
+    counts = [int(row[1].split()[0]) for row in rows]
+    assert len(rows) == 6 and counts == sorted(counts, reverse=True) and counts[0] > counts[-1]
+    from dep_engine.data import by_user, load_dataset
+    from dep_engine.engine import BUNDLED_DATA
+
+    most = max(len(h) for h in by_user(load_dataset(BUNDLED_DATA).reviews).values())
+    assert counts[0] == most
+
+
+def test_readme_history_example_runs_end_to_end_with_the_bundled_models():
+    """The README's `generate --history assets/examples/my_reviews.csv ...`, with fewer tokens."""
+    done = run_cli("generate", "--history", "assets/examples/my_reviews.csv", "--item-title",
+                   "Fender guitar picks, 12 pack", "--rating", "4", "--review-title", "Good grip",
+                   "--max-new-tokens", "16")
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout
+    assert "Product: Fender guitar picks, 12 pack  |  rating 4  |  title: Good grip" in out
+    sample_titles = [line.split(",")[0].strip('"') for line in SAMPLE_HISTORY.read_text().splitlines()[1:]]
+    used = out.split("Past reviews used (4):")[1].split("===")[0]
+    assert sum(title[:60] in used for title in sample_titles) == 4
+    for mode in ("generic", "dep"):
+        text = out.split(f"=== {mode} ===")[1].split("===")[0].split("timings:")[0]
+        assert len(text.split()) >= 3, f"{mode}: {text!r}"
+    assert "UNTRAINED" not in out and "tokens_per_second" in out
+    assert "Loading weights" not in done.stderr + out and "Traceback" not in done.stderr
