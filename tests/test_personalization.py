@@ -123,3 +123,21 @@ def test_identical_past_reviews_are_used_once(tiny_engine):
     context = tiny_engine.context(request, PersonalizationSettings(k=6))
     texts = [s.review.text for s in context.selected]
     assert len(texts) == len(set(texts)) == len({r.text for r in base[:3]})
+
+
+def test_no_training_sample_sees_a_held_out_target_among_its_peers(tiny_engine):
+    """The audit that found 342 of 1,000 training samples with a test target among their peers."""
+    import random
+
+    reviews = tiny_engine.dataset.reviews
+    held = {(r.user_id, r.item_id) for r in splits.held_out_targets(reviews)}
+    store = tiny_engine.store.without(splits.held_out_targets(reviews))
+    samples = random.Random(0).sample(splits.training_samples(reviews), 300)
+    peers = [(p.user_id, p.item_id) for s in samples
+             for selected in tiny_engine.context(tiny_engine.sample_request(s), PersonalizationSettings(), store).selected
+             for p in selected.peers]
+    assert len(peers) > 1000 and not held & set(peers)
+    everything = [(p.user_id, p.item_id) for s in samples
+                  for selected in tiny_engine.context(tiny_engine.sample_request(s), PersonalizationSettings()).selected
+                  for p in selected.peers]
+    assert held & set(everything)  # the full pool would have leaked them: the check can fail
