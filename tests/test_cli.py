@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import subprocess
 import sys
 import time
@@ -36,6 +37,37 @@ def test_every_option_has_a_help_text(command):
     rules = next((a for a in options if a.dest == "history_rule"), None)
     if rules is not None:
         assert set(rules.choices) == {"relevant", "recent"}
+
+
+def readme_commands() -> list[list[str]]:
+    """Every `python3 -m dep_engine ...` line of the README's code blocks, continuations joined."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8").replace("\\\n", " ")
+    lines = [line.split("  #")[0].strip() for line in text.splitlines()]
+    return [shlex.split(line)[3:] for line in lines if line.startswith("python3 -m dep_engine ")]
+
+
+def test_readme_commands_parse_and_name_files_that_exist():
+    """Each README command as written from a fresh clone: options known, methods and modes valid,
+    and every input file inside the repository (nothing outside it, like ../shared)."""
+    from dep_engine.evaluation import parse_method
+    from dep_engine.prompt import get_mode
+
+    commands = readme_commands()
+    assert {argv[0] for argv in commands} == {"users", "generate", "train", "evaluate"}
+    written = set()  # folders an earlier README command writes (train --out runs/adapter)
+    for argv in commands:
+        args = cli.build_parser().parse_args(argv)
+        for option in ("--history", "--adapter", "--data", "--eval-reviews"):
+            if option in argv:
+                value = argv[argv.index(option) + 1]
+                assert ".." not in Path(value).parts, f"{argv}: {value} is outside the repository"
+                assert (ROOT / value).exists() or value in written, f"{argv}: {value} does not exist"
+        written.add(getattr(args, "out", None))
+        for method in getattr(args, "methods", "").split(",") if args.command == "evaluate" else ():
+            parse_method(method, args.k)
+        for mode in (args.modes or "").split(",") if args.command == "train" and args.modes else ():
+            get_mode(mode)
+    assert any("assets/examples/my_reviews.csv" in argv for argv in commands)
 
 
 BAD_ARGUMENTS = [
