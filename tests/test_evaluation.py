@@ -1,0 +1,87 @@
+"""Evaluation: method names, every method written and resumed, the voice measures, validation users."""
+import json
+
+from dep_engine.engine import DEPEngine, EngineConfig
+from dep_engine.evaluation import EvalSettings, evaluate, parse_method
+from dep_engine.settings import SamplingSettings
+
+from conftest import TINY_LLM
+
+
+def test_method_names():
+    assert parse_method("dep@k=2", 4).k == 2 and parse_method("dep-shuffled", 4).shuffled
+    assert parse_method("nonperso", 4).k == 0
+
+
+def test_evaluation_writes_every_method(tiny_engine, tmp_path):
+    methods = ["nonperso", "rag", "his", "diff", "his+diff", "dep", "dep@k=1", "dep-shuffled"]
+    settings = EvalSettings(methods=methods, out=str(tmp_path / "eval"), limit=3, batch_users=2,
+                            sampling=SamplingSettings(max_new_tokens=6))
+    summary = evaluate(EngineConfig(llm=TINY_LLM, adapter=None), settings, engine=tiny_engine)
+    assert summary["users"] == 3
+    assert set(summary["methods"]) == set(methods)
+    for name, entry in summary["methods"].items():
+        assert entry["n"] == 3
+        assert set(entry["metrics"]) == {"rouge1", "rougeL", "meteor", "bleu"}
+        assert 0 <= entry["metrics"]["rouge1"]["mean"] <= 1
+    assert "own_minus_shuffled" in summary["methods"]["dep-shuffled"]
+    out = tmp_path / "eval"
+    lines = (out / "generations.jsonl").read_text().splitlines()
+    assert len(lines) == 3 * len(methods)
+    assert (out / "results.png").stat().st_size > 1000 and "| dep |" in (out / "results.md").read_text()
+    # resuming reuses every generation
+    evaluate(EngineConfig(llm=TINY_LLM, adapter=None), settings, engine=tiny_engine)
+    assert (out / "generations.jsonl").read_text().splitlines() == lines
+
+
+def test_eval_reviews_file_users_are_new_and_join_the_pool(tiny_llm, dataset, tmp_path):
+    from dep_engine.data import by_user
+
+    users = [h for h in by_user(dataset.reviews).values() if len(h) >= 6][:2]
+    path = tmp_path / "extra.jsonl"
+    path.write_text("".join(json.dumps({"user_id": f"new-{n}", "parent_asin": r.item_id, "rating": r.rating,
+                                        "title": r.title, "text": r.text, "timestamp": r.timestamp * 1000}) + "\n"
+                            for n, history in enumerate(users) for r in history))
+    config = EngineConfig(llm=TINY_LLM, adapter=None, extra_reviews=str(path))
+    engine = DEPEngine(config, progress=False, llm=tiny_llm)
+    pooled = [r for r in engine.store.reviews if r.user_id == "new-0"]
+    assert len(pooled) == len(users[0]) - 1  # the latest review stays out of the pool
+    settings = EvalSettings(methods=["nonperso", "dep"], out=str(tmp_path / "eval"), eval_reviews=str(path),
+                            sampling=SamplingSettings(max_new_tokens=4))
+    summary = evaluate(config, settings, engine=engine)
+    records = [json.loads(line) for line in (tmp_path / "eval" / "generations.jsonl").read_text().splitlines()]
+    assert summary["users"] == 2 and {r["user_id"] for r in records} == {"new-0", "new-1"}
+    assert {r["reference"] for r in records} == {users[0][-1].text, users[1][-1].text}
+
+
+def test_method_names_take_a_strength_and_refuse_what_cannot_be():
+    import pytest
+
+    method = parse_method("dep@k=2@alpha=0.5", 4)
+    assert (method.mode, method.k, method.strength, method.shuffled) == ("dep", 2, 0.5, False)
+    assert parse_method("generic", 4).k == 4 and parse_method("nonperso+length", 4).k == 0
+    for bad in ("nonperso-shuffled", "rag@alpha=2", "dep@k=x", "unknown"):
+        with pytest.raises(ValueError):
+            parse_method(bad, 4)
+
+
+def test_evaluation_reports_voice_hygiene_and_the_generic_baseline(tiny_engine, tmp_path):
+    methods = ["nonperso", "nonperso+length", "generic", "dep", "dep-shuffled", "dep@alpha=0.5"]
+    settings = EvalSettings(methods=methods, out=str(tmp_path / "eval"), limit=4, batch_users=4, split="val",
+                            sampling=SamplingSettings(max_new_tokens=6))
+    summary = evaluate(EngineConfig(llm=TINY_LLM, adapter=None), settings, engine=tiny_engine)
+    voice = summary["voice"]
+    assert voice["n"] == 4 and set(voice["methods"]) == set(methods) | {"real review"}
+    for name in methods:
+        entry = voice["methods"][name]
+        assert 0 <= entry["top1"]["mean"] <= 1 and 0 < entry["reciprocal_rank"]["mean"] <= 1
+        assert 0 <= entry["scaffolding_or_loops_after"] <= 1
+    assert "own_minus_shuffled" in voice["methods"]["dep"] and "minus_generic" in voice["methods"]["dep"]
+    assert "vs_generic" in summary["methods"]["dep"]["metrics"]["rouge1"]
+    records = [json.loads(line) for line in (tmp_path / "eval" / "generations.jsonl").read_text().splitlines()]
+    assert all({"raw", "cut", "text"} <= set(r) for r in records)
+    from dep_engine.splits import validation_samples
+
+    val_users = {s.target.user_id for s in validation_samples(tiny_engine.dataset.reviews)}
+    assert {r["user_id"] for r in records} <= val_users
+    assert "Voice measures" in (tmp_path / "eval" / "results.md").read_text()
