@@ -132,13 +132,18 @@ def stopping_criteria(llm: LLM, settings: SamplingSettings, stop: threading.Even
     return StoppingCriteriaList(criteria)
 
 
+def prompt_cache(model: torch.nn.Module, batch: torch.Tensor, mask: torch.Tensor):
+    """Keys and values of all prompt positions but the last, from `model` in its own dtype, for a
+    decoder that runs the last position itself (a bf16 copy, or ONNX Runtime)."""
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as generate numbers left-padded rows
+    return model.base_model(inputs_embeds=batch[:, :-1], attention_mask=mask[:, :-1],
+                            position_ids=positions[:, :-1], use_cache=True).cache
+
+
 def _prefill(llm: LLM, decoder: torch.nn.Module, batch: torch.Tensor, mask: torch.Tensor,
              max_new_tokens: int) -> StaticCache:
-    """All prompt positions but the last through the model in its own dtype; their keys and values
-    are handed to the decoder in a static cache (it runs the last position itself, as generate needs one)."""
-    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as generate numbers left-padded rows
-    prompt = llm.model.base_model(inputs_embeds=batch[:, :-1], attention_mask=mask[:, :-1],
-                                  position_ids=positions[:, :-1], use_cache=True).cache
+    """The prompt's keys and values (`prompt_cache`) handed to the decoder in a static cache."""
+    prompt = prompt_cache(llm.model, batch, mask)
     cache = StaticCache(config=decoder.config, max_cache_len=batch.shape[1] + max_new_tokens)
     for layer, source in zip(cache.layers, prompt.layers):
         layer.update(source.keys.to(decoder.dtype), source.values.to(decoder.dtype))

@@ -68,7 +68,7 @@ class LLM:
             from .onnx_model import ConversionError
 
             try:
-                self._onnx = load_decoder(self.name, resolve_llm(self.name)[0], self.model.get_input_embeddings().weight)
+                self._onnx = load_decoder(self.name, resolve_llm(self.name)[0], self.model)
             except ConversionError as err:
                 log.warning("%s; decoding in PyTorch instead", err)
                 self.onnx_decode = False

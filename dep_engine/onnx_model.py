@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 from .atomic import atomic_write
-from .embeddings import default_cache_dir
+from .paths import default_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -103,5 +103,6 @@ def converted_folder(source: str | Path, cache_dir: Path | None = None) -> Path:
     log.info("converting %s for ONNX Runtime into %s (%s)", source.name, folder, problem)
     _build(source, folder)
     files = {p.name: _sha256(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
-    atomic_write(folder / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps({"key": key, "files": files}, indent=1)))
+    manifest = json.dumps({"key": key, "files": files}, indent=1)
+    atomic_write(folder / MANIFEST, lambda tmp: Path(tmp).write_text(manifest))
     return folder
