@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 # a bracketed label or placeholder: "[Item Title]", "[User's Name]", "[Output Review Rating]"
 _BRACKET = re.compile(r"\[[#*]?[A-Za-z][\w' .:#/-]{0,40}\]")
-_MARKER = re.compile(r"</?(?:his|diff)_(?:start|end)>|<\|im_(?:start|end)\|>")
+# the prompt's slot markers, the chat template's tokens, and a chat role alone on its line
+_MARKER = re.compile(r"</?(?:his|diff)_(?:start|end)>|<\|im_(?:start|end)\|>|(?m:^\s*(?:user|assistant|system)\s*$)")
 # a field label at the start of a line, as the prompt writes them: "Review 2:", "Item Title:"
 _LINE_LABEL = re.compile(r"(?m)^\s*(?:Review \d+|Item (?:Title|Description)|Review (?:Rating|Title|Text)|"
                          r"Output Review \w+|User's Past Reviews)\s*:")

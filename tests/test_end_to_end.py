@@ -49,7 +49,7 @@ def test_cli_generates_deterministically_and_reports_bad_input(tmp_path):
             "--rating", "4", "--review-title", "Good grip", "--max-new-tokens", "24", "--seed", "3"]
     first, second = run_cli(*args), run_cli(*args)
     assert first.returncode == 0, first.stderr[-2000:]
-    assert "=== nonperso ===" in first.stdout and "=== dep ===" in first.stdout and "UNTRAINED" not in first.stdout
+    assert "=== generic ===" in first.stdout and "=== dep ===" in first.stdout and "UNTRAINED" not in first.stdout
     body = first.stdout.split("=== dep ===")[1].split("timings:")[0]
     assert looks_like_text(body, 3)
     assert first.stdout.split("timings:")[0] == second.stdout.split("timings:")[0]

@@ -51,6 +51,7 @@ def test_two_reviewers_share_product_settings_and_seed(tiny_engine):
     ("Great. Great. Great. Great.", "Great.", "repetition"),
     ("I like it. It works fine. I like it. It works fine.", "I like it. It works fine.", "repetition"),
     ("Works as described.\nReview 2:\nItem Title: Capo", "Works as described.", "scaffolding"),
+    ("Nice picks, good grip.\nuser\nWrite a review of", "Nice picks, good grip.", "scaffolding"),
     ("A fine strap, soft and strong.", "A fine strap, soft and strong.", None),
 ])
 def test_hygiene_cuts_scaffolding_and_loops(raw, kept, reason):
