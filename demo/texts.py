@@ -87,7 +87,7 @@ CSS = """
 footer { margin-top: 12px; }
 mark.dep-mark { background: #ddd6fe; color: #3b0764; border-radius: 3px; padding: 0 2px; }
 #terms-text p { margin: 0 0 10px 0; line-height: 1.5; }
-#action-bar { position: fixed; left: 0; right: 0; bottom: 0; z-index: 20; margin: 0; padding: 8px max(16px, 3vw);
+#action-bar { position: fixed; left: 0; right: 0; bottom: 0; z-index: 1000; margin: 0; padding: 8px max(16px, 3vw);
   max-width: none; background: var(--body-background-fill); box-shadow: 0 -6px 14px -8px rgba(0, 0, 0, 0.3); }
 #action-bar button { max-width: 320px; }
 .gradio-container { padding-bottom: 72px !important; }

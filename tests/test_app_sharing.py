@@ -85,8 +85,11 @@ def test_a_flooding_client_does_not_hold_up_another(server):
     flood = client(server)
     jobs = [flood.submit(user_id=u, max_new_tokens=LONG, seed=n, api_name="/review") for n, u in enumerate(users[:10])]
     wait_until_queued(jobs)
+    began = time.perf_counter()
+    while sum(job.done() for job in jobs) < 8 and time.perf_counter() - began < 10:  # they join in any order
+        time.sleep(0.05)
+    refusals_took = time.perf_counter() - began
     visitor, waited = timed(client(server).predict, user_id=users[11], max_new_tokens=16, api_name="/review")
-    refused_in_time = sum(job.done() for job in jobs[2:])
     served, refused = [], []
     for job in jobs:
         try:
@@ -95,9 +98,9 @@ def test_a_flooding_client_does_not_hold_up_another(server):
             refused.append(str(err))
     print(f"\nalone: a long request {long_alone:.1f} s, the visitor's 16-token request {short_alone:.1f} s; "
           f"during a flood of 10 long requests the visitor's took {waited:.1f} s; {len(served)} of the flood "
-          f"served, {len(refused)} refused at once")
+          f"served, {len(refused)} refused within {refusals_took:.1f} s")
     assert visitor["personalized"].strip()
-    assert len(served) == 2 and len(refused) == 8 and refused_in_time == 8
+    assert len(served) == 2 and len(refused) == 8 and refusals_took < 5.0, "the other 8 are refused at once"
     assert all("queued or running" in message for message in refused)
     assert waited < long_alone + short_alone + 5.0, "the visitor waits for one long request at most"
 
