@@ -16,9 +16,16 @@ def _user(engine):
     return next(u for u, h in engine.users.items() if len(h) > 8)
 
 
-def test_generic_is_dep_with_the_population_vectors_and_strength_mixes_them(tiny_engine):
+@pytest.fixture
+def population(tiny_engine):
+    """A random population-average reviewer in the shared tiny engine, put back to zeros afterwards."""
     torch.manual_seed(1)
     tiny_engine.adapter.set_population(torch.randn(tiny_engine.store.dim), torch.randn(tiny_engine.store.dim))
+    yield
+    tiny_engine.adapter.set_population(torch.zeros(tiny_engine.store.dim), torch.zeros(tiny_engine.store.dim))
+
+
+def test_generic_is_dep_with_the_population_vectors_and_strength_mixes_them(tiny_engine, population):
     request = tiny_engine.user_request(_user(tiny_engine))
 
     def embeds(strength: float, modes=("generic", "dep")):
