@@ -102,7 +102,8 @@ def test_a_flooding_client_does_not_hold_up_another(server):
     assert visitor["personalized"].strip()
     assert len(served) == 2 and len(refused) == 8 and refusals_took < 5.0, "the other 8 are refused at once"
     assert all("queued or running" in message for message in refused)
-    assert waited < long_alone + short_alone + 5.0, "the visitor waits for one long request at most"
+    one_long = max(long_alone, BUDGET + 1.0)  # a flood request may run to the budget where this one ended early
+    assert waited < one_long + short_alone + 5.0, "the visitor waits for one long request at most"
 
 
 def test_the_forwarded_address_counts_as_one_client(server):
