@@ -143,7 +143,7 @@ def build_evidence() -> Components:
             gr.Markdown(texts.PAST_REVIEWS_HELP, padding=True)
             ui["selected"] = gr.Dataframe(pd.DataFrame(columns=evidence.SELECTED_HEADERS), interactive=False,
                                           wrap=True, max_height=2000, elem_id="selected",
-                                          column_widths=["5%", "24%", "8%", "17%", "10%", "9%", "27%"])
+                                          column_widths=["5%", "22%", "6%", "16%", "12%", "9%", "30%"])
         with gr.Tab("Peers"):
             gr.Markdown(texts.PEERS_HELP, padding=True)
             ui["peers"] = gr.Dataframe(pd.DataFrame(columns=evidence.PEER_HEADERS), interactive=False, wrap=True,

@@ -116,6 +116,9 @@ def check_evidence_tables(page, k: int) -> None:
     assert clipped == 0, "no past review hides in a scroll box"
     heights = page.evaluate("() => [...document.querySelectorAll('#selected th.header-cell')].map(h => h.offsetHeight)")
     assert len(heights) == 7 and max(heights) < 45, f"a header wraps onto a second line: {heights}"
+    clipped = page.evaluate("""() => [...document.querySelectorAll('#selected th.header-cell')]
+        .filter(h => h.scrollWidth > h.clientWidth + 1).map(h => h.innerText)""")
+    assert clipped == [], f"headers cut short: {clipped}"
     page.get_by_role("tab", name="SAE codes").click()
     sync_api.expect(page.locator("#sae-help")).to_contain_text("How to read it")
     sync_api.expect(page.locator("#sae-plot img")).to_have_count(1, timeout=15_000)  # drawn, though updated hidden
