@@ -17,13 +17,14 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ["differences", "overhead", "scale", "embedding", "generation", "startup"]
+ORDER = ["differences", "overhead", "scale", "embedding", "generation", "fast_decode", "startup"]
 QUICK = {
     "differences": ["--cases", "10", "--repeats", "3"],
     "overhead": ["--requests", "100", "--generations", "1", "--no-app-request"],
     "scale": ["--sizes", "9018,100000", "--requests", "100", "--running-sums-size", "50000"],
     "embedding": ["--texts", "200", "--threads", "1"],
     "generation": ["--quick"],
+    "fast_decode": ["--quick"],
     "startup": ["--no-generation", "--warm-starts", "1"],
 }
 

@@ -1,0 +1,225 @@
+"""Fast CPU generation (issue 11): ONNX Runtime with int8 weights against the PyTorch path, in one run.
+
+A. Memory bandwidth (read, 1 GiB, as bench/generation.py measures it) and each path's bandwidth
+   limit: bytes of weights read per decode step / read bandwidth. PyTorch decodes from a bf16 copy
+   (all parameters, the tied 49152 x 576 LM head once); ONNX Runtime reads its int8 weights and
+   their scales (the size of model.onnx.data). One step gives a token to every row of the batch.
+B. The app's request: generic + DEP in one batch, T=0.8, top-p 0.95, seed 0, --new-tokens per row,
+   through `engine.generate`, old ("torch": fp32 prompt, bf16 decode) and new ("onnx", the CPU
+   default) alternated --repeats times: end-to-end seconds, time to first token, decode steps/s
+   after the first token (engine `Result.timings`), and that rate as a share of the limit in A.
+   Goals: new decode >= 3x old and >= 50% of its limit; the request <= 5 s.
+C. Time to first token of one DEP prompt alone (the longest of the held-out requests tried, about
+   750 tokens), old and new alternated.
+D. ONNX Runtime with 1 and 2 intra-op threads, decode steps/s on the batch of B (shared cores).
+E. Quality against the float32 PyTorch model on the DEP prompts of --quality-prompts held-out
+   requests (trained adapter): the largest logit difference at the last prompt position, and how many
+   of the first --greedy-tokens greedy tokens agree, for the fast path and for the PyTorch bf16 path.
+
+    python bench/fast_decode.py [--new-tokens 128] [--repeats 3] [--requests 20] [--greedy-tokens 32]
+                                [--sections ABCDE] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import _common
+from _common import median, table, verdict
+from generation import bandwidth, same_prefix
+
+
+def weight_bytes(llm) -> dict[str, int]:
+    """Weight bytes read per decode step by each path."""
+    from dep_engine.llm import resolve_llm
+    from dep_engine.onnx_model import converted_folder
+
+    bf16 = sum(p.numel() * 2 for p in llm.model.parameters())
+    onnx = (converted_folder(resolve_llm(llm.name)[0]) / "model.onnx.data").stat().st_size
+    return {"torch": bf16, "onnx": onnx}
+
+
+def app_request(engine, paths: dict, request, new_tokens: int, repeats: int) -> dict[str, list[dict]]:
+    from dep_engine import SamplingSettings
+
+    sampling = SamplingSettings(temperature=0.8, top_p=0.95, max_new_tokens=new_tokens, seed=0)
+    runs: dict[str, list[dict]] = {name: [] for name in paths}
+    for _ in range(repeats):
+        for name, llm in paths.items():
+            engine.llm = llm
+            start = time.perf_counter()
+            result = engine.generate(request, ("generic", "dep"), sampling=sampling)
+            t = result.timings
+            runs[name].append({"seconds": time.perf_counter() - start, "first": t["first_token"],
+                               "steps": result.new_tokens,
+                               "rate": (result.new_tokens - 1) / max(t["generation"] - t["first_token"], 1e-9)})
+    return runs
+
+
+def longest_dep_prompt(engine, n: int):
+    """The held-out request (of `n`) whose DEP prompt is longest, and its DEP embeddings."""
+    best = None
+    for request in _common.held_out_requests(engine, n):
+        prepared = engine.prepare(request, ("dep",))
+        if best is None or len(prepared.embeds[0]) > len(best[1]):
+            best = (request, prepared.embeds[0])
+    return best
+
+
+def first_token_seconds(llm, embeds) -> float:
+    from dep_engine.generation import stream
+    from dep_engine.settings import SamplingSettings
+
+    start = time.perf_counter()
+    steps = stream(llm, [embeds], SamplingSettings(temperature=0.0, max_new_tokens=2))
+    next(steps)
+    elapsed = time.perf_counter() - start
+    steps.close()
+    return elapsed
+
+
+def thread_counts(engine, llm, request, new_tokens: int) -> list[list]:
+    import torch
+
+    from dep_engine.generation import generation_lock
+    from dep_engine.llm import resolve_llm
+    from dep_engine.onnx_decode import OnnxDecoder
+    from dep_engine.onnx_model import converted_folder
+    from dep_engine.settings import SamplingSettings
+    from transformers import StoppingCriteriaList
+
+    embeds = engine.prepare(request, ("generic", "dep")).embeds
+    folder = converted_folder(resolve_llm(llm.name)[0])
+    settings = SamplingSettings(temperature=0.0, max_new_tokens=new_tokens)
+    rows = []
+    for threads in (1, 2, 1, 2):
+        decoder = OnnxDecoder(folder, llm.model, threads=threads)
+        times: list[float] = []
+        with generation_lock, torch.inference_mode():
+            decoder.decode(embeds, settings, StoppingCriteriaList(), -1, -1,
+                           on_step=lambda _: times.append(time.perf_counter()))
+        rows.append([threads, f"{(len(times) - 1) / (times[-1] - times[0]):.1f}"])
+    return rows
+
+
+def bf16_greedy(old, embeds, greedy_tokens: int):
+    """The PyTorch path's greedy tokens: fp32 prompt, cache handed to the bf16 copy (as the engine does)."""
+    import torch
+
+    from dep_engine.generation import _prefill, left_pad
+
+    decoder = old.decoder()
+    batch, mask = left_pad([embeds])
+    with torch.inference_mode():
+        cache = _prefill(old, decoder, batch, mask, greedy_tokens)
+        return decoder.generate(inputs_embeds=batch.to(decoder.dtype), attention_mask=mask, cache=cache,
+                                max_new_tokens=greedy_tokens, min_new_tokens=greedy_tokens, do_sample=False,
+                                pad_token_id=old.tokenizer.pad_token_id)[0]
+
+
+def quality(llm, old, embeds_list, greedy_tokens: int) -> list[list]:
+    import torch
+    from transformers import StoppingCriteriaList
+
+    from dep_engine.settings import SamplingSettings
+
+    decoder = llm.onnx_decoder()
+    settings = SamplingSettings(temperature=0.0, max_new_tokens=greedy_tokens)
+    rows = []
+    for embeds in embeds_list:
+        fast_logits = decoder.first_logits([embeds])
+        with torch.inference_mode():
+            ref_logits = llm.model(inputs_embeds=embeds[None]).logits[0, -1]
+            ref = llm.model.generate(inputs_embeds=embeds[None], max_new_tokens=greedy_tokens, do_sample=False,
+                                     min_new_tokens=greedy_tokens, pad_token_id=llm.tokenizer.pad_token_id)[0]
+        fast = decoder.decode([embeds], settings, StoppingCriteriaList(), -1, -1)[0]
+        rows.append([len(embeds), f"{float((torch.from_numpy(fast_logits[0]) - ref_logits).abs().max()):.2f}",
+                     f"{same_prefix(fast.tolist(), ref.tolist())} / {greedy_tokens}",
+                     f"{same_prefix(bf16_greedy(old, embeds, greedy_tokens).tolist(), ref.tolist())} / {greedy_tokens}"])
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=20, help="held-out requests searched for a long DEP prompt")
+    parser.add_argument("--greedy-tokens", type=int, default=32)
+    parser.add_argument("--quality-prompts", type=int, default=4)
+    parser.add_argument("--sections", default="ABCDE", help="sections to run (A and B run together)")
+    parser.add_argument("--quick", action="store_true", help="32 new tokens, 1 repeat, 6 requests, 2 quality prompts")
+    args = parser.parse_args()
+    if args.quick:
+        args.new_tokens, args.repeats, args.requests, args.greedy_tokens, args.quality_prompts = 32, 1, 6, 16, 2
+
+    from dep_engine import DEPEngine
+    from dep_engine.llm import load_llm
+
+    _common.header("bench/fast_decode.py -- ONNX Runtime int8 vs PyTorch decoding on the CPU (issue 11)",
+                   f"new tokens {args.new_tokens}, repeats {args.repeats}")
+    engine = DEPEngine(progress=False)
+    new = engine.llm
+    old = load_llm(engine.config.llm, "cpu", cpu_backend="torch")  # shares the fp32 weights
+    paths = {"torch": old, "onnx": new}
+    request, long_embeds = longest_dep_prompt(engine, args.requests)
+    app_request(engine, paths, request, 4, 1)  # warm-up: the bf16 copy, ONNX Runtime's first runs
+
+    if "A" in args.sections or "B" in args.sections:
+        speed(engine, paths, request, args)
+    if "C" in args.sections:
+        first_tokens(paths, long_embeds, args.repeats)
+    if "D" in args.sections:
+        table(["ONNX Runtime threads", "decode steps/s"], thread_counts(engine, new, request, args.new_tokens),
+              "D. ONNX Runtime intra-op threads (alternated; the engine uses torch's thread count)")
+    if "E" in args.sections:
+        prompts = [engine.prepare(r, ("dep",)).embeds[0]
+                   for r in _common.held_out_requests(engine, args.quality_prompts, seed=1)]
+        table(["prompt tokens", "max |logit diff| at the last position", "greedy tokens agreeing (ONNX int8)",
+               "(PyTorch path, bf16 decode)"], quality(new, old, prompts, args.greedy_tokens),
+              "E. The fast path and the PyTorch path against float32 PyTorch (the reference the tests use)")
+
+
+def speed(engine, paths: dict, request, args: argparse.Namespace) -> None:
+    """Sections A and B."""
+    import torch
+
+    new = paths["onnx"]
+    bw = bandwidth(torch.get_num_threads())["read"]
+    sizes = weight_bytes(new)
+    limits = {name: bw * 1e9 / size for name, size in sizes.items()}
+    table(["path", "weights read per step", "limit steps/s"],
+          [[n, f"{sizes[n] / 1e6:.0f} MB", f"{limits[n]:.0f}"] for n in paths],
+          f"A. Read bandwidth {bw:.1f} GB/s ({torch.get_num_threads()} threads) and each path's limit")
+
+    runs = app_request(engine, paths, request, args.new_tokens, args.repeats)
+    engine.llm = new
+    stats = {name: {k: median(r[k] for r in rs) for k in ("seconds", "first", "rate", "steps")}
+             for name, rs in runs.items()}
+    table(["path", "end-to-end s (each)", "median s", "first token s", "decode steps/s", "tokens/s (2 rows)",
+           "% of limit"],
+          [[n, " ".join(f"{r['seconds']:.2f}" for r in runs[n]), f"{s['seconds']:.2f}", f"{s['first']:.2f}",
+            f"{s['rate']:.1f}", f"{2 * s['rate']:.1f}", f"{100 * s['rate'] / limits[n]:.0f}%"]
+           for n, s in stats.items()],
+          f"B. The app's request (generic + DEP, {args.new_tokens} new tokens; median steps "
+          f"{stats['onnx']['steps']:.0f}; load {_common.load_average()})")
+    speedup = stats["onnx"]["rate"] / stats["torch"]["rate"]
+    share = stats["onnx"]["rate"] / limits["onnx"]
+    print(f"decode {speedup:.2f}x the PyTorch path (goal 3x: {verdict(speedup >= 3)}); "
+          f"{100 * share:.0f}% of the int8 limit (goal 50%: {verdict(share >= 0.5)}); "
+          f"request {stats['onnx']['seconds']:.2f} s (goal 5 s: {verdict(stats['onnx']['seconds'] <= 5)}); "
+          f"request {stats['torch']['seconds'] / stats['onnx']['seconds']:.2f}x faster")
+
+
+def first_tokens(paths: dict, embeds, repeats: int) -> None:
+    """Section C."""
+    firsts: dict[str, list[float]] = {name: [] for name in paths}
+    for _ in range(repeats):
+        for name, llm in paths.items():
+            firsts[name].append(first_token_seconds(llm, embeds))
+    table(["path", "each s", "median s"],
+          [[n, " ".join(f"{x:.2f}" for x in f), f"{median(f):.2f}"] for n, f in firsts.items()],
+          f"C. Time to first token, one DEP prompt of {len(embeds)} tokens")
+
+
+if __name__ == "__main__":
+    main()
