@@ -11,6 +11,8 @@ import html
 import io
 import json
 import math
+import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -53,13 +55,16 @@ class Sample:
     split: str  # "train" | "val" | "test"
 
 
+_ANSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?|[@-Z\\-_])")  # terminal escapes
+
+
 def clean_text(value: object) -> str:
-    """HTML entities unescaped, whitespace collapsed, control characters dropped."""
+    """HTML entities unescaped, terminal escape sequences and control characters dropped, whitespace collapsed."""
     if value is None:
         return ""
     if isinstance(value, list):  # 2023 metadata keeps descriptions as lists of paragraphs
         value = " ".join(str(v) for v in value if v)
-    text = html.unescape(str(value))
+    text = _ANSI.sub("", html.unescape(str(value)))
     text = "".join(ch if ch.isprintable() or ch in "\n\t" else " " for ch in text)
     return " ".join(text.split())[:MAX_TEXT_CHARS]
 
@@ -107,7 +112,33 @@ def parse_timestamp(value: object, where: str) -> int:
         stamp = math.inf
     if not math.isfinite(stamp) or stamp < 0:
         raise DataError(f"{where}: timestamp {_short(value)} is not a valid time")
-    return int(stamp / 1000) if stamp > 1e11 else int(stamp)  # 2023 release counts milliseconds
+    seconds = int(stamp / 1000) if stamp > 1e11 else int(stamp)  # 2023 release counts milliseconds
+    if seconds > time.time() + 2 * 86400:
+        raise DataError(f"{where}: timestamp {_short(value)} is in the future "
+                        f"({time.strftime('%Y-%m-%d', time.gmtime(min(seconds, 253402300799)))})")
+    return seconds
+
+
+def _text(record: dict, where: str, *keys: str) -> object:
+    """The first present field of `keys`, which must be text (a list of paragraphs also counts):
+    a number or an object where text belongs is a mistake to name, not something to stringify."""
+    for key in keys:
+        value = record.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, (str, list)) or isinstance(value, list) and not all(isinstance(v, str) for v in value):
+            raise DataError(f"{where}: {key} must be text, got {type(value).__name__} {_short(value)}")
+        return value
+    return None
+
+
+def _identifier(record: dict, where: str, *keys: str) -> object:
+    """An id field: text or a whole number, never an object, list or fraction."""
+    value = _first(record, *keys)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int))):
+        name = next(k for k in keys if record.get(k) is not None)
+        raise DataError(f"{where}: {name} must be text or a whole number, got {type(value).__name__} {_short(value)}")
+    return value
 
 
 def parse_review(record: object, source: str = "review", line: int | None = None,
@@ -116,8 +147,8 @@ def parse_review(record: object, source: str = "review", line: int | None = None
     where = _where(source, line)
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    user = _first(record, "reviewerID", "user_id") or default_user
-    item = _first(record, "asin", "parent_asin", "item_id")
+    user = _identifier(record, where, "reviewerID", "user_id") or default_user
+    item = _identifier(record, where, "asin", "parent_asin", "item_id")
     if user is None or str(user).strip() == "":
         raise DataError(f"{where}: missing user id (reviewerID or user_id)")
     if item is None or str(item).strip() == "":
@@ -125,13 +156,13 @@ def parse_review(record: object, source: str = "review", line: int | None = None
     rating_value = _first(record, "overall", "rating")
     if rating_value is None:
         raise DataError(f"{where}: missing rating (overall or rating)")
-    text = clean_text(_first(record, "reviewText", "text"))
+    text = clean_text(_text(record, where, "reviewText", "text"))
     if require_text and not text:
         raise DataError(f"{where}: empty review text (reviewText or text)")
     stamp = _first(record, "unixReviewTime", "timestamp")
     return Review(user_id=clean_text(user), item_id=clean_text(item),
                   rating=parse_rating(rating_value, where),
-                  title=clean_text(_first(record, "summary", "title")), text=text,
+                  title=clean_text(_text(record, where, "summary", "title")), text=text,
                   timestamp=parse_timestamp(stamp, where) if stamp is not None else 0)
 
 
@@ -317,16 +348,16 @@ def parse_history(text: str, user_id: str = "you", max_reviews: int = 500) -> tu
 
 def _review_from_row(row: dict, number: int, user_id: str) -> tuple[Review, Item]:
     where = f"history, line {number}"
-    title = clean_text(row.get("item_title"))
+    title = clean_text(_text(row, where, "item_title"))
     if not title:
         raise DataError(f"{where}: missing item_title")
-    text = clean_text(row.get("review_text"))
+    text = clean_text(_text(row, where, "review_text"))
     if not text:
         raise DataError(f"{where}: empty review_text")
     stamp = row.get("timestamp")
-    item_id = clean_text(row.get("item_id")) or "title:" + title.lower()
+    item_id = clean_text(_identifier(row, where, "item_id")) or "title:" + title.lower()
     review = Review(user_id=user_id, item_id=item_id, rating=parse_rating(row.get("rating"), where),
-                    title=clean_text(row.get("review_title")), text=text,
+                    title=clean_text(_text(row, where, "review_title")), text=text,
                     timestamp=parse_timestamp(stamp, where) if stamp not in (None, "") else 0)
     return review, Item(item_id, title)
 

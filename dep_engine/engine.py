@@ -330,8 +330,9 @@ class DEPEngine:
             steps += 1
             elapsed = time.perf_counter() - start
             first_token = first_token if first_token is not None else elapsed
+            decoding = elapsed - first_token  # the rate of the steps after the first token, prompt excluded
             timings = {"generation": elapsed, "first_token": first_token,
-                       "tokens_per_second": min(steps, sampling.max_new_tokens) / elapsed if elapsed else 0.0}
+                       "tokens_per_second": (min(steps, sampling.max_new_tokens) - 1) / decoding if decoding else 0.0}
             yield self._results(prepared, modes, raw, timings, min(steps, sampling.max_new_tokens), final=False)
         over_budget = sampling.time_budget_s is not None and time.perf_counter() - start >= sampling.time_budget_s
         final = self._results(prepared, modes, raw, timings, min(steps, sampling.max_new_tokens), final=True)

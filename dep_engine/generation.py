@@ -163,6 +163,7 @@ def _generate(llm: LLM, embeds: Sequence[torch.Tensor], settings: SamplingSettin
     batch, mask = left_pad(embeds)
     sample = settings.temperature > 0
     with generation_lock, torch.inference_mode():
+        criteria = stopping_criteria(llm, settings, stop)  # the time budget counts the prompt too, as on ONNX
         torch.manual_seed(settings.seed)
         model, prefilled = llm.model, {}
         if batch.shape[1] > 1 and (decoder := llm.decoder()) is not None:
@@ -173,7 +174,7 @@ def _generate(llm: LLM, embeds: Sequence[torch.Tensor], settings: SamplingSettin
             do_sample=sample, temperature=settings.temperature if sample else None,
             top_p=settings.top_p if sample else None, top_k=None, pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id, streamer=streamer,
-            stopping_criteria=stopping_criteria(llm, settings, stop))
+            stopping_criteria=criteria)
     return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in output]
 
 

@@ -102,3 +102,17 @@ def test_pasted_history_json_csv_and_errors():
 def test_load_dataset_reports_missing_path(tmp_path):
     with pytest.raises(DataError, match="no such file"):
         load_dataset(tmp_path / "nothing")
+
+
+def test_terminal_escapes_wrong_types_and_future_times_in_pasted_histories():
+    import json
+
+    from dep_engine.data import DataError, clean_text, parse_history
+
+    assert clean_text("red \x1b[31mwarning\x1b[0m here") == "red warning here"
+    cases = {"review_text must be text, got int": {"item_title": "Capo", "rating": 5, "review_text": 12345},
+             "asin must be text or a whole number, got dict": {"asin": {"x": 1}, "overall": 5, "reviewText": "ok"},
+             "is in the future": {"asin": "a", "overall": 5, "reviewText": "ok", "unixReviewTime": 99999999999}}
+    for message, record in cases.items():
+        with pytest.raises(DataError, match=message):
+            parse_history(json.dumps(record))

@@ -136,7 +136,14 @@ MUTATIONS = {
     "missing item": (("asin", st.none() | st.text(alphabet=" \t\n", max_size=5)), "missing item id"),
     "bad timestamp": (("unixReviewTime", st.one_of(st.floats(max_value=-1e-9), st.just(math.inf), st.just(math.nan),
                                                    st.text(alphabet="abc", min_size=1),
-                                                   st.integers(10 ** 400, 10 ** 401))), "timestamp"),
+                                                   st.integers(10 ** 400, 10 ** 401),
+                                                   st.integers(5_000_000_000, 99_999_999_999))), "timestamp"),
+    "text not text": (("reviewText", st.one_of(st.integers(1, 10 ** 6), st.floats(allow_nan=False), st.booleans(),
+                                               st.dictionaries(st.text(), st.integers(), min_size=1))),
+                      "must be text"),
+    "item id an object": (("asin", st.one_of(st.dictionaries(st.text(), st.integers(), min_size=1),
+                                             st.lists(st.integers(), min_size=1), st.floats(allow_nan=False))),
+                          "must be text or a whole number"),
 }
 
 
@@ -193,7 +200,7 @@ REVIEW = st.fixed_dictionaries({
     "item_title": CLEAN, "rating": st.one_of(st.sampled_from([1, 2, 3, 4, 5]), st.floats(1, 5)),
     "title": st.one_of(st.just(""), CLEAN), "text": CLEAN,
     # 1976-2096: the 2023 release's milliseconds are told from seconds by size (over 1e11 = milliseconds)
-    "timestamp": st.integers(200_000_000, 4_000_000_000)})
+    "timestamp": st.integers(200_000_000, 1_750_000_000)})  # 1976 to 2025: not in the future
 
 
 def serialize(reviews: list[dict], layout: str) -> str:
