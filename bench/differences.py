@@ -22,11 +22,11 @@ def load_pool():
     """The bundled pool's store (embeddings from the cache in assets/; the encoder is never loaded)."""
     from dep_engine.data import load_dataset
     from dep_engine.embeddings import Encoder
-    from dep_engine.engine import BUNDLED_DATA, _cache_beside
+    from dep_engine.engine import BUNDLED_DATA, embedding_cache_dir
     from dep_engine.store import ReviewStore
 
     dataset = load_dataset(str(BUNDLED_DATA))
-    return ReviewStore.build(dataset, Encoder(), _cache_beside(str(BUNDLED_DATA)), progress=False, style=True)
+    return ReviewStore.build(dataset, Encoder(), embedding_cache_dir(str(BUNDLED_DATA)), progress=False, style=True)
 
 
 def make_case(store, rng: np.random.Generator, k: int, low: int, high: int):

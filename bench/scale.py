@@ -65,12 +65,12 @@ def one_size(size: int, n_requests: int, warmup: int) -> dict:
     """Build a store of `size` reviews and time `context` over held-out requests (child process)."""
     from dep_engine.data import Item, by_user, load_dataset
     from dep_engine.embeddings import Encoder, cached_encode
-    from dep_engine.engine import BUNDLED_DATA, _cache_beside
+    from dep_engine.engine import BUNDLED_DATA, embedding_cache_dir
     from dep_engine.store import ReviewStore, item_text
 
     dataset = load_dataset(str(BUNDLED_DATA))
     encoder = Encoder()
-    cache = _cache_beside(str(BUNDLED_DATA))
+    cache = embedding_cache_dir(str(BUNDLED_DATA))
     text = cached_encode(encoder, [r.text for r in dataset.reviews], cache, "reviews", False)
     item_ids = sorted({r.item_id for r in dataset.reviews} | set(dataset.items))
     item_embeddings = cached_encode(encoder, [item_text(dataset.items.get(i, Item(i, i))) for i in item_ids],

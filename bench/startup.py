@@ -166,7 +166,7 @@ def child_phases() -> dict:
     from dep_engine import data
     from dep_engine.adapter import DEPAdapter
     from dep_engine.embeddings import Encoder
-    from dep_engine.engine import BUNDLED_ADAPTER, BUNDLED_DATA, _cache_beside
+    from dep_engine.engine import BUNDLED_ADAPTER, BUNDLED_DATA, embedding_cache_dir
     from dep_engine.llm import load_llm
     from dep_engine.store import ReviewStore
 
@@ -183,7 +183,7 @@ def child_phases() -> dict:
         data.clean_text = original
     same = fast.reviews == dataset.reviews and fast.items == dataset.items
     start = time.perf_counter()
-    ReviewStore.build(dataset, Encoder(), _cache_beside(str(BUNDLED_DATA)), False, style=True)
+    ReviewStore.build(dataset, Encoder(), embedding_cache_dir(str(BUNDLED_DATA)), False, style=True)
     times["review store (cached embeddings)"] = time.perf_counter() - start
     start = time.perf_counter()
     load_llm()

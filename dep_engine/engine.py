@@ -110,10 +110,10 @@ class DEPEngine:
         start = time.perf_counter()
         self.dataset: Dataset = load_dataset(self.config.data)
         self.encoder = Encoder(self.config.encoder)
-        cache = Path(self.config.cache_dir) if self.config.cache_dir else _cache_beside(self.config.data)
+        cache = Path(self.config.cache_dir) if self.config.cache_dir else embedding_cache_dir(self.config.data)
         extra = earlier_reviews(load_dataset(self.config.extra_reviews)) if self.config.extra_reviews else None
         self.store = ReviewStore.build(self.dataset, self.encoder, cache, progress, style=self._style_features(),
-                                       extra=extra, extra_cache_dir=extra and _cache_beside(self.config.extra_reviews))
+                                       extra=extra, extra_cache_dir=extra and embedding_cache_dir(self.config.extra_reviews))
         self.llm: LLM = llm or load_llm(self.config.llm, self.config.device, four_bit=self.config.four_bit,
                                         cpu_decode_dtype=_decode_dtype(self.config.cpu_decode),
                                         cpu_backend=self.config.cpu_backend)
@@ -363,7 +363,8 @@ def earlier_reviews(extra: Dataset) -> Dataset:
     return Dataset([r for history in by_user(extra.reviews).values() for r in history[:-1]], extra.items)
 
 
-def _cache_beside(data: str) -> Path:
+def embedding_cache_dir(data: str) -> Path:
+    """Where a pool's embeddings are cached: `.dep_cache` beside the reviews (the bundled pool ships its cache)."""
     path = Path(data)
     return (path if path.is_dir() else path.parent) / ".dep_cache"
 
