@@ -90,17 +90,17 @@ def test_time_budget_stops_decoding_with_a_note(tiny_engine):
 
 
 @pytest.fixture(scope="module")
-def test_users(dataset):
+def held_out_users(dataset):
     return splits.test_samples(dataset.reviews)[:120]
 
 
-def test_attribution_finds_authors_of_their_own_words_and_sits_at_chance_on_one_text(store, encoder, test_users):
-    profiles = voice.build_profiles(store, test_users)
-    candidates = voice.candidate_sets(len(test_users), seed=0)
-    own = [s.profile[-1].text for s in test_users]  # a review each user really wrote
+def test_attribution_finds_authors_of_their_own_words_and_sits_at_chance_on_one_text(store, encoder, held_out_users):
+    profiles = voice.build_profiles(store, held_out_users)
+    candidates = voice.candidate_sets(len(held_out_users), seed=0)
+    own = [s.profile[-1].text for s in held_out_users]  # a review each user really wrote
     ranks = voice.attribution_ranks(encoder.encode(own), own, profiles, candidates)
     assert (ranks == 1).mean() > 0.5  # chance is 0.05
-    same = ["These strings sound bright and stay in tune."] * len(test_users)
+    same = ["These strings sound bright and stay in tune."] * len(held_out_users)
     ranks = voice.attribution_ranks(encoder.encode(same), same, profiles, candidates)
     assert abs((ranks == 1).mean() - 0.05) < 0.06 and abs((1 / ranks).mean() - voice.chance()["reciprocal_rank"]) < 0.08
 
