@@ -284,7 +284,7 @@ class DEPEngine:
                   for mode, prompt in zip(modes, prompts)]
         timings["adapter"] = time.perf_counter() - start
         readable = {mode: self.prompt(request, context, mode, words, readable=True) for mode in modes}
-        notes = list(context.notes) + cut
+        notes = list(self.llm.notes) + list(context.notes) + cut
         if not context.selected and any(get_mode(m).uses_history for m in modes):
             notes.append("personalized outputs used no history, so they are baseline generations")
         if not self.adapter_trained and any(get_mode(m).soft for m in modes):

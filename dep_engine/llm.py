@@ -37,6 +37,7 @@ class LLM:
     device: torch.device
     decode_dtype: torch.dtype | None = None
     onnx_decode: bool = False
+    notes: list[str] = field(default_factory=list)  # how loading departed from what was asked
     _decoder: torch.nn.Module | None = field(default=None, init=False, repr=False)
     _onnx: object | None = field(default=None, init=False, repr=False)
 
@@ -168,19 +169,25 @@ def _load(name: str, device: torch.device, dtype: torch.dtype, four_bit: bool,
         kwargs["gguf_file"] = gguf_file
     else:
         kwargs["use_safetensors"] = True  # never unpickle weights of a user-chosen model
+    notes: list[str] = []
+    model = None
     if four_bit:
         from transformers import BitsAndBytesConfig
 
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
-        kwargs["device_map"] = {"": device.index or 0}
-    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    if not four_bit:
-        model.to(device)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs, device_map={"": device.index or 0},
+                                                         quantization_config=BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16))
+        except (ImportError, RuntimeError, ValueError) as err:  # no bitsandbytes, or no kernels for this device
+            notes.append(f"4-bit NF4 loading failed ({type(err).__name__}: {str(err)[:120]}); the LLM runs in "
+                         f"{str(dtype).removeprefix('torch.')} instead")
+            log.warning(notes[-1])
+    if model is None:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs).to(device)
     model.eval().requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(source, **({"gguf_file": gguf_file} if gguf_file else {}))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"LLM {name!r} has no chat template; DEP needs an instruction-tuned chat model")
-    return LLM(model=model, tokenizer=tokenizer, name=name, device=device, decode_dtype=decode_dtype)
+    return LLM(model=model, tokenizer=tokenizer, name=name, device=device, decode_dtype=decode_dtype, notes=notes)

@@ -62,3 +62,16 @@ def test_settings_are_checked_when_built():
         PersonalizationSettings(history_rule="random")
     with pytest.raises(ValueError, match="k must be a whole number"):
         PersonalizationSettings(k=2.5)
+
+
+def test_a_failed_4bit_load_falls_back_to_bf16_with_a_note():
+    """ZeroGPU documents no 4-bit bitsandbytes; where NF4 cannot load, the LLM loads in bf16 and says so."""
+    import torch
+
+    from dep_engine.llm import load_llm
+
+    if torch.cuda.is_available():
+        pytest.skip("here 4-bit loading may work")
+    llm = load_llm(device="cpu", four_bit=True, dtype=torch.bfloat16)
+    assert llm.notes and llm.notes[0].startswith("4-bit NF4 loading failed") and "bfloat16" in llm.notes[0]
+    assert llm.dtype == torch.bfloat16 and not getattr(llm.model, "is_loaded_in_4bit", False)
