@@ -114,11 +114,10 @@ def pool_for(engine: DEPEngine, settings: EvalSettings) -> ReviewStore:
     return engine.store.without(held_out_targets(engine.dataset.reviews)) if settings.split == "val" else engine.store
 
 
-def sample_contexts(engine: DEPEngine, samples: list[Sample], methods: list[Method],
+def sample_contexts(engine: DEPEngine, store: ReviewStore, samples: list[Sample], methods: list[Method],
                     settings: EvalSettings) -> list[PersonalContext]:
     """Each sample's context at the largest K any method uses (smaller K are its prefixes)."""
     max_k = max([m.k for m in methods] + [0])
-    store = pool_for(engine, settings)
     return [engine.context(engine.sample_request(s), replace(settings.personalization, k=max_k), store)
             for s in tqdm(samples, desc="history, peers, differences", leave=False)]
 
@@ -191,7 +190,7 @@ def summarize(records: list[dict], methods: list[Method], seed: int = 0) -> dict
     return {"users": len(users), "methods": results}
 
 
-def voice_and_hygiene(engine: DEPEngine, samples: list[Sample], contexts: list[PersonalContext],
+def voice_and_hygiene(engine: DEPEngine, store: ReviewStore, samples: list[Sample], contexts: list[PersonalContext],
                       records: list[dict], methods: list[Method], settings: EvalSettings) -> dict:
     """Per method: the voice measures (`voice.py`) with own-minus-shuffled and versus-generic gaps,
     and the share of outputs with scaffolding or loops before and after hygiene."""
@@ -201,7 +200,6 @@ def voice_and_hygiene(engine: DEPEngine, samples: list[Sample], contexts: list[P
     by_key = {(r["method"], r["user_id"]): r for r in records}
     keep = [n for n, s in enumerate(samples) if all((m.name, s.target.user_id) in by_key for m in methods)]
     samples, contexts = [samples[n] for n in keep], [contexts[n] for n in keep]
-    store = pool_for(engine, settings)
     profiles = voice.build_profiles(store, samples)
     candidates = voice.candidate_sets(len(samples), seed=settings.seed)
     voices = voice.sample_voices(store, samples, contexts)
@@ -308,12 +306,13 @@ def evaluate(config: EngineConfig, settings: EvalSettings, engine: DEPEngine | N
     if not samples:
         raise ValueError("no users to evaluate (each needs at least two reviews)")
     started = time.perf_counter()
-    contexts = sample_contexts(engine, samples, methods, settings)
+    store = pool_for(engine, settings)  # built once: the validation pool is a copy of the store
+    contexts = sample_contexts(engine, store, samples, methods, settings)
     records = generate_all(engine, samples, contexts, methods, settings, out / "generations.jsonl")
     if settings.generate_only:
         return None
     summary = summarize(records, methods, settings.seed)
-    summary["voice"] = voice_and_hygiene(engine, samples, contexts, records, methods, settings)
+    summary["voice"] = voice_and_hygiene(engine, store, samples, contexts, records, methods, settings)
     summary["settings"] = {"methods": settings.methods, "limit": settings.limit, "seed": settings.seed,
                            "split": settings.split,
                            "eval_reviews": settings.eval_reviews, "adapter": config.adapter,

@@ -86,8 +86,7 @@ def own_word_share(text: str, user_terms: list[str]) -> float:
     return sum(t in used for t in user_terms) / len(user_terms)
 
 
-def distinctive_user_terms(store: ReviewStore, sample: Sample, context: PersonalContext,
-                           background) -> list[str]:
+def distinctive_user_terms(sample: Sample, context: PersonalContext, background) -> list[str]:
     peers = [p.text for s in context.selected for p in s.peers]
     mine, _ = distinctive_terms([r.text for r in sample.profile], peers, background, top=12)
     return [t.term for t in mine]
@@ -112,7 +111,7 @@ def sample_voices(store: ReviewStore, samples: list[Sample], contexts: list[Pers
     for sample, context in zip(samples, contexts):
         items = [store.item(sample.target.item_id)] + [store.item(s.review.item_id) for s in context.selected]
         vectors = store.item_vectors(items)
-        out.append(SampleVoice(distinctive_user_terms(store, sample, context, background), vectors[0], vectors[1:]))
+        out.append(SampleVoice(distinctive_user_terms(sample, context, background), vectors[0], vectors[1:]))
     return out
 
 
