@@ -16,7 +16,7 @@ from transformers import StaticCache, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from . import hygiene
-from .llm import LLM
+from .llm import LLM, forward_with_cache
 from .prompt import PromptIds
 from .settings import SamplingSettings
 
@@ -136,8 +136,8 @@ def prompt_cache(model: torch.nn.Module, batch: torch.Tensor, mask: torch.Tensor
     """Keys and values of all prompt positions but the last, from `model` in its own dtype, for a
     decoder that runs the last position itself (a bf16 copy, or ONNX Runtime)."""
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as generate numbers left-padded rows
-    return model.base_model(inputs_embeds=batch[:, :-1], attention_mask=mask[:, :-1],
-                            position_ids=positions[:, :-1], use_cache=True).cache
+    return forward_with_cache(model.base_model, inputs_embeds=batch[:, :-1], attention_mask=mask[:, :-1],
+                              position_ids=positions[:, :-1])[1]
 
 
 def _prefill(llm: LLM, decoder: torch.nn.Module, batch: torch.Tensor, mask: torch.Tensor,
