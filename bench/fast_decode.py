@@ -5,16 +5,17 @@ A. Memory bandwidth (read, 1 GiB, as bench/generation.py measures it) and each p
    (all parameters, the tied 49152 x 576 LM head once); ONNX Runtime reads its int8 weights and
    their scales (the size of model.onnx.data). One step gives a token to every row of the batch.
 B. The app's request: generic + DEP in one batch, T=0.8, top-p 0.95, seed 0, --new-tokens per row,
-   through `engine.generate`, old ("torch": fp32 prompt, bf16 decode) and new ("onnx", the CPU
-   default) alternated --repeats times: end-to-end seconds, time to first token, decode steps/s
+   through `engine.generate`, old ("torch": fp32 prompt, bf16 decode), new ("onnx", the CPU
+   default, int8 KV cache) and new with a float32 KV cache alternated --repeats times: end-to-end seconds, time to first token, decode steps/s
    after the first token (engine `Result.timings`), and that rate as a share of the limit in A.
    Goals: new decode >= 3x old and >= 50% of its limit; the request <= 5 s.
 C. Time to first token of one DEP prompt alone (the longest of the held-out requests tried, about
    750 tokens), old and new alternated.
 D. ONNX Runtime with 1 and 2 intra-op threads, decode steps/s on the batch of B (shared cores).
 E. Quality against the float32 PyTorch model on the DEP prompts of --quality-prompts held-out
-   requests (trained adapter): the largest logit difference at the last prompt position, and how many
-   of the first --greedy-tokens greedy tokens agree, for the fast path and for the PyTorch bf16 path.
+   requests (trained adapter): the largest and mean logit difference at the last prompt position, and
+   how many of the first --greedy-tokens greedy tokens agree, for the fast path with each KV cache and
+   for the PyTorch bf16 path.
 
     python bench/fast_decode.py [--new-tokens 128] [--repeats 3] [--requests 20] [--greedy-tokens 32]
                                 [--sections ABCDE] [--quick]
@@ -29,14 +30,18 @@ from _common import median, table, verdict
 from generation import bandwidth, same_prefix
 
 
-def weight_bytes(llm) -> dict[str, int]:
-    """Weight bytes read per decode step by each path."""
+FLOAT_KV = "onnx, float32 KV cache"
+
+
+def weight_bytes(paths: dict) -> dict[str, int]:
+    """Weight bytes read per decode step by each path (the int8 weights are the same whatever the KV cache)."""
     from dep_engine.llm import resolve_llm
     from dep_engine.onnx_model import converted_folder
 
+    llm = paths["onnx"]
     bf16 = sum(p.numel() * 2 for p in llm.model.parameters())
-    onnx = (converted_folder(resolve_llm(llm.name)[0]) / "model.onnx.data").stat().st_size
-    return {"torch": bf16, "onnx": onnx}
+    int8 = (converted_folder(resolve_llm(llm.name)[0]) / "model.onnx.data").stat().st_size
+    return {name: bf16 if name == "torch" else int8 for name in paths}
 
 
 def app_request(engine, paths: dict, request, new_tokens: int, repeats: int) -> dict[str, list[dict]]:
@@ -93,7 +98,7 @@ def thread_counts(engine, llm, request, new_tokens: int) -> list[list]:
     settings = SamplingSettings(temperature=0.0, max_new_tokens=new_tokens)
     rows = []
     for threads in (1, 2, 1, 2):
-        decoder = OnnxDecoder(folder, llm.model, threads=threads)
+        decoder = OnnxDecoder(folder, llm.model, llm.tokenizer, threads=threads)
         times: list[float] = []
         with generation_lock, torch.inference_mode():
             decoder.decode(embeds, settings, StoppingCriteriaList(), -1, -1,
@@ -117,25 +122,26 @@ def bf16_greedy(old, embeds, greedy_tokens: int):
                                 pad_token_id=old.tokenizer.pad_token_id)[0]
 
 
-def quality(llm, old, embeds_list, greedy_tokens: int) -> list[list]:
+def quality(llm, float_kv, old, embeds_list, greedy_tokens: int) -> list[list]:
     import torch
     from transformers import StoppingCriteriaList
 
     from dep_engine.settings import SamplingSettings
 
-    decoder = llm.onnx_decoder()
     settings = SamplingSettings(temperature=0.0, max_new_tokens=greedy_tokens)
     rows = []
     for embeds in embeds_list:
-        fast_logits = decoder.first_logits([embeds])
         with torch.inference_mode():
             ref_logits = llm.model(inputs_embeds=embeds[None]).logits[0, -1]
             ref = llm.model.generate(inputs_embeds=embeds[None], max_new_tokens=greedy_tokens, do_sample=False,
                                      min_new_tokens=greedy_tokens, pad_token_id=llm.tokenizer.pad_token_id)[0]
-        fast = decoder.decode([embeds], settings, StoppingCriteriaList(), -1, -1)[0]
-        rows.append([len(embeds), f"{float((torch.from_numpy(fast_logits[0]) - ref_logits).abs().max()):.2f}",
-                     f"{same_prefix(fast.tolist(), ref.tolist())} / {greedy_tokens}",
-                     f"{same_prefix(bf16_greedy(old, embeds, greedy_tokens).tolist(), ref.tolist())} / {greedy_tokens}"])
+        row = [len(embeds)]
+        for decoder in (llm.onnx_decoder(), float_kv.onnx_decoder()):
+            error = (torch.from_numpy(decoder.first_logits([embeds])[0]) - ref_logits).abs()
+            fast = decoder.decode([embeds], settings, StoppingCriteriaList(), -1, -1)[0]
+            row += [f"{float(error.max()):.2f} / {float(error.mean()):.3f}",
+                    f"{same_prefix(fast.tolist(), ref.tolist())} / {greedy_tokens}"]
+        rows.append(row + [f"{same_prefix(bf16_greedy(old, embeds, greedy_tokens).tolist(), ref.tolist())} / {greedy_tokens}"])
     return rows
 
 
@@ -160,7 +166,7 @@ def main() -> None:
     engine = DEPEngine(progress=False)
     new = engine.llm
     old = load_llm(engine.config.llm, "cpu", cpu_backend="torch")  # shares the fp32 weights
-    paths = {"torch": old, "onnx": new}
+    paths = {"torch": old, "onnx": new, FLOAT_KV: load_llm(engine.config.llm, "cpu", cpu_kv_cache="float32")}
     request, long_embeds = longest_dep_prompt(engine, args.requests)
     app_request(engine, paths, request, 4, 1)  # warm-up: the bf16 copy, ONNX Runtime's first runs
 
@@ -174,8 +180,9 @@ def main() -> None:
     if "E" in args.sections:
         prompts = [engine.prepare(r, ("dep",)).embeds[0]
                    for r in _common.held_out_requests(engine, args.quality_prompts, seed=1)]
-        table(["prompt tokens", "max |logit diff| at the last position", "greedy tokens agreeing (ONNX int8)",
-               "(PyTorch path, bf16 decode)"], quality(new, old, prompts, args.greedy_tokens),
+        table(["prompt tokens", "max / mean |logit diff| at the last position", "greedy tokens agreeing (ONNX int8)",
+               f"({FLOAT_KV}) |logit diff|", "greedy", "(PyTorch path, bf16 decode) greedy"],
+              quality(new, paths[FLOAT_KV], old, prompts, args.greedy_tokens),
               "E. The fast path and the PyTorch path against float32 PyTorch (the reference the tests use)")
 
 
@@ -185,7 +192,7 @@ def speed(engine, paths: dict, request, args: argparse.Namespace) -> None:
 
     new = paths["onnx"]
     bw = bandwidth(torch.get_num_threads())["read"]
-    sizes = weight_bytes(new)
+    sizes = weight_bytes(paths)
     limits = {name: bw * 1e9 / size for name, size in sizes.items()}
     table(["path", "weights read per step", "limit steps/s"],
           [[n, f"{sizes[n] / 1e6:.0f} MB", f"{limits[n]:.0f}"] for n in paths],
@@ -207,7 +214,8 @@ def speed(engine, paths: dict, request, args: argparse.Namespace) -> None:
     print(f"decode {speedup:.2f}x the PyTorch path (goal 3x: {verdict(speedup >= 3)}); "
           f"{100 * share:.0f}% of the int8 limit (goal 50%: {verdict(share >= 0.5)}); "
           f"request {stats['onnx']['seconds']:.2f} s (goal 5 s: {verdict(stats['onnx']['seconds'] <= 5)}); "
-          f"request {stats['torch']['seconds'] / stats['onnx']['seconds']:.2f}x faster")
+          f"request {stats['torch']['seconds'] / stats['onnx']['seconds']:.2f}x faster; int8 KV cache "
+          f"{stats['onnx']['rate'] / stats[FLOAT_KV]['rate']:.2f}x the float32 one's decode steps/s")
 
 
 def first_tokens(paths: dict, embeds, repeats: int) -> None:

@@ -14,6 +14,7 @@ from .engine import BUNDLED_ADAPTER, BUNDLED_DATA, EngineConfig, Request
 from .settings import HISTORY_RULES, PersonalizationSettings, SamplingSettings
 from .training import TrainSettings
 from .llm import CPU_BACKENDS, CPU_DECODE_DTYPES
+from .onnx_model import KV_CACHES
 from .prompt import MODES, get_mode
 
 
@@ -29,6 +30,8 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
                        help="with --cpu-backend torch, decode in this dtype after an fp32 prompt (bfloat16: ~1.5x faster)")
     group.add_argument("--cpu-backend", choices=CPU_BACKENDS, default=EngineConfig.cpu_backend,
                        help="on the CPU, generate with ONNX Runtime (int8 weights, converted once) or PyTorch")
+    group.add_argument("--cpu-kv-cache", choices=KV_CACHES, default=EngineConfig.cpu_kv_cache,
+                       help="with ONNX Runtime, keep the KV cache in int8 (faster on long prompts) or float32")
     group.add_argument("--style-features", choices=STYLE_SETS + ("on", "off"), default=None,
                        help="features appended to review vectors: rating-length, voice (also sentence length, "
                             "punctuation, first person, capitals, vocabulary, openings) or none; on = rating-length; "
@@ -61,7 +64,7 @@ def _sampling_args(parser: argparse.ArgumentParser) -> None:
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(data=args.data, encoder=args.encoder, llm=args.llm, adapter=args.adapter,
                         device=args.device, four_bit=False if args.no_4bit else None, cpu_decode=args.cpu_decode,
-                        cpu_backend=args.cpu_backend,
+                        cpu_backend=args.cpu_backend, cpu_kv_cache=args.cpu_kv_cache,
                         style_features={"on": True, "off": False}.get(args.style_features, args.style_features))
 
 

@@ -37,6 +37,7 @@ class LLM:
     device: torch.device
     decode_dtype: torch.dtype | None = None
     onnx_decode: bool = False
+    onnx_kv_cache: str = "int8"  # the ONNX Runtime decoder's KV cache: int8 (faster) or float32
     notes: list[str] = field(default_factory=list)  # how loading departed from what was asked
     _decoder: torch.nn.Module | None = field(default=None, init=False, repr=False)
     _onnx: object | None = field(default=None, init=False, repr=False)
@@ -67,7 +68,8 @@ class LLM:
             from .onnx_model import ConversionError
 
             try:
-                self._onnx = load_decoder(self.name, resolve_llm(self.name)[0], self.model)
+                self._onnx = load_decoder(self.name, resolve_llm(self.name)[0], self.model, self.tokenizer,
+                                          self.onnx_kv_cache)
             except ConversionError as err:
                 log.warning("%s; decoding in PyTorch instead", err)
                 self.onnx_decode = False
@@ -135,12 +137,14 @@ _load_lock = threading.Lock()
 
 def load_llm(name: str = BUNDLED_LLM, device: str | torch.device | None = None,
              dtype: torch.dtype | None = None, four_bit: bool | None = None,
-             cpu_decode_dtype: torch.dtype | None = torch.bfloat16, cpu_backend: str = "onnx") -> LLM:
+             cpu_decode_dtype: torch.dtype | None = torch.bfloat16, cpu_backend: str = "onnx",
+             cpu_kv_cache: str = "int8") -> LLM:
     """The frozen LLM, its weights loaded once per process for each (name, device, dtype).
 
     Defaults: float32 on the CPU (CPUs without bf16 matrix units run bf16 prompts and training
     2-6x slower, see bench/), decoding in `cpu_decode_dtype` (None: float32 throughout); on CUDA
-    4-bit NF4 weights with bf16 compute; `cpu_backend` "onnx" generates on the CPU with ONNX Runtime.
+    4-bit NF4 weights with bf16 compute; `cpu_backend` "onnx" generates on the CPU with ONNX Runtime,
+    whose KV cache is `cpu_kv_cache` ("int8" or "float32").
     LLMs that differ only in how they decode share the weights."""
     device = torch.device(device) if device is not None else default_device()
     four_bit = (device.type == "cuda") if four_bit is None else four_bit
@@ -150,12 +154,13 @@ def load_llm(name: str = BUNDLED_LLM, device: str | torch.device | None = None,
     decode_dtype = cpu_decode_dtype if device.type == "cpu" else None
     onnx = device.type == "cpu" and cpu_backend == "onnx"
     weights_key = (name, str(device), dtype, four_bit)
-    key = weights_key + (decode_dtype, onnx)
+    key = weights_key + (decode_dtype, onnx, cpu_kv_cache)
     with _load_lock:
         if key not in _loaded:
             loaded = next((llm for k, llm in _loaded.items() if k[:len(weights_key)] == weights_key), None)
             _loaded[key] = dataclasses.replace(loaded or _load(name, device, dtype, four_bit, decode_dtype),
-                                               decode_dtype=decode_dtype, onnx_decode=onnx)
+                                               decode_dtype=decode_dtype, onnx_decode=onnx,
+                                               onnx_kv_cache=cpu_kv_cache)
         return _loaded[key]
 
 

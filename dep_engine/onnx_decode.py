@@ -6,7 +6,11 @@ closed stream) are transformers `StoppingCriteria` that must see every row after
 
 The prompts go through the float32 PyTorch model (`OnnxDecoder`), then each step runs all rows
 at once in ONNX Runtime. Past and present keys/values share one buffer per layer that
-GroupQueryAttention updates in place, each row at its own length, so a step copies no cache.
+GroupQueryAttention updates in place, each row at its own length, so a step copies no cache. Where
+the converted model keeps the cache in int8 (`onnx_model`), its per-channel scales are fixed once per
+process from the float32 model's keys and values on a calibration chat (with room, KV_SCALE_ROOM), so
+a row's output never depends on its batch mates; the prompt's cache is rounded to them as ONNX
+Runtime rounds each new position (round half to even, then clipped).
 Sampling follows the PyTorch path's rule (temperature, then top-p as transformers' TopPLogitsWarper
 keeps tokens); each row draws from its own generator seeded with the request's seed, so the same
 seed gives the same text on this path, whatever else is in the batch. The nucleus is looked for
@@ -26,7 +30,8 @@ import torch
 from transformers import StoppingCriteriaList
 
 from .generation import left_pad, prompt_cache
-from .onnx_model import ConversionError, converted_folder
+from .llm import forward_with_cache
+from .onnx_model import ConversionError, converted_folder, kv_scale_name
 from .settings import SamplingSettings
 
 
@@ -40,6 +45,40 @@ def sample(scores: torch.Tensor, temperature: float, top_p: float, generator: to
         top, index = probs.sort(descending=True)
     nucleus = top[:int((top.cumsum(-1) - top < top_p).sum())]
     return int(index[torch.multinomial(nucleus, 1, generator=generator)])
+
+
+CALIBRATION_CHAT = [
+    {"role": "system", "content": "You write product reviews in the voice of a given reviewer."},
+    {"role": "user", "content": "Past reviews: 'Solid strap, soft leather, holds the guitar without slipping. Five "
+                                "stars.' 'The capo buzzes on the high E string, but it is cheap and quick to move.' "
+                                "'Clips on the headstock and reads fast, even in a loud room!' Now review the Fender "
+                                "picks (12 pack, medium celluloid) you rated 4 of 5, titled 'Good grip'."},
+    {"role": "assistant", "content": "These picks feel great in the hand and don't slide around when I strum hard. "
+                                     "The medium gauge is a good middle ground for chords and single notes. Only "
+                                     "downside: a couple wore down fast. Would I buy them again? Probably, yes."}]
+# Real DEP prompts reach up to 4.5x the calibration's largest value in some channel (2.3x in the median
+# layer's worst one), so the scales leave 4x room: over 10 held-out DEP prompts the last position's
+# mean |logit error| against float32 was 0.138 (float32 cache: 0.121), 0.142 with 3x, and 1.25x clipped
+# badly (largest errors 2-4). Values beyond the room clip.
+KV_SCALE_ROOM = 4.0
+
+
+def kv_scales(model: torch.nn.Module, tokenizer) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per layer, (key, value) int8 scales of shape (1, kv_heads, 1, head_size): each channel's largest
+    magnitude over the calibration chat, times KV_SCALE_ROOM, over 127."""
+    text = tokenizer.apply_chat_template(CALIBRATION_CHAT, tokenize=False)
+    ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+    with torch.inference_mode():
+        cache = forward_with_cache(model.base_model, input_ids=ids)[1]
+
+    def scale(x: torch.Tensor) -> np.ndarray:
+        return (x.float().abs().amax(dim=(0, 2), keepdim=True).clamp_min(1e-6) * KV_SCALE_ROOM / 127).numpy()
+    return [(scale(layer.keys), scale(layer.values)) for layer in cache.layers]
+
+
+def quantize(x: torch.Tensor, scale: np.ndarray) -> np.ndarray:
+    """x rounded to int8 steps of `scale`, as GroupQueryAttention writes a new position into its cache."""
+    return np.clip(np.rint(x.float().numpy() / scale[0]), -128, 127).astype(np.int8)
 
 
 @dataclass
@@ -58,7 +97,7 @@ class OnnxDecoder:
     ~700-token prompt here, and the soft tokens' keys and values stay exact. Those are copied into
     the cache buffers, each row from position 0; ONNX Runtime runs the last position and every step."""
 
-    def __init__(self, folder: Path, model: torch.nn.Module, threads: int | None = None):
+    def __init__(self, folder: Path, model: torch.nn.Module, tokenizer, threads: int | None = None):
         config = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
         self.layers, self.kv_heads, self.head_size = (int(config[k]) for k in
                                                       ("num_hidden_layers", "num_key_value_heads", "head_size"))
@@ -68,6 +107,8 @@ class OnnxDecoder:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
         self.vocab = int(next(o for o in self.session.get_outputs() if o.name == "logits").shape[-1])
+        int8 = next(i for i in self.session.get_inputs() if i.name == "past_key_values.0.key").type == "tensor(int8)"
+        self.scales = kv_scales(model, tokenizer) if int8 else None
         self.model = model
         self.embedding = model.get_input_embeddings().weight.detach().to("cpu", torch.float32).numpy()
 
@@ -79,6 +120,9 @@ class OnnxDecoder:
                 value = ort.OrtValue.ortvalue_from_numpy(buffer)
                 binding.bind_ortvalue_input(f"past_key_values.{layer}.{kind}", value)
                 binding.bind_ortvalue_output(f"present.{layer}.{kind}", value)
+            if self.scales is not None:
+                for kind, scale in zip(("key", "value"), self.scales[layer]):
+                    binding.bind_cpu_input(kv_scale_name(layer, kind), scale)
         binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
         return binding
 
@@ -87,15 +131,16 @@ class OnnxDecoder:
         """The prompts' caches filled (room for `capacity` more tokens) and their last positions run."""
         batch, mask = left_pad([e.detach().to("cpu", torch.float32) for e in embeds])
         lengths = mask.sum(-1).numpy() - 1  # positions in the cache before the last one runs
-        cache = [np.zeros((len(embeds), self.kv_heads, batch.shape[1] + capacity, self.head_size), np.float32)
-                 for _ in range(2 * self.layers)]
+        cache = [np.zeros((len(embeds), self.kv_heads, batch.shape[1] + capacity, self.head_size),
+                          np.float32 if self.scales is None else np.int8) for _ in range(2 * self.layers)]
         if batch.shape[1] > 1:
             prompt = prompt_cache(self.model, batch, mask)
             for layer, source in enumerate(prompt.layers):
                 for row, length in enumerate(lengths):  # a row's own positions are the last `length` columns
                     start = batch.shape[1] - 1 - length
-                    cache[2 * layer][row, :, :length] = source.keys[row, :, start:].float().numpy()
-                    cache[2 * layer + 1][row, :, :length] = source.values[row, :, start:].float().numpy()
+                    for slot, values in ((2 * layer, source.keys), (2 * layer + 1, source.values)):
+                        cache[slot][row, :, :length] = (values[row, :, start:].float().numpy() if self.scales is None
+                                                        else quantize(values[row, :, start:], self.scales[layer][slot % 2]))
         logits = np.empty((len(embeds), 1, self.vocab), np.float32)
         state = _Batch(lengths, logits, self._binding(cache, logits))
         self._step(state, batch[:, -1:].numpy())
@@ -143,8 +188,8 @@ class OnnxDecoder:
         return ids
 
 
-def load_decoder(name: str, source: str | Path, model: torch.nn.Module) -> OnnxDecoder:
+def load_decoder(name: str, source: str | Path, model: torch.nn.Module, tokenizer, kv_cache: str = "int8") -> OnnxDecoder:
     """The decoder of a transformers LLM folder, converted on first use (`ConversionError` if it cannot be)."""
     if not Path(source).is_dir():
         raise ConversionError(f"{name}: ONNX Runtime decoding needs the LLM as a local transformers folder")
-    return OnnxDecoder(converted_folder(source), model)
+    return OnnxDecoder(converted_folder(source, kv_cache=kv_cache), model, tokenizer)

@@ -151,5 +151,5 @@ def test_damaged_or_stale_conversions_are_rebuilt(tiny_folder, tmp_path, monkeyp
     assert len(builds) == 3
     model = LlamaForCausalLM.from_pretrained(tiny_folder)
     embeds = torch.randn(2, 7, 64)
-    fast = OnnxDecoder(folder, model).first_logits(list(embeds))
+    fast = OnnxDecoder(folder, model, AutoTokenizer.from_pretrained(tiny_folder)).first_logits(list(embeds))
     assert (fast.argmax(-1) == torch_logits_batch(model, embeds).argmax(-1).numpy()).all()
