@@ -49,6 +49,8 @@ def _personalization_args(parser: argparse.ArgumentParser) -> None:
                        help="softmax temperature of the peer weights: lower puts more weight on the nearest peers")
     group.add_argument("--words-per-review", type=int, default=PersonalizationSettings.words_per_review,
                        help="words of each past review's text put in the prompt")
+    group.add_argument("--restate-item", action="store_true",
+                       help="name the product again after the past reviews, so the review is about it, not them")
 
 
 def _sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -70,7 +72,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 
 def personalization(args: argparse.Namespace) -> PersonalizationSettings:
     return PersonalizationSettings(k=args.k, history_rule=args.history_rule, peer_temperature=args.peer_temperature,
-                                   words_per_review=args.words_per_review, strength=args.strength)
+                                   words_per_review=args.words_per_review, strength=args.strength,
+                                   restate_item=args.restate_item)
 
 
 def sampling(args: argparse.Namespace) -> SamplingSettings:

@@ -226,18 +226,18 @@ class DEPEngine:
     # ---- prompts -------------------------------------------------------------------------
 
     def prompt(self, request: Request, context: PersonalContext, mode: str, words_per_review: int = 30,
-               readable: bool = False) -> PromptIds | str:
+               readable: bool = False, restate_item: bool = False) -> PromptIds | str:
         """The prompt's token ids and slots (or, with `readable`, its text as a person reads it)."""
         past = [PastReview.of(s.review, s.item_title) for s in context.selected]
         build = readable_prompt if readable else partial(build_prompt, self.llm.tokenizer)
         return build(request.item, request.rating, request.review_title, past, get_mode(mode), words_per_review,
-                     typical_length(request.profile))
+                     typical_length(request.profile), restate_item)
 
     def max_prompt_tokens(self, max_new_tokens: int) -> int:
         return int(getattr(self.llm.model.config, "max_position_embeddings", 2048)) - max_new_tokens
 
     def fit_prompts(self, request: Request, context: PersonalContext, modes: Sequence[str], words_per_review: int,
-                    limit: int) -> tuple[PersonalContext, list[PromptIds], int, list[str]]:
+                    limit: int, restate_item: bool = False) -> tuple[PersonalContext, list[PromptIds], int, list[str]]:
         """Prompts of every mode, shortened until the longest fits `limit` tokens; also the words kept
         per past review.
 
@@ -245,7 +245,7 @@ class DEPEngine:
         relevant past review (the last of the ranked selection), one at a time. A note says what was cut."""
         words, notes = words_per_review, []
         while True:
-            prompts = [self.prompt(request, context, mode, words) for mode in modes]
+            prompts = [self.prompt(request, context, mode, words, restate_item=restate_item) for mode in modes]
             longest = max(len(p.ids) for p in prompts)
             if longest <= limit:
                 break
@@ -276,7 +276,8 @@ class DEPEngine:
         timings["retrieval_and_differences"] = time.perf_counter() - start
         start = time.perf_counter()
         context, prompts, words, cut = self.fit_prompts(request, context, modes, personalization.words_per_review,
-                                                        self.max_prompt_tokens(sampling.max_new_tokens))
+                                                        self.max_prompt_tokens(sampling.max_new_tokens),
+                                                        personalization.restate_item)
         timings["prompt"] = time.perf_counter() - start
         start = time.perf_counter()
         own = self.vectors(context, personalization.strength)
@@ -284,7 +285,8 @@ class DEPEngine:
         embeds = [self.embed_prompt(prompt, *(population if get_mode(mode).population else own))
                   for mode, prompt in zip(modes, prompts)]
         timings["adapter"] = time.perf_counter() - start
-        readable = {mode: self.prompt(request, context, mode, words, readable=True) for mode in modes}
+        readable = {mode: self.prompt(request, context, mode, words, readable=True,
+                                      restate_item=personalization.restate_item) for mode in modes}
         notes = list(self.llm.notes) + list(context.notes) + cut
         if not context.selected and any(get_mode(m).uses_history for m in modes):
             notes.append("personalized outputs used no history, so they are baseline generations")

@@ -22,7 +22,7 @@ _BRACKET = re.compile(r"\[[#*]?[A-Za-z][\w' .:#/-]{0,40}\]")
 _MARKER = re.compile(r"</?(?:his|diff)_(?:start|end)>|<\|im_(?:start|end)\|>|(?m:^\s*(?:user|assistant|system)\s*$)")
 # a field label at the start of a line, as the prompt writes them: "Review 2:", "Item Title:"
 _LINE_LABEL = re.compile(r"(?m)^\s*(?:Review \d+|Item (?:Title|Description)|Review (?:Rating|Title|Text)|"
-                         r"Output Review \w+|User's Past Reviews)\s*:")
+                         r"Output (?:Review \w+|Item Title)|User's Past Reviews)\s*:")
 # leading echoes of the prompt's output fields ("[Output Review Rating]: 5" on its own line) go whole;
 # a leading "Review Text:" label goes, and the text after it stays
 _ECHO = re.compile(r"^\s*\[?#?(?:Output )?(?:Review |Item )?(?:Rating|Title|Description)\]?\s*:[^\n]*(?:\n|$)")

@@ -113,7 +113,10 @@ def typical_length(reviews: list[Review]) -> int:
 
 
 def user_message(item: Item, rating: float, review_title: str, past: list[PastReview], mode: Mode,
-                 words_per_review: int = 30, length_words: int = 0) -> str:
+                 words_per_review: int = 30, length_words: int = 0, restate_item: bool = False) -> str:
+    """The user turn. `restate_item` names the product again after the past reviews
+    ([Output Item Title]), closest to where the review begins, so that the model does not
+    take the last past review's item for the one to review."""
     lines = [f"[Item Title]: {shorten(item.title, 40)}"]
     if item.description:
         lines.append(f"[Item Description]: {shorten(item.description, 80)}")
@@ -129,6 +132,8 @@ def user_message(item: Item, rating: float, review_title: str, past: list[PastRe
                 lines.append(f"[Review Embedding]: <his_start><<{_NONCE}:his:{i}>><his_end>")
             if mode.diff:
                 lines.append(f"[Review Difference Embedding]: <diff_start><<{_NONCE}:diff:{i}>><diff_end>")
+        if restate_item:
+            lines.append(f"[Output Item Title]: {shorten(item.title, 40)}")
     lines += [f"[Output Review Rating]: {_rating(rating)}", f"[Output Review Title]: {shorten(review_title, 30)}"]
     if mode.length_hint and length_words:
         lines.append(f"[Output Review Length]: about {length_words} words")
@@ -136,9 +141,9 @@ def user_message(item: Item, rating: float, review_title: str, past: list[PastRe
 
 
 def readable_prompt(item: Item, rating: float, review_title: str, past: list[PastReview], mode: Mode,
-                    words_per_review: int = 30, length_words: int = 0) -> str:
+                    words_per_review: int = 30, length_words: int = 0, restate_item: bool = False) -> str:
     """The prompt as a person can read it, each soft slot shown as `[HIS soft token i]`."""
-    user = user_message(item, rating, review_title, past, mode, words_per_review, length_words)
+    user = user_message(item, rating, review_title, past, mode, words_per_review, length_words, restate_item)
     user = _SLOT.sub(lambda m: f"[{m.group(1).upper()} soft token {int(m.group(2)) + 1}]", user)
     return f"SYSTEM:\n{system_message(mode)}\n\nUSER:\n{user}"
 
@@ -154,10 +159,10 @@ def neutralize_special_tokens(tokenizer, text: str) -> str:
 
 
 def build_prompt(tokenizer, item: Item, rating: float, review_title: str, past: list[PastReview], mode: Mode,
-                 words_per_review: int = 30, length_words: int = 0) -> PromptIds:
+                 words_per_review: int = 30, length_words: int = 0, restate_item: bool = False) -> PromptIds:
     """Token ids of the chat prompt (generation prompt included) and the positions of its soft slots."""
     content = neutralize_special_tokens(tokenizer, user_message(item, rating, review_title, past, mode,
-                                                                words_per_review, length_words))
+                                                                words_per_review, length_words, restate_item))
     messages = [{"role": "system", "content": system_message(mode)}, {"role": "user", "content": content}]
     rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     placeholder = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

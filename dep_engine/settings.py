@@ -52,11 +52,14 @@ class PersonalizationSettings:
     max_peers: int = 64
     words_per_review: int = 30       # the same in training, evaluation and the app
     strength: float = 1.0
+    restate_item: bool = False       # name the product again after the past reviews (against drift to them)
 
     def __post_init__(self) -> None:
         _check(self)
         if self.history_rule not in HISTORY_RULES:
             raise ValueError(f"history_rule must be one of {', '.join(HISTORY_RULES)}, got {self.history_rule!r}")
+        if not isinstance(self.restate_item, bool):
+            raise ValueError(f"restate_item must be true or false, got {self.restate_item!r}")
 
 
 @dataclass

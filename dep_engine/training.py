@@ -97,7 +97,9 @@ def prepare(engine: DEPEngine, samples: list[Sample], settings: TrainSettings, d
             continue
         mode = settings.modes[n % len(settings.modes)]
         target = engine.llm.tokenizer.encode(" ".join(sample.target.text.split()), add_special_tokens=False)
-        prepared.append(Prepared(engine.prompt(request, context, mode, personalization.words_per_review),
+        prompt = engine.prompt(request, context, mode, personalization.words_per_review,
+                               restate_item=personalization.restate_item)
+        prepared.append(Prepared(prompt,
                                  context.his, context.diff, target[:settings.max_target_tokens] + [eos],
                                  sample.target.user_id, mode))
     return prepared

@@ -9,6 +9,7 @@ from dep_engine.data import Item
 from dep_engine.generation import SamplingSettings, generate, prompt_embeddings
 from dep_engine.llm import LLM
 from dep_engine.prompt import MODES, PastReview, build_prompt, get_mode
+from dep_engine.settings import PersonalizationSettings
 
 PAST = [PastReview("Guitar strap", 5, "Comfy", "Soft leather strap that holds well."),
         PastReview("Capo", 3, "Ok", "Buzzes a little on the high E string.")]
@@ -37,6 +38,25 @@ def test_modes_control_what_the_prompt_holds(smol_tokenizer):
         assert len(prompt.his_positions) == (2 if mode.his else 0), name
         assert len(prompt.diff_positions) == (2 if mode.diff else 0), name
         assert text.rstrip().endswith("assistant"), name
+
+
+def test_restating_the_item_names_it_after_the_past_reviews(smol_tokenizer, tiny_engine):
+    plain = build_prompt(smol_tokenizer, Item("i", "Snark tuner"), 4, "Handy", PAST, get_mode("dep"))
+    restated = build_prompt(smol_tokenizer, Item("i", "Snark tuner"), 4, "Handy", PAST, get_mode("dep"),
+                            restate_item=True)
+    text = smol_tokenizer.decode(restated.ids)
+    assert "[Output Item Title]" not in smol_tokenizer.decode(plain.ids)
+    # after the last past review's slots, right before the rating of the review to write
+    assert text.index("Buzzes") < text.index("[Output Item Title]: Snark tuner") < text.index("[Output Review Rating]")
+    assert restated.his_positions == plain.his_positions and restated.diff_positions == plain.diff_positions
+    nothing_past = build_prompt(smol_tokenizer, Item("i", "Snark tuner"), 4, "Handy", [], get_mode("dep"),
+                                restate_item=True)
+    assert "[Output Item Title]" not in smol_tokenizer.decode(nothing_past.ids)  # the title is right there
+    user = next(u for u, h in tiny_engine.users.items() if len(h) > 6)
+    prepared = tiny_engine.prepare(tiny_engine.user_request(user), ("dep",), PersonalizationSettings(restate_item=True))
+    assert "[Output Item Title]" in prepared.prompts["dep"]
+    with pytest.raises(ValueError, match="restate_item"):
+        PersonalizationSettings(restate_item="yes")
 
 
 def test_pasted_special_tokens_stay_plain_text(smol_tokenizer):
