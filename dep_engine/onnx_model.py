@@ -26,6 +26,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from filelock import FileLock
+
 from .atomic import atomic_write
 from .paths import default_cache_dir
 
@@ -147,12 +149,14 @@ def converted_folder(source: str | Path, cache_dir: Path | None = None, kv_cache
     source = Path(source)
     folder = (cache_dir or default_cache_dir()) / "onnx" / f"{source.name}-{PRECISION}-kv-{kv_cache}"
     key = source_key(source, kv_cache)
-    problem = _problem(folder, key)
-    if problem is None:
-        return folder
-    log.info("converting %s for ONNX Runtime into %s (%s)", source.name, folder, problem)
-    _build(source, folder, kv_cache)
-    files = {p.name: _sha256(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
-    manifest = json.dumps({"key": key, "files": files}, indent=1)
-    atomic_write(folder / MANIFEST, lambda tmp: Path(tmp).write_text(manifest))
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{folder}.lock"):  # another process (the app, a test, evaluate) may be converting it now
+        problem = _problem(folder, key)
+        if problem is None:
+            return folder
+        log.info("converting %s for ONNX Runtime into %s (%s)", source.name, folder, problem)
+        _build(source, folder, kv_cache)
+        files = {p.name: _sha256(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
+        manifest = json.dumps({"key": key, "files": files}, indent=1)
+        atomic_write(folder / MANIFEST, lambda tmp: Path(tmp).write_text(manifest))
     return folder

@@ -1,5 +1,7 @@
 """The CPU fast path (ONNX Runtime, int8 weights) against the PyTorch float32 path on the bundled SmolLM2."""
 import json
+import shutil
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -149,6 +151,10 @@ def test_damaged_or_stale_conversions_are_rebuilt(tiny_folder, tmp_path, monkeyp
     manifest.write_text(json.dumps(saved))
     onnx_model.converted_folder(tiny_folder, tmp_path)
     assert len(builds) == 3
+    with ThreadPoolExecutor(2) as pool:  # two users of one cache at once: one conversion, the other waits
+        shutil.rmtree(folder)
+        folders = list(pool.map(lambda _: onnx_model.converted_folder(tiny_folder, tmp_path), range(2)))
+    assert folders == [folder, folder] and len(builds) == 4 and (folder / onnx_model.MANIFEST).is_file()
     model = LlamaForCausalLM.from_pretrained(tiny_folder)
     embeds = torch.randn(2, 7, 64)
     fast = OnnxDecoder(folder, model, AutoTokenizer.from_pretrained(tiny_folder)).first_logits(list(embeds))
