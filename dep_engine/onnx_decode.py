@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 import numpy as np
 import onnxruntime as ort
 import torch
-from transformers import StoppingCriteriaList
+from transformers import LogitsProcessorList, StoppingCriteriaList
 
 from .generation import left_pad, prompt_cache
 from .llm import forward_with_cache
@@ -160,11 +160,12 @@ class OnnxDecoder:
         return self._start(embeds, 0).logits[:, 0]
 
     def decode(self, embeds: Sequence[torch.Tensor], settings: SamplingSettings, stopping: StoppingCriteriaList,
-               eos_token_id: int, pad_token_id: int,
-               on_step: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+               eos_token_id: int, pad_token_id: int, on_step: Callable[[torch.Tensor], None] | None = None,
+               processors: LogitsProcessorList | None = None) -> torch.Tensor:
         """(B, steps) new token ids; a row ends at EOS or when `stopping` says so, later steps give it padding.
 
-        `on_step` gets each step's (B,) tokens; `stopping(ids, scores)` sees all rows' ids after every step."""
+        `on_step` gets each step's (B,) tokens; `stopping(ids, scores)` sees all rows' ids after every step;
+        `processors(ids, scores)` (transformers logits processors) adjust each step's scores before sampling."""
         state = self._start(embeds, settings.max_new_tokens)
         scores = state.logits[:, 0]
         generators = [torch.Generator().manual_seed(settings.seed) for _ in embeds]
@@ -172,6 +173,8 @@ class OnnxDecoder:
         unfinished = torch.ones(len(embeds), dtype=torch.bool)
         for step in range(settings.max_new_tokens):
             step_scores = torch.from_numpy(scores)
+            if processors is not None:
+                step_scores = processors(ids, step_scores)
             if settings.temperature > 0:
                 tokens = torch.tensor([sample(row, settings.temperature, settings.top_p, generator)
                                        for row, generator in zip(step_scores, generators)])

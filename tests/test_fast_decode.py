@@ -5,7 +5,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, StoppingCriteriaList
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, LogitsProcessorList, StoppingCriteriaList
 
 from dep_engine import onnx_model
 from dep_engine.data import Item
@@ -95,6 +95,19 @@ def greedy_agreement(smol) -> list[int]:
                                       eos_token_id=None, pad_token_id=smol.tokenizer.pad_token_id)[0].tolist()
         agreed.append(next((i for i, (a, b) in enumerate(zip(fast, ref)) if a != b), GREEDY_TOKENS))
     return agreed
+
+
+def test_logits_processors_reach_the_fast_path(smol):
+    _, dep = dep_embeds(smol, ITEMS[2])
+    settings = SamplingSettings(temperature=0.0, max_new_tokens=3)
+    first = int(smol.onnx_decoder().decode([dep], settings, StoppingCriteriaList(), -1, -1)[0, 0])
+
+    def ban_first(ids, scores):
+        scores[:, first] = -float("inf")
+        return scores
+    banned = smol.onnx_decoder().decode([dep], settings, StoppingCriteriaList(), -1, -1,
+                                        processors=LogitsProcessorList([ban_first]))
+    assert first not in banned[0].tolist()
 
 
 def test_greedy_tokens_agree_with_float32(smol):

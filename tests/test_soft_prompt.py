@@ -1,13 +1,14 @@
 """Soft tokens through inputs_embeds, on a tiny random Llama with SmolLM2's tokenizer and chat template."""
 import copy
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 from dep_engine.data import Item
-from dep_engine.generation import (SHARED_PREFIX_MIN, SamplingSettings, generate, left_pad, prompt_cache,
-                                   prompt_embeddings, shared_prefix)
+from dep_engine.generation import (SHARED_PREFIX_MIN, SamplingSettings, generate, left_pad, logits_processors,
+                                   prompt_cache, prompt_embeddings, shared_prefix)
 from dep_engine.llm import LLM, forward_with_cache
 from dep_engine.prompt import MODES, PastReview, build_prompt, get_mode
 from dep_engine.settings import PersonalizationSettings
@@ -204,3 +205,16 @@ def test_a_shared_beginning_is_read_once_with_the_same_cache(tiny_llm, smol_toke
     handover = LLM(tiny_llm.model, tiny_llm.tokenizer, tiny_llm.name, tiny_llm.device, decode_dtype=torch.bfloat16)
     handover._decoder = copy.deepcopy(tiny_llm.model)  # float32: the handover alone
     assert generate(handover, [first, second], greedy) == generate(tiny_llm, [first, second], greedy)
+
+
+def test_a_row_cannot_end_before_its_review_has_a_word(smol_tokenizer):
+    """The plain LLM often echoes the output fields and ends; hygiene strips the echo, so EOS waits for a word."""
+    processor = logits_processors(SimpleNamespace(tokenizer=smol_tokenizer))
+    texts = ["[Output Review Title]: Nice product\n", "Great strings, bright", ""]
+    ids = [smol_tokenizer.encode(t) or [smol_tokenizer.eos_token_id] for t in texts]
+    width = max(map(len, ids))
+    batch = torch.tensor([[smol_tokenizer.pad_token_id] * (width - len(row)) + row for row in ids])
+    scores = processor(batch, torch.zeros(3, len(smol_tokenizer)))
+    eos = smol_tokenizer.eos_token_id
+    assert scores[0, eos] == -float("inf") and scores[1, eos] == 0 and scores[2, eos] == -float("inf")
+    assert (scores[:, torch.arange(scores.shape[1]) != eos] == 0).all()  # nothing else is touched
