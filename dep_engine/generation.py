@@ -126,22 +126,23 @@ class _NoEmptyReview(LogitsProcessor):
     """Keeps a row from ending (EOS) while its text, cleaned as `hygiene.clean` cleans it, holds no word.
 
     A small model often echoes the prompt's output fields ("[Output Review Title]: Nice") and ends
-    there; hygiene strips such echoes, which left 10-20% of the plain LLM's reviews empty. Each row
-    is decoded only until its first word, then left alone."""
+    there; hygiene strips such echoes, which left 10-20% of the plain LLM's reviews empty. A row is
+    decoded and checked only at steps where EOS could be drawn (log-probability above EOS_CHANCE):
+    a half-written line ("[Output") reads as a word until its label closes, so the check is made
+    when the row would end, never latched earlier."""
+
+    EOS_CHANCE = -12.0
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-        self.written: torch.Tensor | None = None
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if self.tokenizer.eos_token_id is None:
+        eos = self.tokenizer.eos_token_id
+        if eos is None:
             return scores
-        if self.written is None:
-            self.written = torch.zeros(len(input_ids), dtype=torch.bool)
-        for row in (~self.written).nonzero().flatten().tolist():
-            text = self.tokenizer.decode(input_ids[row], skip_special_tokens=True)
-            self.written[row] = bool(hygiene.clean(text).text.strip())
-        scores[~self.written.to(scores.device), self.tokenizer.eos_token_id] = -float("inf")
+        for row in (scores.log_softmax(-1)[:, eos] > self.EOS_CHANCE).nonzero().flatten().tolist():
+            if not hygiene.clean(self.tokenizer.decode(input_ids[row], skip_special_tokens=True)).text.strip():
+                scores[row, eos] = -float("inf")
         return scores
 
 

@@ -211,6 +211,11 @@ def test_a_row_cannot_end_before_its_review_has_a_word(smol_tokenizer):
     """The plain LLM often echoes the output fields and ends; hygiene strips the echo, so EOS waits for a word."""
     processor = logits_processors(SimpleNamespace(tokenizer=smol_tokenizer))
     texts = ["[Output Review Title]: Nice product\n", "Great strings, bright", ""]
+    half_label = smol_tokenizer.encode("[Item Title]: Dunlop polish\n[Output")
+    assert processor(torch.tensor([half_label]), torch.zeros(1, len(smol_tokenizer)))[0, smol_tokenizer.eos_token_id] == 0
+    # ... reads as a word while its label is open; once it closes and EOS comes, the row must go on
+    closed = smol_tokenizer.encode("[Item Title]: Dunlop polish\n[Output Review Title]: Nice product")
+    assert processor(torch.tensor([closed]), torch.zeros(1, len(smol_tokenizer)))[0, smol_tokenizer.eos_token_id] < 0
     ids = [smol_tokenizer.encode(t) or [smol_tokenizer.eos_token_id] for t in texts]
     width = max(map(len, ids))
     batch = torch.tensor([[smol_tokenizer.pad_token_id] * (width - len(row)) + row for row in ids])
