@@ -10,8 +10,7 @@ B. The app's request: generic + DEP in one batch, T=0.8, top-p 0.95, seed 0, --n
    after the first token (engine `Result.timings`), and that rate as a share of the limit in A.
    Goals: new decode >= 3x old and >= 50% of its limit; the request <= 5 s.
 C. Time to first token of one DEP prompt alone (the longest of the held-out requests tried, about
-   750 tokens), old and new alternated; and of the app's pair (generic + DEP) with their common
-   beginning read once, as the engine does, against each row read whole.
+   750 tokens), old and new alternated.
 D. ONNX Runtime with 1 and 2 intra-op threads, decode steps/s on the batch of B (shared cores).
 E. Quality against the float32 PyTorch model on the DEP prompts of --quality-prompts held-out
    requests (trained adapter): the largest and mean logit difference at the last prompt position, and
@@ -175,7 +174,6 @@ def main() -> None:
         speed(engine, paths, request, args)
     if "C" in args.sections:
         first_tokens(paths, long_embeds, args.repeats)
-        shared_beginning(new, engine.prepare(request, ("generic", "dep")).embeds, args.repeats)
     if "D" in args.sections:
         table(["ONNX Runtime threads", "decode steps/s"], thread_counts(engine, new, request, args.new_tokens),
               "D. ONNX Runtime intra-op threads (alternated; the engine uses torch's thread count)")
@@ -229,25 +227,6 @@ def first_tokens(paths: dict, embeds, repeats: int) -> None:
     table(["path", "each s", "median s"],
           [[n, " ".join(f"{x:.2f}" for x in f), f"{median(f):.2f}"] for n, f in firsts.items()],
           f"C. Time to first token, one DEP prompt of {len(embeds)} tokens")
-
-
-def shared_beginning(llm, pair: list, repeats: int) -> None:
-    """Section C, second table: the app's pair (generic + DEP, alike up to the first soft token) with
-    the common beginning read once (the engine's way) and with each row read whole."""
-    from dep_engine import generation
-    from dep_engine.generation import left_pad, shared_prefix
-
-    firsts: dict[str, list[float]] = {"read once": [], "each row whole": []}
-    default = generation.SHARED_PREFIX_MIN
-    for _ in range(repeats):
-        for name, minimum in (("read once", default), ("each row whole", 10**9)):
-            generation.SHARED_PREFIX_MIN = minimum
-            firsts[name].append(first_token_seconds(llm, pair))
-    generation.SHARED_PREFIX_MIN = default
-    table(["shared beginning", "each s", "median s"],
-          [[n, " ".join(f"{x:.2f}" for x in f), f"{median(f):.2f}"] for n, f in firsts.items()],
-          f"C. Time to first token of the app's pair ({len(pair[0])} tokens each, the first "
-          f"{shared_prefix(*left_pad(pair))} alike), ONNX Runtime path")
 
 
 if __name__ == "__main__":

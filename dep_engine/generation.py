@@ -161,36 +161,12 @@ def stopping_criteria(llm: LLM, settings: SamplingSettings, stop: threading.Even
     return StoppingCriteriaList(criteria)
 
 
-SHARED_PREFIX_MIN = 32  # shorter common beginnings are read per row: not worth a second pass
-
-
-def shared_prefix(batch: torch.Tensor, mask: torch.Tensor) -> int:
-    """How many leading positions all rows hold alike: 0 for one row, or when any row is padded."""
-    if len(batch) < 2 or not bool(mask.all()):
-        return 0
-    differs = (~(batch == batch[:1]).all(-1).all(0)).nonzero()
-    return int(differs[0]) if len(differs) else batch.shape[1]
-
-
 def prompt_cache(model: torch.nn.Module, batch: torch.Tensor, mask: torch.Tensor):
     """Keys and values of all prompt positions but the last, from `model` in its own dtype, for a
-    decoder that runs the last position itself (a bf16 copy, or ONNX Runtime).
-
-    A beginning all rows share (the app's generic and personalized prompts are the same text up to
-    the first soft token, about a third of the prompt) is read once and its cache repeated per row."""
+    decoder that runs the last position itself (a bf16 copy, or ONNX Runtime)."""
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as generate numbers left-padded rows
-    end = batch.shape[1] - 1
-    shared = min(shared_prefix(batch, mask), end)
-    if shared < SHARED_PREFIX_MIN:
-        return forward_with_cache(model.base_model, inputs_embeds=batch[:, :end], attention_mask=mask[:, :end],
-                                  position_ids=positions[:, :end])[1]
-    cache = forward_with_cache(model.base_model, inputs_embeds=batch[:1, :shared],
-                               position_ids=positions[:1, :shared])[1]
-    cache.batch_repeat_interleave(len(batch))
-    if shared == end:
-        return cache
-    return forward_with_cache(model.base_model, cache, inputs_embeds=batch[:, shared:end],
-                              attention_mask=mask[:, :end], position_ids=positions[:, shared:end])[1]
+    return forward_with_cache(model.base_model, inputs_embeds=batch[:, :-1], attention_mask=mask[:, :-1],
+                              position_ids=positions[:, :-1])[1]
 
 
 def _prefill(llm: LLM, decoder: torch.nn.Module, batch: torch.Tensor, mask: torch.Tensor,

@@ -7,9 +7,8 @@ import pytest
 import torch
 
 from dep_engine.data import Item
-from dep_engine.generation import (SHARED_PREFIX_MIN, SamplingSettings, generate, left_pad, logits_processors,
-                                   prompt_cache, prompt_embeddings, shared_prefix)
-from dep_engine.llm import LLM, forward_with_cache
+from dep_engine.generation import SamplingSettings, generate, logits_processors, prompt_embeddings
+from dep_engine.llm import LLM
 from dep_engine.prompt import MODES, PastReview, build_prompt, get_mode
 from dep_engine.settings import PersonalizationSettings
 
@@ -181,30 +180,6 @@ def test_prefill_handover_to_a_decoder_copy_matches_plain_decoding(tiny_llm, smo
     bf16 = LLM(tiny_llm.model, tiny_llm.tokenizer, tiny_llm.name, tiny_llm.device, decode_dtype=torch.bfloat16)
     texts = generate(bf16, embeds, greedy)
     assert bf16.decoder().dtype == torch.bfloat16 and all(texts) and tiny_llm.dtype == torch.float32
-
-
-def test_a_shared_beginning_is_read_once_with_the_same_cache(tiny_llm, smol_tokenizer):
-    """Rows alike up to their first soft token (the app's generic and personalized prompts): the common
-    positions run once and their cache is repeated per row; keys and values equal a full pass's, and so
-    do the greedy tokens handed over to a decoder copy."""
-    ids = torch.tensor(smol_tokenizer.encode("A long shared prompt about a guitar pedal that hums, a cable that "
-                                             "crackles and a tuner that reads fast in a loud room. " * 2))
-    first = tiny_llm.embed(ids).detach()
-    second = first.clone()
-    second[50:52] = torch.randn(2, first.shape[-1]) * 0.1  # two soft tokens where the rows part
-    batch, mask = left_pad([first, second])
-    assert shared_prefix(batch, mask) == 50 >= SHARED_PREFIX_MIN
-    assert shared_prefix(*left_pad([first, second[:-1]])) == 0  # padded rows: no sharing
-    with torch.inference_mode():
-        shared = prompt_cache(tiny_llm.model, batch, mask)
-        full = forward_with_cache(tiny_llm.model.base_model, inputs_embeds=batch[:, :-1])[1]
-    for a, b in zip(shared.layers, full.layers):
-        assert a.keys.shape == b.keys.shape
-        assert torch.allclose(a.keys, b.keys, atol=1e-5) and torch.allclose(a.values, b.values, atol=1e-5)
-    greedy = SamplingSettings(temperature=0, max_new_tokens=12)
-    handover = LLM(tiny_llm.model, tiny_llm.tokenizer, tiny_llm.name, tiny_llm.device, decode_dtype=torch.bfloat16)
-    handover._decoder = copy.deepcopy(tiny_llm.model)  # float32: the handover alone
-    assert generate(handover, [first, second], greedy) == generate(tiny_llm, [first, second], greedy)
 
 
 def test_a_row_cannot_end_before_its_review_has_a_word(smol_tokenizer):
