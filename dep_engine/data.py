@@ -119,26 +119,28 @@ def parse_timestamp(value: object, where: str) -> int:
     return seconds
 
 
+def _field(record: dict, where: str, keys: tuple[str, ...], valid, kind: str) -> object:
+    """The first present field of `keys`, which must pass `valid`: a value of the wrong type where text
+    or an id belongs is a mistake to name, not something to stringify."""
+    key = next((k for k in keys if record.get(k) is not None), None)
+    if key is None:
+        return None
+    value = record[key]
+    if not valid(value):
+        raise DataError(f"{where}: {key} must be {kind}, got {type(value).__name__} {_short(value)}")
+    return value
+
+
 def _text(record: dict, where: str, *keys: str) -> object:
-    """The first present field of `keys`, which must be text (a list of paragraphs also counts):
-    a number or an object where text belongs is a mistake to name, not something to stringify."""
-    for key in keys:
-        value = record.get(key)
-        if value is None:
-            continue
-        if not isinstance(value, (str, list)) or isinstance(value, list) and not all(isinstance(v, str) for v in value):
-            raise DataError(f"{where}: {key} must be text, got {type(value).__name__} {_short(value)}")
-        return value
-    return None
+    """A text field (a list of paragraphs also counts)."""
+    return _field(record, where, keys, lambda v: isinstance(v, str) or (
+        isinstance(v, list) and all(isinstance(x, str) for x in v)), "text")
 
 
 def _identifier(record: dict, where: str, *keys: str) -> object:
     """An id field: text or a whole number, never an object, list or fraction."""
-    value = _first(record, *keys)
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int))):
-        name = next(k for k in keys if record.get(k) is not None)
-        raise DataError(f"{where}: {name} must be text or a whole number, got {type(value).__name__} {_short(value)}")
-    return value
+    return _field(record, where, keys, lambda v: isinstance(v, (str, int)) and not isinstance(v, bool),
+                  "text or a whole number")
 
 
 def parse_review(record: object, source: str = "review", line: int | None = None,
