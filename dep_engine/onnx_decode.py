@@ -78,7 +78,7 @@ def kv_scales(model: torch.nn.Module, tokenizer) -> list[tuple[np.ndarray, np.nd
 
 def quantize(x: torch.Tensor, scale: np.ndarray) -> np.ndarray:
     """x rounded to int8 steps of `scale`, as GroupQueryAttention writes a new position into its cache."""
-    return np.clip(np.rint(x.float().numpy() / scale[0]), -128, 127).astype(np.int8)
+    return np.clip(np.rint(x.float().numpy() / scale), -128, 127).astype(np.int8)
 
 
 @dataclass
@@ -136,11 +136,11 @@ class OnnxDecoder:
         if batch.shape[1] > 1:
             prompt = prompt_cache(self.model, batch, mask)
             for layer, source in enumerate(prompt.layers):
-                for row, length in enumerate(lengths):  # a row's own positions are the last `length` columns
-                    start = batch.shape[1] - 1 - length
-                    for slot, values in ((2 * layer, source.keys), (2 * layer + 1, source.values)):
-                        cache[slot][row, :, :length] = (values[row, :, start:].float().numpy() if self.scales is None
-                                                        else quantize(values[row, :, start:], self.scales[layer][slot % 2]))
+                for kind, values in enumerate((source.keys, source.values)):
+                    values = (values.float().numpy() if self.scales is None
+                              else quantize(values, self.scales[layer][kind]))
+                    for row, length in enumerate(lengths):  # a row's own positions are its last `length` columns
+                        cache[2 * layer + kind][row, :, :length] = values[row, :, batch.shape[1] - 1 - length:]
         logits = np.empty((len(embeds), 1, self.vocab), np.float32)
         state = _Batch(lengths, logits, self._binding(cache, logits))
         self._step(state, batch[:, -1:].numpy())

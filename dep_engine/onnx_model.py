@@ -119,7 +119,6 @@ def _int8_kv_cache(path: Path) -> None:
 
 def _build(source: Path, folder: Path, kv_cache: str) -> None:
     """Run the model builder into a staging folder, then put it in place in one rename."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=folder.name + ".tmp"))
     try:
         command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(source),
