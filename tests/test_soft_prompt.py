@@ -197,4 +197,20 @@ def test_a_row_cannot_end_before_its_review_has_a_word(smol_tokenizer):
     scores = processor(batch, torch.zeros(3, len(smol_tokenizer)))
     eos = smol_tokenizer.eos_token_id
     assert scores[0, eos] == -float("inf") and scores[1, eos] == 0 and scores[2, eos] == -float("inf")
-    assert (scores[:, torch.arange(scores.shape[1]) != eos] == 0).all()  # nothing else is touched
+    brackets = torch.tensor(["[" in smol_tokenizer.decode([i]) for i in range(len(smol_tokenizer))])
+    others = ~brackets & (torch.arange(scores.shape[1]) != eos)
+    assert (scores[:, others] == 0).all()  # nothing else is touched
+
+
+def test_no_token_that_writes_a_bracket_is_drawn(smol_tokenizer):
+    """The prompt's field labels all open with "[": no method may start one."""
+    processor = logits_processors(SimpleNamespace(tokenizer=smol_tokenizer))
+    label = smol_tokenizer.encode("[Output Review Rating]: 5")
+    scores = torch.zeros(1, len(smol_tokenizer))
+    scores[0, label[0]] = 100.0  # the model is sure the label comes next
+    scores = processor(torch.tensor([smol_tokenizer.encode("Great strings.\n")]), scores)
+    drawn = int(scores.argmax())
+    assert scores[0, label[0]] == -float("inf") and "[" not in smol_tokenizer.decode([drawn])
+    banned = (scores[0] == -float("inf")).nonzero().flatten().tolist()
+    assert {smol_tokenizer.decode([i]) for i in banned} >= {"[", " [", "[[", '["'}
+    assert all("[" in smol_tokenizer.decode([i]) for i in banned)
