@@ -1,21 +1,23 @@
 """Fast CPU generation (issue 11): ONNX Runtime with int8 weights against the PyTorch path, in one run.
 
+Paths: "torch" (the PyTorch path: fp32 prompt, bf16 decode), "onnx" (the CPU default: ONNX Runtime,
+int8 weights and KV cache, the prompt in bf16 under autocast where the CPU has AMX, else fp32), and
+ONNX Runtime with a float32 prompt and with a float32 KV cache, each changed alone.
 A. Memory bandwidth (read, 1 GiB, as bench/generation.py measures it) and each path's bandwidth
    limit: bytes of weights read per decode step / read bandwidth. PyTorch decodes from a bf16 copy
    (all parameters, the tied 49152 x 576 LM head once); ONNX Runtime reads its int8 weights and
    their scales (the size of model.onnx.data). One step gives a token to every row of the batch.
 B. The app's request: generic + DEP in one batch, T=0.8, top-p 0.95, seed 0, --new-tokens per row,
-   through `engine.generate`, old ("torch": fp32 prompt, bf16 decode), new ("onnx", the CPU
-   default, int8 KV cache) and new with a float32 KV cache alternated --repeats times: end-to-end seconds, time to first token, decode steps/s
+   through `engine.generate`, every path alternated --repeats times: end-to-end seconds, time to first token, decode steps/s
    after the first token (engine `Result.timings`), and that rate as a share of the limit in A.
    Goals: new decode >= 3x old and >= 50% of its limit; the request <= 5 s.
 C. Time to first token of one DEP prompt alone (the longest of the held-out requests tried, about
-   750 tokens), old and new alternated.
+   750 tokens), every path alternated.
 D. ONNX Runtime with 1 and 2 intra-op threads, decode steps/s on the batch of B (shared cores).
 E. Quality against the float32 PyTorch model on the DEP prompts of --quality-prompts held-out
    requests (trained adapter): the largest and mean logit difference at the last prompt position, and
-   how many of the first --greedy-tokens greedy tokens agree, for the fast path with each KV cache and
-   for the PyTorch bf16 path.
+   how many of the first --greedy-tokens greedy tokens agree, for each ONNX Runtime path and for the
+   PyTorch bf16 path.
 
     python bench/fast_decode.py [--new-tokens 128] [--repeats 3] [--requests 20] [--greedy-tokens 32]
                                 [--sections ABCDE] [--quick]
@@ -31,6 +33,7 @@ from generation import bandwidth, same_prefix
 
 
 FLOAT_KV = "onnx, float32 KV cache"
+FLOAT_PREFILL = "onnx, float32 prompt"
 
 
 def weight_bytes(paths: dict) -> dict[str, int]:
@@ -122,7 +125,7 @@ def bf16_greedy(old, embeds, greedy_tokens: int):
                                 pad_token_id=old.tokenizer.pad_token_id)[0]
 
 
-def quality(llm, float_kv, old, embeds_list, greedy_tokens: int) -> list[list]:
+def quality(fast_paths: dict, old, embeds_list, greedy_tokens: int) -> list[list]:
     import torch
     from transformers import StoppingCriteriaList
 
@@ -132,11 +135,11 @@ def quality(llm, float_kv, old, embeds_list, greedy_tokens: int) -> list[list]:
     rows = []
     for embeds in embeds_list:
         with torch.inference_mode():
-            ref_logits = llm.model(inputs_embeds=embeds[None]).logits[0, -1]
-            ref = llm.model.generate(inputs_embeds=embeds[None], max_new_tokens=greedy_tokens, do_sample=False,
-                                     min_new_tokens=greedy_tokens, pad_token_id=llm.tokenizer.pad_token_id)[0]
+            ref_logits = old.model(inputs_embeds=embeds[None]).logits[0, -1]
+            ref = old.model.generate(inputs_embeds=embeds[None], max_new_tokens=greedy_tokens, do_sample=False,
+                                     min_new_tokens=greedy_tokens, pad_token_id=old.tokenizer.pad_token_id)[0]
         row = [len(embeds)]
-        for decoder in (llm.onnx_decoder(), float_kv.onnx_decoder()):
+        for decoder in (llm.onnx_decoder() for llm in fast_paths.values()):
             error = (torch.from_numpy(decoder.first_logits([embeds])[0]) - ref_logits).abs()
             fast = decoder.decode([embeds], settings, StoppingCriteriaList(), -1, -1)[0]
             row += [f"{float(error.max()):.2f} / {float(error.mean()):.3f}",
@@ -158,15 +161,20 @@ def main() -> None:
     if args.quick:
         args.new_tokens, args.repeats, args.requests, args.greedy_tokens, args.quality_prompts = 32, 1, 6, 16, 2
 
+    import torch
+
     from dep_engine import DEPEngine
-    from dep_engine.llm import load_llm
+    from dep_engine.llm import cpu_has_bf16_matrix_units, load_llm
 
     _common.header("bench/fast_decode.py -- ONNX Runtime int8 vs PyTorch decoding on the CPU (issue 11)",
                    f"new tokens {args.new_tokens}, repeats {args.repeats}")
     engine = DEPEngine(progress=False)
     new = engine.llm
-    old = load_llm(engine.config.llm, "cpu", cpu_backend="torch")  # shares the fp32 weights
-    paths = {"torch": old, "onnx": new, FLOAT_KV: load_llm(engine.config.llm, "cpu", cpu_kv_cache="float32")}
+    old = load_llm(engine.config.llm, "cpu", cpu_backend="torch", cpu_prefill="float32")  # shares the fp32 weights
+    paths = {"torch": old, "onnx": new, FLOAT_PREFILL: load_llm(engine.config.llm, "cpu", cpu_prefill="float32"),
+             FLOAT_KV: load_llm(engine.config.llm, "cpu", cpu_kv_cache="float32")}
+    print(f"the CPU default's prompt dtype here: {new.prefill_dtype or torch.float32} "
+          f"(bf16 matrix units: {cpu_has_bf16_matrix_units()})")
     request, long_embeds = longest_dep_prompt(engine, args.requests)
     app_request(engine, paths, request, 4, 1)  # warm-up: the bf16 copy, ONNX Runtime's first runs
 
@@ -180,9 +188,11 @@ def main() -> None:
     if "E" in args.sections:
         prompts = [engine.prepare(r, ("dep",)).embeds[0]
                    for r in _common.held_out_requests(engine, args.quality_prompts, seed=1)]
-        table(["prompt tokens", "max / mean |logit diff| at the last position", "greedy tokens agreeing (ONNX int8)",
-               f"({FLOAT_KV}) |logit diff|", "greedy", "(PyTorch path, bf16 decode) greedy"],
-              quality(new, paths[FLOAT_KV], old, prompts, args.greedy_tokens),
+        fast = {name: llm for name, llm in paths.items() if name != "torch"}
+        table(["prompt tokens"] + [f"({name}) {column}" for name in fast for column in
+                                   ("max / mean |logit diff| at the last position", "greedy tokens agreeing")]
+              + ["(PyTorch path, bf16 decode) greedy"],
+              quality(fast, old, prompts, args.greedy_tokens),
               "E. The fast path and the PyTorch path against float32 PyTorch (the reference the tests use)")
 
 
@@ -215,7 +225,8 @@ def speed(engine, paths: dict, request, args: argparse.Namespace) -> None:
           f"{100 * share:.0f}% of the int8 limit (goal 50%: {verdict(share >= 0.5)}); "
           f"request {stats['onnx']['seconds']:.2f} s (goal 5 s: {verdict(stats['onnx']['seconds'] <= 5)}); "
           f"request {stats['torch']['seconds'] / stats['onnx']['seconds']:.2f}x faster; int8 KV cache "
-          f"{stats['onnx']['rate'] / stats[FLOAT_KV]['rate']:.2f}x the float32 one's decode steps/s")
+          f"{stats['onnx']['rate'] / stats[FLOAT_KV]['rate']:.2f}x the float32 one's decode steps/s; the default's "
+          f"prompt: first token {stats['onnx']['first']:.2f} s vs {stats[FLOAT_PREFILL]['first']:.2f} s in float32")
 
 
 def first_tokens(paths: dict, embeds, repeats: int) -> None:

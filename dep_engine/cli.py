@@ -13,7 +13,7 @@ from .embeddings import STYLE_SETS
 from .engine import BUNDLED_ADAPTER, BUNDLED_DATA, EngineConfig, Request
 from .settings import HISTORY_RULES, PersonalizationSettings, SamplingSettings
 from .training import TrainSettings
-from .llm import CPU_BACKENDS, CPU_DECODE_DTYPES
+from .llm import CPU_BACKENDS, CPU_DECODE_DTYPES, CPU_PREFILLS
 from .onnx_model import KV_CACHES
 from .prompt import MODES, get_mode
 
@@ -32,6 +32,9 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
                        help="on the CPU, generate with ONNX Runtime (int8 weights, converted once) or PyTorch")
     group.add_argument("--cpu-kv-cache", choices=KV_CACHES, default=EngineConfig.cpu_kv_cache,
                        help="with ONNX Runtime, keep the KV cache in int8 (faster on long prompts) or float32")
+    group.add_argument("--cpu-prefill", choices=CPU_PREFILLS, default=EngineConfig.cpu_prefill,
+                       help="on the CPU, read prompts in bfloat16 (2x faster on CPUs with AMX, slower without) or "
+                            "float32; auto: bfloat16 where the CPU has AMX")
     group.add_argument("--style-features", choices=STYLE_SETS + ("on", "off"), default=None,
                        help="features appended to review vectors: rating-length, voice (also sentence length, "
                             "punctuation, first person, capitals, vocabulary, openings) or none; on = rating-length; "
@@ -66,7 +69,7 @@ def _sampling_args(parser: argparse.ArgumentParser) -> None:
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(data=args.data, encoder=args.encoder, llm=args.llm, adapter=args.adapter,
                         device=args.device, four_bit=False if args.no_4bit else None, cpu_decode=args.cpu_decode,
-                        cpu_backend=args.cpu_backend, cpu_kv_cache=args.cpu_kv_cache,
+                        cpu_backend=args.cpu_backend, cpu_kv_cache=args.cpu_kv_cache, cpu_prefill=args.cpu_prefill,
                         style_features={"on": True, "off": False}.get(args.style_features, args.style_features))
 
 

@@ -6,6 +6,7 @@ early at scaffolding or a loop (`hygiene.should_stop`), and every row at the tim
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import queue
 import threading
@@ -182,18 +183,20 @@ def stopping_criteria(llm: LLM, settings: SamplingSettings, stop: threading.Even
     return StoppingCriteriaList(criteria)
 
 
-def prompt_cache(model: torch.nn.Module, batch: torch.Tensor, mask: torch.Tensor):
-    """Keys and values of all prompt positions but the last, from `model` in its own dtype, for a
-    decoder that runs the last position itself (a bf16 copy, or ONNX Runtime)."""
+def prompt_cache(model: torch.nn.Module, batch: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype | None = None):
+    """Keys and values of all prompt positions but the last, from `model` (under autocast to `dtype`
+    if given, else in its own dtype), for a decoder that runs the last position itself (a bf16 copy,
+    or ONNX Runtime)."""
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as generate numbers left-padded rows
-    return forward_with_cache(model.base_model, inputs_embeds=batch[:, :-1], attention_mask=mask[:, :-1],
-                              position_ids=positions[:, :-1])[1]
+    with torch.autocast(batch.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext():
+        return forward_with_cache(model.base_model, inputs_embeds=batch[:, :-1], attention_mask=mask[:, :-1],
+                                  position_ids=positions[:, :-1])[1]
 
 
 def _prefill(llm: LLM, decoder: torch.nn.Module, batch: torch.Tensor, mask: torch.Tensor,
              max_new_tokens: int) -> StaticCache:
     """The prompt's keys and values (`prompt_cache`) handed to the decoder in a static cache."""
-    prompt = prompt_cache(llm.model, batch, mask)
+    prompt = prompt_cache(llm.model, batch, mask, llm.prefill_dtype)
     cache = StaticCache(config=decoder.config, max_cache_len=batch.shape[1] + max_new_tokens)
     for layer, source in zip(cache.layers, prompt.layers):
         layer.update(source.keys.to(decoder.dtype), source.values.to(decoder.dtype))

