@@ -33,8 +33,8 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--cpu-kv-cache", choices=KV_CACHES, default=EngineConfig.cpu_kv_cache,
                        help="with ONNX Runtime, keep the KV cache in int8 (faster on long prompts) or float32")
     group.add_argument("--cpu-prefill", choices=CPU_PREFILLS, default=EngineConfig.cpu_prefill,
-                       help="on the CPU, read prompts in bfloat16 (2x faster on CPUs with AMX, slower without) or "
-                            "float32; auto: bfloat16 where the CPU has AMX")
+                       help="on the CPU, read prompts (and run training's forward passes) in bfloat16 (faster on "
+                            "CPUs with AMX, slower without) or float32; auto: bfloat16 where the CPU has AMX")
     group.add_argument("--style-features", choices=STYLE_SETS + ("on", "off"), default=None,
                        help="features appended to review vectors: rating-length, voice (also sentence length, "
                             "punctuation, first person, capitals, vocabulary, openings) or none; on = rating-length; "

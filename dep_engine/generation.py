@@ -6,7 +6,6 @@ early at scaffolding or a loop (`hygiene.should_stop`), and every row at the tim
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import queue
 import threading
@@ -18,7 +17,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, StaticCache, Stop
 from transformers.generation.streamers import BaseStreamer
 
 from . import hygiene
-from .llm import LLM, forward_with_cache
+from .llm import LLM, autocast_to, forward_with_cache
 from .prompt import PromptIds
 from .settings import SamplingSettings
 
@@ -188,7 +187,7 @@ def prompt_cache(model: torch.nn.Module, batch: torch.Tensor, mask: torch.Tensor
     if given, else in its own dtype), for a decoder that runs the last position itself (a bf16 copy,
     or ONNX Runtime)."""
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as generate numbers left-padded rows
-    with torch.autocast(batch.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext():
+    with autocast_to(dtype, batch.device.type):
         return forward_with_cache(model.base_model, inputs_embeds=batch[:, :-1], attention_mask=mask[:, :-1],
                                   position_ids=positions[:, :-1])[1]
 

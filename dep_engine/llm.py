@@ -5,6 +5,7 @@ the conversion. On CUDA the model is loaded in 4-bit NF4 (bitsandbytes) with bf1
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import inspect
@@ -40,7 +41,7 @@ class LLM:
     decode_dtype: torch.dtype | None = None
     onnx_decode: bool = False
     onnx_kv_cache: str = "int8"  # the ONNX Runtime decoder's KV cache: int8 (faster) or float32
-    prefill_dtype: torch.dtype | None = None  # autocast dtype of prompts before decoding; None: the model's
+    prefill_dtype: torch.dtype | None = None  # autocast dtype of prompts (and training's forward passes); None: the model's
     notes: list[str] = field(default_factory=list)  # how loading departed from what was asked
     _decoder: torch.nn.Module | None = field(default=None, init=False, repr=False)
     _onnx: object | None = field(default=None, init=False, repr=False)
@@ -85,6 +86,11 @@ class LLM:
     def token_norm(self) -> float:
         """Median norm of the LLM's token embeddings: the scale a soft token should live at."""
         return float(self.model.get_input_embeddings().weight.float().norm(dim=-1).median())
+
+
+def autocast_to(dtype: torch.dtype | None, device_type: str = "cpu"):
+    """A context in which the LLM's forward passes run under autocast to `dtype`; nothing when None."""
+    return torch.autocast(device_type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def forward_with_cache(model: torch.nn.Module, cache=None, **inputs):
