@@ -158,6 +158,7 @@ def _prefill_dtype(cpu_prefill: str) -> torch.dtype | None:
         cpu_prefill = "bfloat16" if cpu_has_bf16_matrix_units() else "float32"
     return torch.bfloat16 if cpu_prefill == "bfloat16" else None
 
+
 _loaded: dict[tuple, LLM] = {}
 _load_lock = threading.Lock()
 
