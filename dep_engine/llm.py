@@ -172,8 +172,8 @@ def load_llm(name: str = BUNDLED_LLM, device: str | torch.device | None = None,
     Defaults: float32 on the CPU (CPUs without bf16 matrix units run bf16 prompts and training
     2-6x slower, see bench/), decoding in `cpu_decode_dtype` (None: float32 throughout); on CUDA
     4-bit NF4 weights with bf16 compute; `cpu_backend` "onnx" generates on the CPU with ONNX Runtime,
-    whose KV cache is `cpu_kv_cache` ("int8" or "float32"); prompts before CPU decoding run in
-    `cpu_prefill` ("auto": bfloat16 where the CPU has bf16 matrix units, else float32).
+    whose KV cache is `cpu_kv_cache` ("int8" or "float32"); prompts before CPU decoding, and training's
+    forward passes, run in `cpu_prefill` ("auto": bfloat16 where the CPU has bf16 matrix units, else float32).
     LLMs that differ only in how they decode share the weights."""
     device = torch.device(device) if device is not None else default_device()
     four_bit = (device.type == "cuda") if four_bit is None else four_bit
