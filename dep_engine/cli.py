@@ -185,6 +185,7 @@ TRAIN_OPTIONS = (
     ("contrast_weight", float, "weight of the margin term rewarding own over another user's vectors"),
     ("contrast_margin", float, "nats per token own vectors should beat another user's by"),
     ("max_minutes", float, "stop after this many minutes, keeping the best checkpoint"),
+    ("init_from", str, "a trained adapter folder to fine-tune instead of starting from fresh weights"),
     ("eval_every", int, "optimizer steps between validations"),
     ("seed", int, "random seed"),
 )

@@ -63,6 +63,7 @@ class TrainSettings:
     contrast_weight: float = 0.0       # weight of the own-vs-another-user's-vectors margin term
     contrast_margin: float = 0.1       # nats per token the own vectors should beat another user's by
     max_minutes: float | None = None   # stop training after this long (the best checkpoint is kept)
+    init_from: str | None = None       # a trained adapter folder to start from (fine-tuning) instead of fresh weights
     eval_every: int = 200              # optimizer steps between validations
     seed: int = 42
 
@@ -249,6 +250,13 @@ def new_adapter(engine: DEPEngine, settings: TrainSettings, train_set: list[Prep
         sparsity_weight=settings.sparsity_weight, sae_loss_weight=settings.sae_loss_weight,
         sae_activation=settings.sae_activation, token_norm=token_norm, style_features=engine.store.style)
     adapter = DEPAdapter(config)
+    if settings.init_from:  # fine-tuning: its weights, checked against this LLM, encoder and style features
+        start = DEPAdapter.from_pretrained(settings.init_from, llm=config.llm, hidden_size=config.hidden_size,
+                                           encoder=config.encoder, embedding_dim=config.embedding_dim)
+        if start.config.style_features != config.style_features or start.config.sae_activation != config.sae_activation:
+            raise ValueError(f"{settings.init_from}: trained with style features {start.config.style_features!r} and "
+                             f"a {start.config.sae_activation} code, not {config.style_features!r} and {config.sae_activation}")
+        adapter.load_state_dict(start.state_dict())
     adapter.set_population(*map(torch.from_numpy, population_vectors(train_set)))
     return adapter.to(engine.llm.device)
 

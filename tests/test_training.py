@@ -2,6 +2,7 @@
 import dataclasses
 import json
 
+import pytest
 import torch
 
 from dep_engine.adapter import DEPAdapter
@@ -9,7 +10,7 @@ from dep_engine.engine import DEPEngine, EngineConfig
 from dep_engine.generation import prompt_embeddings
 from dep_engine.settings import PersonalizationSettings, SamplingSettings
 from dep_engine.splits import training_samples
-from dep_engine.training import TrainSettings, batch_loss, prepare, train
+from dep_engine.training import TrainSettings, batch_loss, new_adapter, prepare, train
 
 from conftest import TINY_LLM
 
@@ -38,6 +39,25 @@ def test_short_training_lowers_loss_and_keeps_llm_frozen(tiny_engine, tmp_path):
     # a finished run resumes to nothing more to do
     again = train(tiny_engine, settings)
     assert len((again / "log.jsonl").read_text().splitlines()) == len(log)
+
+
+def test_fine_tuning_starts_from_the_given_adapter(tiny_engine, tmp_path):
+    """init_from loads a trained adapter's weights (fine-tuning), and refuses one of another kind."""
+    torch.manual_seed(3)
+    start = DEPAdapter(tiny_engine.adapter.config)
+    start.save_pretrained(tmp_path / "start")
+    settings = TrainSettings(personalization=PersonalizationSettings(k=2, words_per_review=10), max_target_tokens=8)
+    samples = prepare(tiny_engine, training_samples(tiny_engine.dataset.reviews)[:4], settings, "test")
+    fresh = new_adapter(tiny_engine, settings, samples)
+    tuned = new_adapter(tiny_engine, dataclasses.replace(settings, init_from=str(tmp_path / "start")), samples)
+    learned = [name for name in start.state_dict() if not name.startswith("population")]
+    assert all(torch.equal(tuned.state_dict()[n].cpu(), start.state_dict()[n]) for n in learned)
+    assert not all(torch.equal(fresh.state_dict()[n].cpu(), start.state_dict()[n]) for n in learned)
+    assert torch.equal(tuned.population_his, fresh.population_his)  # the training samples' average reviewer
+    other = dataclasses.replace(start.config, sae_activation="relu" if start.config.sae_activation == "gelu" else "gelu")
+    DEPAdapter(other).save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError, match="other"):
+        new_adapter(tiny_engine, dataclasses.replace(settings, init_from=str(tmp_path / "other")), samples)
 
 
 def test_checkpoint_reloads_to_identical_outputs(tiny_engine, tiny_llm, tmp_path):
