@@ -4,8 +4,10 @@ Loss = cross-entropy on the target review's tokens only (prompt masked)
      + sae_loss_weight * (smooth-L1 reconstruction + sparsity_weight * KL(rho || mean activation))
      + contrast_weight * mean(relu(contrast_margin - (LM loss with another user's vectors - LM loss with own)))
 The last term (off by default; the paper has none) rewards a sample's own vectors over another
-user's in the same batch: without it the adapter can learn a task prompt that any user's vectors
-unlock. Only the SAE and the two projectors learn. Each training sample is assigned one prompt
+user's: without it the adapter can learn a task prompt that any user's vectors unlock. The other
+user is a batch-mate (`contrast_partner="batch"`), whose vectors a model can tell apart by topic
+alone, or another training user who reviewed the same product ("same-item"), which leaves the
+person as the difference to learn. Only the SAE and the two projectors learn. Each training sample is assigned one prompt
 mode from `modes` in turn, so one adapter serves his-only, diff-only, his+diff and DEP prompts.
 Held-out targets (validation and test users' target reviews) never enter a training sample's
 peers. The LLM's forward passes run under autocast to `LLM.prefill_dtype` where it is set (bf16 on CPUs
@@ -41,6 +43,9 @@ from .splits import derangement, held_out_targets, training_samples, validation_
 from .store import ReviewStore
 
 
+CONTRAST_PARTNERS = ("batch", "same-item")
+
+
 @dataclass
 class TrainSettings:
     out: str = "runs/adapter"
@@ -62,6 +67,7 @@ class TrainSettings:
     sae_activation: str = "gelu"       # "relu" gives exact zeros (a sparse code in use)
     contrast_weight: float = 0.0       # weight of the own-vs-another-user's-vectors margin term
     contrast_margin: float = 0.1       # nats per token the own vectors should beat another user's by
+    contrast_partner: str = "batch"    # whose vectors: "batch" (a batch-mate) or "same-item" (a reviewer of the same product)
     max_minutes: float | None = None   # stop training after this long (the best checkpoint is kept)
     init_from: str | None = None       # a trained adapter folder to start from (fine-tuning) instead of fresh weights
     eval_every: int = 200              # optimizer steps between validations
@@ -77,6 +83,7 @@ class Prepared:
     target: list[int]
     user_id: str
     mode: str = field(default="")
+    item_id: str = field(default="")
 
 
 def data_fingerprint(reviews: list[Review]) -> str:
@@ -104,7 +111,7 @@ def prepare(engine: DEPEngine, samples: list[Sample], settings: TrainSettings, d
                                restate_item=personalization.restate_item)
         prepared.append(Prepared(prompt,
                                  context.his, context.diff, target[:settings.max_target_tokens] + [eos],
-                                 sample.target.user_id, mode))
+                                 sample.target.user_id, mode, sample.target.item_id))
     return prepared
 
 
@@ -162,13 +169,28 @@ def batch_loss(engine: DEPEngine, adapter: DEPAdapter, batch: list[Prepared],
     return torch.stack(losses), out["sae_loss"]
 
 
+def contrast_partners(batch: list[Prepared], settings: TrainSettings, step: int,
+                      by_item: dict[str, list[Prepared]] | None = None) -> list[Prepared]:
+    """Whose vectors each sample of the batch is contrasted with: a batch-mate, or (same-item) another
+    user's sample for the same product, a batch-mate only where the product has no other reviewer."""
+    mates = [batch[p] for p in derangement(len(batch), settings.seed + step)]
+    if settings.contrast_partner == "batch" or not by_item:
+        return mates
+    rng = random.Random(settings.seed * 100_003 + step)
+    partners = []
+    for sample, mate in zip(batch, mates):
+        others = [o for o in by_item.get(sample.item_id, ()) if o.user_id != sample.user_id]
+        partners.append(rng.choice(others) if others else mate)
+    return partners
+
+
 def training_loss(engine: DEPEngine, adapter: DEPAdapter, batch: list[Prepared], settings: TrainSettings,
-                  step: int) -> tuple[torch.Tensor, dict[str, float]]:
+                  step: int, by_item: dict[str, list[Prepared]] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """The loss to minimise for one batch, and its parts for the log. With a contrast weight, the
-    batch runs twice in one forward pass: with its own vectors and with a batch-mate's."""
+    batch runs twice in one forward pass: with its own vectors and with a partner's (`contrast_partners`)."""
     if settings.contrast_weight and len(batch) > 1:
-        partner = derangement(len(batch), settings.seed + step)
-        per_sample, sae_loss = batch_loss(engine, adapter, batch + batch, batch + [batch[p] for p in partner])
+        partners = contrast_partners(batch, settings, step, by_item)
+        per_sample, sae_loss = batch_loss(engine, adapter, batch + batch, batch + partners)
         own, other = per_sample[:len(batch)], per_sample[len(batch):]
         contrast = F.relu(settings.contrast_margin - (other - own)).mean()
     else:
@@ -289,7 +311,12 @@ def train(engine: DEPEngine, settings: TrainSettings, resume: bool = True) -> Pa
     out.mkdir(parents=True, exist_ok=True)
     random.seed(settings.seed)
     torch.manual_seed(settings.seed)
+    if settings.contrast_partner not in CONTRAST_PARTNERS:
+        raise ValueError(f"contrast_partner must be one of {', '.join(CONTRAST_PARTNERS)}, got {settings.contrast_partner!r}")
     train_set, val_set = datasets(engine, settings)
+    by_item: dict[str, list[Prepared]] = {}
+    for sample in train_set:
+        by_item.setdefault(sample.item_id, []).append(sample)
     adapter = new_adapter(engine, settings, train_set)
     optimizer = torch.optim.AdamW(adapter.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     steps_per_epoch = math.ceil(len(train_set) / settings.batch_size)
@@ -321,7 +348,7 @@ def train(engine: DEPEngine, settings: TrainSettings, resume: bool = True) -> Pa
         batch = [train_set[i] for i in order[within * settings.batch_size:(within + 1) * settings.batch_size]]
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, total, settings)
-        loss, parts = training_loss(engine, adapter, batch, settings, step)
+        loss, parts = training_loss(engine, adapter, batch, settings, step, by_item)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(adapter.parameters(), settings.grad_clip)

@@ -10,7 +10,7 @@ from dep_engine.engine import DEPEngine, EngineConfig
 from dep_engine.generation import prompt_embeddings
 from dep_engine.settings import PersonalizationSettings, SamplingSettings
 from dep_engine.splits import training_samples
-from dep_engine.training import TrainSettings, batch_loss, new_adapter, prepare, train
+from dep_engine.training import TrainSettings, batch_loss, contrast_partners, new_adapter, prepare, train
 
 from conftest import TINY_LLM
 
@@ -58,6 +58,32 @@ def test_fine_tuning_starts_from_the_given_adapter(tiny_engine, tmp_path):
     DEPAdapter(other).save_pretrained(tmp_path / "other")
     with pytest.raises(ValueError, match="other"):
         new_adapter(tiny_engine, dataclasses.replace(settings, init_from=str(tmp_path / "other")), samples)
+
+
+def test_same_item_contrast_takes_another_reviewer_of_the_product(tiny_engine, tmp_path):
+    settings = TrainSettings(personalization=PersonalizationSettings(k=2, words_per_review=10), max_target_tokens=8,
+                             contrast_weight=1.0, contrast_partner="same-item")
+    samples = prepare(tiny_engine, training_samples(tiny_engine.dataset.reviews), settings, "test")
+    by_item = {}
+    for sample in samples:
+        by_item.setdefault(sample.item_id, []).append(sample)
+    shared = [s for s in samples if any(o.user_id != s.user_id for o in by_item[s.item_id])]
+    alone = [s for s in samples if s not in shared]
+    assert shared and alone  # the tiny data has both kinds
+    batch = shared[:3] + alone[:1]
+    for step in range(5):
+        partners = contrast_partners(batch, settings, step, by_item)
+        for sample, partner in zip(batch[:3], partners):
+            assert partner.item_id == sample.item_id and partner.user_id != sample.user_id
+        assert any(partners[3] is m for m in batch[:3])  # no other reviewer of its product: a batch-mate
+    batch_mates = contrast_partners(batch, dataclasses.replace(settings, contrast_partner="batch"), 0, by_item)
+    assert all(any(p is m for m in batch) and p is not s for s, p in zip(batch, batch_mates))
+    run = dataclasses.replace(settings, out=str(tmp_path / "run"), max_samples=8, val_samples=4, epochs=1,
+                              batch_size=4, eval_every=2, sae_loss_weight=1.0, seed=0)
+    log = [json.loads(line) for line in (train(tiny_engine, run) / "log.jsonl").read_text().splitlines()]
+    assert all(r["own_minus_other"] != 0 for r in log if "loss" in r)  # the partner's vectors were used
+    with pytest.raises(ValueError, match="contrast_partner"):
+        train(tiny_engine, dataclasses.replace(run, contrast_partner="peer"))
 
 
 def test_checkpoint_reloads_to_identical_outputs(tiny_engine, tiny_llm, tmp_path):
