@@ -229,13 +229,16 @@ def voice_table(voice: dict) -> str:
     chance = voice["chance"]
     lines = [f"Voice measures (n = {voice['n']}; attribution among {voice['candidates']} candidates, chance top-1 "
              f"{chance['top1']:.3f}, MRR {chance['reciprocal_rank']:.3f}):", "",
-             "| method | attribution top-1 | MRR | own words | drifted | length ratio (median) | length corr. | "
-             "scaffolding/loops before → after hygiene |", "|---|---|---|---|---|---|---|---|"]
+             "| method | attribution top-1 | MRR | top-1 on product / drifted (n) | own words | drifted | "
+             "length ratio (median) | length corr. | scaffolding/loops before → after hygiene |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, e in voice["methods"].items():
         hyg = (f"{e['scaffolding_or_loops_before']:.1%} → {e['scaffolding_or_loops_after']:.1%}"
                if "scaffolding_or_loops_before" in e else "")
+        split = " / ".join("–" if part["mean"] is None else f"{part['mean']:.3f} ({part['n']})"
+                           for part in e["top1_by_product"].values())
         lines.append(f"| {name} | {e['top1']['mean']:.3f} [{e['top1']['low']:.3f}, {e['top1']['high']:.3f}] | "
-                     f"{e['reciprocal_rank']['mean']:.3f} | {e['own_words']['mean']:.3f} | {e['drifted']['mean']:.3f} | "
+                     f"{e['reciprocal_rank']['mean']:.3f} | {split} | {e['own_words']['mean']:.3f} | {e['drifted']['mean']:.3f} | "
                      f"{e['length_ratio_median']:.2f} | {e['length_correlation']:+.2f} | {hyg} |")
     for name, e in voice["methods"].items():
         for label in ("own_minus_shuffled", "minus_generic"):

@@ -140,6 +140,11 @@ def summary(values: dict[str, np.ndarray], seed: int = 0) -> dict:
     for name in ("top1", "reciprocal_rank", "own_words", "drifted"):
         mean, low, high = mean_ci(values[name], seed=seed)
         out[name] = {"mean": mean, "low": low, "high": high}
+    # Attribution partly reads topic: a text about one of the user's past products is close to their past
+    # reviews. Top-1 among on-product and among drifted texts apart shows how much of it is that.
+    drift = values["drifted"].astype(bool)
+    out["top1_by_product"] = {label: {"n": int(rows.sum()), "mean": float(values["top1"][rows].mean()) if rows.any() else None}
+                              for label, rows in (("on_product", ~drift), ("drifted", drift))}
     out["length_ratio_median"] = float(np.median(values["length_ratio"]))
     words, real = values["words"], values["real_words"]
     out["length_correlation"] = float(np.corrcoef(words, real)[0, 1]) if words.std() and real.std() else 0.0

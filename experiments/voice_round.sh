@@ -3,22 +3,21 @@
 # once on one GPU, then generate for the validation users (to choose) and the test users (to report
 # the chosen one once). Metrics and the voice measures are computed afterwards on a CPU from the
 # generations (the same `evaluate` command without --generate-only finds them done and scores them).
-# Usage: bash experiments/voice_round.sh OUT_DIR [MINUTES]; DEVICE, EXTRA_TRAIN and EXTRA_EVAL
-# (for a quick CPU rehearsal) change the device and add arguments.
+# Usage: bash experiments/voice_round.sh OUT_DIR [MINUTES] [VARIANTS_FILE]; the variants file
+# (default: round 3's) has one line per variant, "name | train arguments | evaluate arguments".
+# DEVICE, EXTRA_TRAIN and EXTRA_EVAL (for a quick CPU rehearsal) change the device and add arguments.
 set -uo pipefail
-OUT=${1:?output folder}; MINUTES=${2:-4}
+OUT=${1:?output folder}; MINUTES=${2:-4}; VARIANTS_FILE=${3:-$(dirname "$0")/round3.variants}
 COMMON=(--device "${DEVICE:-cuda}" --no-4bit)
 # shellcheck disable=SC2206
 TRAIN=(--epochs 3 --batch-size 32 --lr 1e-3 --eval-every 50 --val-samples 128 --max-minutes "$MINUTES" ${EXTRA_TRAIN:-})
 # shellcheck disable=SC2206
 EVAL=(--batch-users 64 --generate-only ${EXTRA_EVAL:-})
-declare -A VARIANTS=(
-  [base]="--style-features rating-length"
-  [contrast]="--style-features rating-length --contrast-weight 1 --contrast-margin 0.05"
-  [voice]="--style-features voice"
-  [voice-contrast]="--style-features voice --contrast-weight 1 --contrast-margin 0.05"
-  [voice-contrast-relu]="--style-features voice --contrast-weight 1 --contrast-margin 0.05 --sae-activation relu"
-)
+declare -A VARIANTS EVAL_ARGS
+while IFS='|' read -r name train_args eval_args; do
+  name=$(echo "$name" | xargs); [[ -z $name || $name == \#* ]] && continue
+  VARIANTS[$name]=$train_args; EVAL_ARGS[$name]=$eval_args
+done < "$VARIANTS_FILE"
 VAL_METHODS=nonperso,generic,dep,dep-shuffled
 TEST_METHODS=nonperso,nonperso+length,generic,dep,dep-shuffled,his+diff,his+diff-shuffled,dep@alpha=0.5,dep@alpha=1.5
 mkdir -p "$OUT"
@@ -33,8 +32,9 @@ for split in val test; do
   methods=$VAL_METHODS; [[ $split == test ]] && methods=$TEST_METHODS
   for name in "${!VARIANTS[@]}"; do
     [[ -f "$OUT/$name/adapter_config.json" ]] || continue
+    # shellcheck disable=SC2086
     python3 -m dep_engine evaluate "${COMMON[@]}" --adapter "$OUT/$name" --split "$split" --methods "$methods" \
-      "${EVAL[@]}" --out "$OUT/$name/$split" > "$OUT/$name.$split.log" 2>&1 &
+      "${EVAL[@]}" ${EVAL_ARGS[$name]} --out "$OUT/$name/$split" > "$OUT/$name.$split.log" 2>&1 &
   done
   wait
 done

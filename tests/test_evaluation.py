@@ -1,6 +1,9 @@
 """Evaluation: method names, every method written and resumed, the voice measures, validation users."""
 import json
 
+import numpy as np
+import pytest
+
 from dep_engine.engine import DEPEngine, EngineConfig
 from dep_engine.evaluation import EvalSettings, evaluate, parse_method
 from dep_engine.settings import SamplingSettings
@@ -55,14 +58,24 @@ def test_eval_reviews_file_users_are_new_and_join_the_pool(tiny_llm, dataset, tm
 
 
 def test_method_names_take_a_strength_and_refuse_what_cannot_be():
-    import pytest
-
     method = parse_method("dep@k=2@alpha=0.5", 4)
     assert (method.mode, method.k, method.strength, method.shuffled) == ("dep", 2, 0.5, False)
     assert parse_method("generic", 4).k == 4 and parse_method("nonperso+length", 4).k == 0
     for bad in ("nonperso-shuffled", "rag@alpha=2", "dep@k=x", "unknown"):
         with pytest.raises(ValueError):
             parse_method(bad, 4)
+
+
+def test_attribution_is_reported_apart_for_on_product_and_drifted_texts():
+    from dep_engine.voice import summary
+
+    values = {"top1": np.array([1.0, 0, 1, 1, 0]), "reciprocal_rank": np.array([1, 0.5, 1, 1, 0.25]),
+              "own_words": np.zeros(5), "drifted": np.array([0.0, 0, 1, 1, 0]),
+              "length_ratio": np.ones(5), "words": np.arange(5.0), "real_words": np.arange(5.0)}
+    split = summary(values)["top1_by_product"]
+    assert split == {"on_product": {"n": 3, "mean": pytest.approx(1 / 3)}, "drifted": {"n": 2, "mean": 1.0}}
+    values["drifted"] = np.zeros(5)
+    assert summary(values)["top1_by_product"]["drifted"] == {"n": 0, "mean": None}
 
 
 def test_evaluation_reports_voice_hygiene_and_the_generic_baseline(tiny_engine, tmp_path):
