@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ["differences", "overhead", "scale", "embedding", "generation", "fast_decode", "startup"]
+ORDER = ["differences", "overhead", "scale", "embedding", "generation", "fast_decode", "onnx_step", "startup"]
 QUICK = {
     "differences": ["--cases", "10", "--repeats", "3"],
     "overhead": ["--requests", "100", "--generations", "1", "--no-app-request"],
@@ -25,6 +25,7 @@ QUICK = {
     "embedding": ["--texts", "200", "--threads", "1"],
     "generation": ["--quick"],
     "fast_decode": ["--quick"],
+    "onnx_step": ["--steps", "30"],
     "startup": ["--no-generation", "--warm-starts", "1"],
 }
 
