@@ -7,8 +7,9 @@ The last term (off by default; the paper has none) rewards a sample's own vector
 user's: without it the adapter can learn a task prompt that any user's vectors unlock. The other
 user is a batch-mate (`contrast_partner="batch"`), whose vectors a model can tell apart by topic
 alone, or another training user who reviewed the same product ("same-item"), which leaves the
-person as the difference to learn. Only the SAE and the two projectors learn. Each training sample is assigned one prompt
-mode from `modes` in turn, so one adapter serves his-only, diff-only, his+diff and DEP prompts.
+person as the difference to learn. Only the SAE and the two projectors learn. Each training sample
+is assigned one prompt mode from `modes` in turn, so one adapter serves his-only, diff-only,
+his+diff and DEP prompts.
 Held-out targets (validation and test users' target reviews) never enter a training sample's
 peers. The LLM's forward passes run under autocast to `LLM.prefill_dtype` where it is set (bf16 on CPUs
 with AMX: 1.6-1.8x a step); the adapter stays float32.
@@ -248,19 +249,25 @@ def _log(path: Path, record: dict) -> None:
         out.write(json.dumps(record) + "\n")
 
 
-def datasets(engine: DEPEngine, settings: TrainSettings) -> tuple[list[Prepared], list[Prepared]]:
-    """Prepared training and validation samples, their peers drawn from a pool without held-out targets."""
+def datasets(engine: DEPEngine, settings: TrainSettings) -> tuple[list[Prepared], list[Prepared], list[Prepared]]:
+    """Prepared training and validation samples, their peers drawn from a pool without held-out targets,
+    and the samples contrast partners come from: for a same-item contrast every training sample (a
+    product's other reviewers are rarely all within a capped training set), else the training set."""
     reviews = engine.dataset.reviews
     store = engine.store.without(held_out_targets(reviews))
     train_raw = training_samples(reviews)
     rng = random.Random(settings.seed)
     rng.shuffle(train_raw)
-    if settings.max_samples:
-        train_raw = train_raw[:settings.max_samples]
+    rest = train_raw[settings.max_samples:] if settings.max_samples else []
+    train_raw = train_raw[:settings.max_samples] if settings.max_samples else train_raw
     val_raw = validation_samples(reviews)
     rng.shuffle(val_raw)
-    return (prepare(engine, train_raw, settings, "preparing training samples", store),
-            prepare(engine, val_raw[:settings.val_samples], settings, "preparing validation samples", store))
+    train_set = prepare(engine, train_raw, settings, "preparing training samples", store)
+    val_set = prepare(engine, val_raw[:settings.val_samples], settings, "preparing validation samples", store)
+    partners = train_set
+    if settings.contrast_weight and settings.contrast_partner == "same-item" and rest:
+        partners = train_set + prepare(engine, rest, settings, "preparing contrast partners", store)
+    return train_set, val_set, partners
 
 
 def new_adapter(engine: DEPEngine, settings: TrainSettings, train_set: list[Prepared]) -> DEPAdapter:
@@ -313,9 +320,9 @@ def train(engine: DEPEngine, settings: TrainSettings, resume: bool = True) -> Pa
     torch.manual_seed(settings.seed)
     if settings.contrast_partner not in CONTRAST_PARTNERS:
         raise ValueError(f"contrast_partner must be one of {', '.join(CONTRAST_PARTNERS)}, got {settings.contrast_partner!r}")
-    train_set, val_set = datasets(engine, settings)
+    train_set, val_set, partners = datasets(engine, settings)
     by_item: dict[str, list[Prepared]] = {}
-    for sample in train_set:
+    for sample in partners:
         by_item.setdefault(sample.item_id, []).append(sample)
     adapter = new_adapter(engine, settings, train_set)
     optimizer = torch.optim.AdamW(adapter.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)

@@ -10,7 +10,7 @@ from dep_engine.engine import DEPEngine, EngineConfig
 from dep_engine.generation import prompt_embeddings
 from dep_engine.settings import PersonalizationSettings, SamplingSettings
 from dep_engine.splits import training_samples
-from dep_engine.training import TrainSettings, batch_loss, contrast_partners, new_adapter, prepare, train
+from dep_engine.training import TrainSettings, batch_loss, contrast_partners, datasets, new_adapter, prepare, train
 
 from conftest import TINY_LLM
 
@@ -78,6 +78,11 @@ def test_same_item_contrast_takes_another_reviewer_of_the_product(tiny_engine, t
         assert any(partners[3] is m for m in batch[:3])  # no other reviewer of its product: a batch-mate
     batch_mates = contrast_partners(batch, dataclasses.replace(settings, contrast_partner="batch"), 0, by_item)
     assert all(any(p is m for m in batch) and p is not s for s, p in zip(batch, batch_mates))
+    capped = dataclasses.replace(settings, max_samples=4, val_samples=2)
+    train_set, _, pool = datasets(tiny_engine, capped)  # partners from every training sample, not the capped set
+    assert len(train_set) <= 4 < len(pool) and all(any(p is t for p in pool) for t in train_set)
+    batch_train, _, batch_pool = datasets(tiny_engine, dataclasses.replace(capped, contrast_partner="batch"))
+    assert batch_pool is batch_train  # a batch-mate contrast needs nothing beyond the training set
     run = dataclasses.replace(settings, out=str(tmp_path / "run"), max_samples=8, val_samples=4, epochs=1,
                               batch_size=4, eval_every=2, sae_loss_weight=1.0, seed=0)
     log = [json.loads(line) for line in (train(tiny_engine, run) / "log.jsonl").read_text().splitlines()]
