@@ -52,8 +52,10 @@ def _personalization_args(parser: argparse.ArgumentParser) -> None:
                        help="softmax temperature of the peer weights: lower puts more weight on the nearest peers")
     group.add_argument("--words-per-review", type=int, default=PersonalizationSettings.words_per_review,
                        help="words of each past review's text put in the prompt")
-    group.add_argument("--restate-item", action="store_true",
-                       help="name the product again after the past reviews, so the review is about it, not them")
+    group.add_argument("--restate-item", action=argparse.BooleanOptionalAction,
+                       default=PersonalizationSettings.restate_item,
+                       help="name the product again after the past reviews, so the review is about it, not them "
+                            "(the shipped adapter was trained with it)")
 
 
 def _sampling_args(parser: argparse.ArgumentParser) -> None:

@@ -52,7 +52,7 @@ class PersonalizationSettings:
     max_peers: int = 64
     words_per_review: int = 30       # the same in training, evaluation and the app
     strength: float = 1.0
-    restate_item: bool = False       # name the product again after the past reviews (against drift to them)
+    restate_item: bool = True        # name the product again after the past reviews (against drift; the shipped adapter's prompt)
 
     def __post_init__(self) -> None:
         _check(self)

@@ -1,5 +1,6 @@
 """Soft tokens through inputs_embeds, on a tiny random Llama with SmolLM2's tokenizer and chat template."""
 import copy
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -10,6 +11,7 @@ from dep_engine.data import Item
 from dep_engine.generation import SamplingSettings, generate, logits_processors, prompt_embeddings
 from dep_engine.llm import LLM
 from dep_engine.prompt import MODES, PastReview, build_prompt, get_mode
+from dep_engine.paths import BUNDLED_ADAPTER
 from dep_engine.settings import PersonalizationSettings
 
 PAST = [PastReview("Guitar strap", 5, "Comfy", "Soft leather strap that holds well."),
@@ -58,6 +60,9 @@ def test_restating_the_item_names_it_after_the_past_reviews(smol_tokenizer, tiny
     assert "[Output Item Title]" in prepared.prompts["dep"]
     with pytest.raises(ValueError, match="restate_item"):
         PersonalizationSettings(restate_item="yes")
+    # the default prompt is the one the shipped adapter was trained on
+    shipped = json.loads((BUNDLED_ADAPTER / "adapter_config.json").read_text())["training"]["settings"]
+    assert PersonalizationSettings().restate_item == shipped["personalization"]["restate_item"]
 
 
 def test_pasted_special_tokens_stay_plain_text(smol_tokenizer):
