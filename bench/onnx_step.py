@@ -41,11 +41,10 @@ def decoder_and_cache(context: int):
 def profiled_session(folder: Path, prefix: str):
     """A session on the converted model as the engine opens it, with ONNX Runtime's profiler on."""
     import onnxruntime as ort
-    import torch
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    from dep_engine.onnx_decode import session_options
+
+    options = session_options()
     options.enable_profiling = True
     options.profile_file_prefix = prefix
     return ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
@@ -106,9 +105,9 @@ def matmuls_alone(shapes: list[tuple[int, int]], repeats: int = 30) -> tuple[flo
     graph = helper.make_graph(nodes, "matmuls", [helper.make_tensor_value_info(f"A{k}", TensorProto.FLOAT, [2, k])
                                                  for k in widths], outputs, weights)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 2
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as the engine's session
+    from dep_engine.onnx_decode import session_options
+
+    options = session_options(2)  # as the engine's session
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "matmuls.onnx"
         onnx.save(model, str(path), save_as_external_data=True, location="matmuls.data")

@@ -82,6 +82,15 @@ def quantize(x: torch.Tensor, scale: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(x.float().numpy() / scale), -128, 127).astype(np.int8)
 
 
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    """The decoder's ONNX Runtime options: `threads` intra-op threads (default: torch's), and idle threads
+    sleep instead of spinning: on 2 shared cores spinning threads slow everyone down."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
 @dataclass
 class _Batch:
     """One request's decoding state: cache buffers bound in place, each row's cached length, its logits."""
@@ -104,11 +113,8 @@ class OnnxDecoder:
         config = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
         self.layers, self.kv_heads, self.head_size = (int(config[k]) for k in
                                                       ("num_hidden_layers", "num_key_value_heads", "head_size"))
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or torch.get_num_threads()
-        # Idle threads sleep instead of spinning: on 2 shared cores spinning threads slow everyone down.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(folder / "model.onnx"), session_options(threads),
+                                            providers=["CPUExecutionProvider"])
         self.vocab = int(next(o for o in self.session.get_outputs() if o.name == "logits").shape[-1])
         int8 = next(i for i in self.session.get_inputs() if i.name == "past_key_values.0.key").type == "tensor(int8)"
         self.scales = kv_scales(model, tokenizer) if int8 else None
