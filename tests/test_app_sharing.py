@@ -47,17 +47,23 @@ def user_ids(server, n: int) -> list[str]:
 
 
 def test_a_request_over_the_budget_stops_in_time_with_a_note(server):
-    user = user_ids(server, 1)[0]
-    began = time.perf_counter()
-    out = client(server).predict(user_id=user, max_new_tokens=LONG, api_name="/review")
-    seconds = time.perf_counter() - began
-    note = [n for n in out["notes"] if "time budget" in n]
-    timings = out["timings"]
-    after_first_token = timings["generation"] - timings["first_token"]
-    print(f"\nover-budget request (budget {BUDGET:g} s): {seconds:.1f} s in all, {seconds - BUDGET:+.1f} s over; "
-          f"first token after {timings['first_token']:.1f} s (prompt), then {after_first_token:.1f} s of decoding, "
-          f"{out['new_tokens']} tokens")
-    assert note and out["new_tokens"] < LONG and out["personalized"].strip()
+    """A fast machine may finish a short review inside the budget: such requests must carry no note,
+    and the test goes on to the next user until one runs into the budget."""
+    for user in user_ids(server, 4):
+        began = time.perf_counter()
+        out = client(server).predict(user_id=user, max_new_tokens=LONG, api_name="/review")
+        seconds = time.perf_counter() - began
+        note = [n for n in out["notes"] if "time budget" in n]
+        timings = out["timings"]
+        after_first_token = timings["generation"] - timings["first_token"]
+        print(f"\nrequest with budget {BUDGET:g} s: {seconds:.1f} s in all; first token after "
+              f"{timings['first_token']:.1f} s (prompt), then {after_first_token:.1f} s of decoding, "
+              f"{out['new_tokens']} tokens, budget note: {bool(note)}")
+        if note:
+            break
+        assert timings["generation"] < BUDGET, "a request that ended on its own ended inside the budget"
+    assert note, "four users' reviews all ended inside the budget: raise LONG or lower BUDGET"
+    assert out["new_tokens"] < LONG and out["personalized"].strip()
     assert after_first_token < BUDGET + 1.0, "decoding stops at the budget"
     assert seconds < BUDGET + timings["first_token"] + 3.0, "and the answer comes soon after"
 
