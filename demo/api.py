@@ -5,6 +5,7 @@ added to the form reaches the API without being written out again here.
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from typing import Any, Callable
 
@@ -96,9 +97,17 @@ def review_json(studio: Studio, job: Job, result, reference: str | None) -> dict
         metrics=metrics, item=dict(item_id=job.request.item.item_id, title=job.request.item.title),
         rating=job.request.rating, review_title=job.request.review_title, selected=selected,
         distinctive_terms=dict(user=[t.term for t in mine], peers=[t.term for t in theirs]),
+        voice_check=_voice_json(studio.voice_check(job, result), job),
         timings={name: round(seconds, 3) for name, seconds in result.timings.items()}, new_tokens=result.new_tokens,
         tokens_per_second=round(result.timings.get("tokens_per_second", 0.0), 2) or None,
         notes=list(result.notes), adapter_trained=studio.engine.adapter_trained)
+
+
+def _voice_json(checks: dict, job: Job) -> dict | None:
+    """The voice check of both sides: author rank among bundled reviewers, drift to a past item."""
+    if not checks:
+        return None
+    return {side: dataclasses.asdict(checks[mode]) for side, mode in (("baseline", job.baseline), ("personalized", job.mode))}
 
 
 def users(studio: Studio, limit: int = 20) -> list[dict]:

@@ -168,7 +168,7 @@ def _generate(studio: Studio, form: Form, record: RequestLog) -> Iterator[dict[s
     yield dict(status=f"Working: selecting {job.personalization.k} past reviews of {job.who}, and peers…",
                baseline=gr.update(value="", label=MODE_TITLES[job.baseline]),
                personalized=gr.update(value="", label=MODE_TITLES[job.mode]),
-               compare_group=gr.update(visible=bool(reference)), real=reference, metrics="")
+               voice="", compare_group=gr.update(visible=bool(reference)), real=reference, metrics="")
     try:
         for partial in studio.run(job):
             changes = dict(baseline=partial.texts[job.baseline], personalized=partial.texts[job.mode],
@@ -188,6 +188,7 @@ def _generate(studio: Studio, form: Form, record: RequestLog) -> Iterator[dict[s
         yield dict(status=render.error_markdown("the engine returned nothing"))
         return
     final = dict(timings=render.timings_panel(studio, result), status=render.done_status(job, result),
+                 voice=render.voice_panel(job, studio.voice_check(job, result)),
                  max_new_tokens=gr.update(info=studio.speed_hint()))
     if reference:
         final["metrics"] = render.metrics_panel(studio, job, result, reference)

@@ -14,8 +14,8 @@ from .studio import ALL_SIGNALS, Form, Studio
 
 Components = dict[str, gr.components.Component]
 
-OUTPUTS = ("status", "baseline", "personalized", "compare_group", "real", "metrics", "selected", "peers", "sae",
-           "sae_figure", "terms", "terms_text", "prompt", "timings")
+OUTPUTS = ("status", "baseline", "personalized", "voice", "compare_group", "real", "metrics", "selected", "peers",
+           "sae", "sae_figure", "terms", "terms_text", "prompt", "timings")
 
 
 def build_inputs(studio: Studio) -> Components:
@@ -121,7 +121,8 @@ def _slider(field: str, value: float, step: float, label: str, **kwargs) -> gr.S
 
 
 def build_outputs() -> Components:
-    """The status line, the two reviews side by side, and the real review with its metrics."""
+    """The status line, the two reviews side by side with their voice check, and the real review with its
+    metrics."""
     ui: Components = {}
     ui["status"] = gr.Markdown(texts.READY, elem_id="status", padding=True)
     with gr.Row(equal_height=True):
@@ -129,6 +130,7 @@ def build_outputs() -> Components:
                                     buttons=["copy"], elem_id="baseline")
         ui["personalized"] = gr.Textbox(label=MODE_TITLES["dep"], lines=9, max_lines=24, interactive=False,
                                         buttons=["copy"], elem_id="personalized")
+    ui["voice"] = gr.Markdown(padding=True, elem_id="voice")
     with gr.Group(visible=False) as ui["compare_group"]:
         ui["real"] = gr.Textbox(label="The real review", lines=4, max_lines=12, interactive=False, elem_id="real")
         ui["metrics"] = gr.Markdown(padding=True, elem_id="metrics")

@@ -49,6 +49,21 @@ def metrics_panel(studio: Studio, job: Job, result, reference: str) -> str:
                                                           "not a benchmark.")
 
 
+def voice_panel(job: Job, checks: dict) -> str:
+    """Each output's author rank among bundled reviewers and its drift, as `evaluate` measures them."""
+    if not checks:
+        return ""
+    candidates = checks[job.mode].candidates
+    rows = ["| output | rank of this reviewer | on the product? |", "|---|---|---|"]
+    for mode in (job.baseline, job.mode):
+        check = checks[mode]
+        about = ("yes" if check.drifted_to is None else
+                 f"drifted toward *{html.escape(shorten(check.drifted_to, 10), quote=False)}* (a past review's item)")
+        rows.append(f"| {MODE_TITLES[mode].split(': ', 1)[1]} | **{check.rank}** of {check.candidates} | {about} |")
+    head = texts.VOICE_HEAD.format(others=candidates - 1, chance=(candidates + 1) / 2)
+    return head + "\n\n" + "\n".join(rows) + "\n\n" + texts.VOICE_NOTE
+
+
 def evidence_panels(studio: Studio, context) -> dict[str, Any]:
     """The evidence tabs of one generation: past reviews used, peers, SAE codes, distinctive words."""
     if not context.selected:

@@ -279,8 +279,18 @@ class Studio:
     # ---- metrics ----
 
     def _warm_metrics(self) -> None:
-        """Loads WordNet for METEOR in the background, so the first scored request does not wait."""
+        """Loads WordNet for METEOR and the voice check's scale in the background, so the first request
+        does not wait."""
         self.score("warm up the metrics", "warm up the metrics")
+        self.engine.voice_scale  # noqa: B018 - computed once, on first access
+
+    def voice_check(self, job: Job, result) -> dict:
+        """Both outputs' author rank and drift (`DEPEngine.voice_check`); empty, logged, if it fails."""
+        try:
+            return self.engine.voice_check(job.request, result, (job.baseline, job.mode))
+        except Exception as err:  # noqa: BLE001 - a side panel; the reviews still show
+            log.info("voice check failed: %s", type(err).__name__)  # its message could quote the visitor's text
+            return {}
 
     def score(self, hypothesis: str, reference: str) -> dict[str, float] | None:
         """ROUGE, METEOR and BLEU of one output; None (with `metrics_note` saying why) when they fail."""

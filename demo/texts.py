@@ -76,6 +76,12 @@ SIGNALS_HELP = ("*his*: an embedding (a vector of numbers standing for the meani
                 "how that review differs from what other people wrote about the same item. Both reach the model "
                 "as **soft tokens**: vectors placed in the prompt where words would be, that the model reads "
                 "like words but no one can type.")
+VOICE_HEAD = ("**Whose voice is it?** Each text ranked against the past reviews of this reviewer and of "
+              "{others} other bundled reviewers (1: closest to this reviewer's; by chance about {chance:.1f}), "
+              "and whether it stays on the product:")
+VOICE_NOTE = ("<small>One text is one draw. On 217 held-out users, DEP's texts ranked their author first 13% of "
+              "the time, the generic reviewer's 16%, the real reviews 31%; about six in ten texts of either side "
+              "drift to a past review's item (the adapter's model card).</small>")
 TERMS_HELP = "Words and phrases this user writes more (and less) than the peers who reviewed the same items."
 TERMS_NOTE = ("\n\n<small>Words and two-word phrases of the past reviews used, against the other reviews of the "
               "same items; ranked by the log-odds ratio with an informative prior from the whole pool "

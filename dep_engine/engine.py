@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import time
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 
-from . import hygiene
+from . import hygiene, voice
 from .adapter import CONFIG_NAME, AdapterError, DEPAdapter, DEPAdapterConfig
 from .data import DataError, Dataset, Item, Review, Sample, by_user, load_dataset, parse_history, parse_rating, \
     profile_before
@@ -28,6 +29,7 @@ from .paths import BUNDLED_ADAPTER, BUNDLED_DATA
 from .prompt import PastReview, PromptIds, build_prompt, get_mode, readable_prompt, typical_length
 from .settings import PersonalizationSettings, SamplingSettings
 from .store import PersonalContext, ReviewStore
+from .voice import VoiceCheck
 
 log = logging.getLogger(__name__)
 
@@ -216,6 +218,26 @@ class DEPEngine:
         with torch.no_grad():
             out = self.adapter.encode(torch.from_numpy(context.his).to(device), torch.from_numpy(context.diff).to(device))
         return out["his_code"].float().cpu().numpy(), out["diff_code"].float().cpu().numpy()
+
+    def voice_check(self, request: Request, result: Result, modes: Sequence[str], seed: int = 0) -> dict[str, VoiceCheck]:
+        """Per output: its author's rank among this user and `voice.CANDIDATES - 1` bundled others (fixed
+        by the seed; each known by the reviews before their latest), and its drift to a past item, as
+        `evaluate` measures every output; empty without a history to compare with."""
+        if not request.profile:
+            return {}
+        own = request.profile[0].user_id
+        others = sorted(u for u, history in self.users.items() if u != own and len(history) > 1)
+        chosen = random.Random(seed).sample(others, min(len(others), voice.CANDIDATES - 1))
+        past = [self.store.item(s.review.item_id, request.extra_items) for s in result.context.selected]
+        checks = voice.check_texts(self.store, [result.texts[m] for m in modes],
+                                   [request.profile] + [self.users[u][:-1] for u in chosen],
+                                   request.item, past, self.voice_scale)
+        return dict(zip(modes, checks))
+
+    @cached_property
+    def voice_scale(self) -> tuple[np.ndarray, np.ndarray]:
+        """The pool's voice-feature scale for `voice_check` (a second or two: computed once)."""
+        return voice.style_scale(self.store)
 
     def embed_prompt(self, prompt: PromptIds, his: np.ndarray, diff: np.ndarray) -> torch.Tensor:
         """(L, H) input embeddings of a prompt, its slots filled with the soft tokens of his/diff vectors."""

@@ -201,7 +201,7 @@ def voice_and_hygiene(engine: DEPEngine, store: ReviewStore, samples: list[Sampl
     by_key = {(r["method"], r["user_id"]): r for r in records}
     keep = [n for n, s in enumerate(samples) if all((m.name, s.target.user_id) in by_key for m in methods)]
     samples, contexts = [samples[n] for n in keep], [contexts[n] for n in keep]
-    profiles = voice.build_profiles(store, samples)
+    profiles = voice.build_profiles(store, [s.profile for s in samples])
     candidates = voice.candidate_sets(len(samples), seed=settings.seed)
     voices = voice.sample_voices(store, samples, contexts)
     references = [s.target.text for s in samples]

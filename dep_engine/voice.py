@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
-from .data import Sample
+from .data import Item, Review, Sample
 from .embeddings import style_features
 from .store import PersonalContext, ReviewStore
 from .terms import distinctive_terms, term_counts, terms
@@ -48,14 +49,21 @@ def _vectors(text_embeddings: np.ndarray, styles: np.ndarray, profiles_mean: np.
     return v / np.linalg.norm(v, axis=1, keepdims=True).clip(1e-9)
 
 
-def build_profiles(store: ReviewStore, samples: list[Sample]) -> Profiles:
+def style_scale(store: ReviewStore) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and spread of the voice features over the pool, which put them on the text's scale."""
     pool_style = _style([r.text for r in store.reviews])
-    mean, std = pool_style.mean(axis=0), pool_style.std(axis=0).clip(1e-6)
+    return pool_style.mean(axis=0), pool_style.std(axis=0).clip(1e-6)
+
+
+def build_profiles(store: ReviewStore, histories: Sequence[Sequence[Review]],
+                   scale: tuple[np.ndarray, np.ndarray] | None = None) -> Profiles:
+    """One centroid per history (a user's past reviews); `scale` from `style_scale`, computed if not given."""
+    mean, std = scale or style_scale(store)
     centroids = []
-    for sample in samples:
-        profile = list(sample.profile)
-        text = store.embed_reviews(profile)[:, :store.text_dim]
-        vectors = _vectors(text, _style([r.text for r in profile]), mean, std)
+    for history in histories:
+        history = list(history)
+        text = store.embed_reviews(history)[:, :store.text_dim]
+        vectors = _vectors(text, _style([r.text for r in history]), mean, std)
         centroid = vectors.mean(axis=0)
         centroids.append(centroid / np.linalg.norm(centroid).clip(1e-9))
     return Profiles(np.array(centroids), mean, std)
@@ -94,7 +102,41 @@ def distinctive_user_terms(sample: Sample, context: PersonalContext, background)
 
 def drifted(text_embedding: np.ndarray, target: np.ndarray, past: np.ndarray) -> bool:
     """True when the text is closer to one of the prompt's past items than to the target item."""
-    return bool(len(past) and (past @ text_embedding).max() > target @ text_embedding)
+    return closest_past_item(text_embedding, target, past) is not None
+
+
+def closest_past_item(text_embedding: np.ndarray, target: np.ndarray, past: np.ndarray) -> int | None:
+    """The index of the past item the text is closer to than to the target item, if any."""
+    if not len(past):
+        return None
+    scores = past @ text_embedding
+    best = int(scores.argmax())
+    return best if scores[best] > target @ text_embedding else None
+
+
+@dataclass
+class VoiceCheck:
+    """One output measured as `evaluate` measures every output, for a person to read beside it."""
+    rank: int                   # the author's rank among `candidates` reviewers (1: closest to their past reviews)
+    candidates: int
+    drifted_to: str | None      # the past review's item the text is closer to than to the product, if any
+
+
+def check_texts(store: ReviewStore, texts: Sequence[str], histories: Sequence[Sequence[Review]],
+                target: Item, past_items: Sequence[Item],
+                scale: tuple[np.ndarray, np.ndarray] | None = None) -> list[VoiceCheck]:
+    """Attribution rank of the author (`histories[0]`; the others are the candidates beside them) and
+    drift to a past item, for each text."""
+    profiles = build_profiles(store, histories, scale)
+    embeddings = store.encoder.encode(list(texts))
+    everyone = list(range(len(histories)))
+    ranks = attribution_ranks(embeddings, list(texts), profiles, [everyone] * len(texts))
+    items = store.item_vectors([target, *past_items])
+    out = []
+    for rank, embedding in zip(ranks, embeddings):
+        past = closest_past_item(embedding, items[0], items[1:])
+        out.append(VoiceCheck(int(rank), len(histories), None if past is None else past_items[past].title))
+    return out
 
 
 @dataclass

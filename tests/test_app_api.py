@@ -55,6 +55,11 @@ def test_bundled_user_returns_two_reviews_with_evidence(client):
         assert abs(sum(p["weight"] for p in selected["peers"]) - 1) < 1e-3
     assert out["timings"]["generation"] > 0 and 1 <= out["new_tokens"] <= TOKENS
     assert isinstance(out["notes"], list)
+    past_titles = {s["item_title"] for s in out["selected"]}
+    for side in ("baseline", "personalized"):
+        check = out["voice_check"][side]
+        assert check["candidates"] == 20 and 1 <= check["rank"] <= 20
+        assert check["drifted_to"] is None or check["drifted_to"] in past_titles
 
 
 def test_pasted_history_of_an_unknown_user(client):

@@ -79,6 +79,8 @@ def test_pick_a_user_generate_and_screenshot(page, tmp_path):
     generate_and_wait(page)
     assert page.locator("#real textarea").input_value().strip(), "the real review is shown for comparison"
     sync_api.expect(page.locator("#metrics")).to_contain_text("ROUGE-1")
+    sync_api.expect(page.locator("#voice")).to_contain_text("Whose voice is it?")
+    sync_api.expect(page.locator("#voice")).to_contain_text("of 20")
     sync_api.expect(page.locator("#selected")).to_contain_text("relevance")
     sync_api.expect(page.locator("#max_new_tokens")).to_contain_text("on this machine:")  # the measured rate
     check_evidence_tables(page, k=4)

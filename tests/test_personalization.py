@@ -95,7 +95,7 @@ def held_out_users(dataset):
 
 
 def test_attribution_finds_authors_of_their_own_words_and_sits_at_chance_on_one_text(store, encoder, held_out_users):
-    profiles = voice.build_profiles(store, held_out_users)
+    profiles = voice.build_profiles(store, [s.profile for s in held_out_users])
     candidates = voice.candidate_sets(len(held_out_users), seed=0)
     own = [s.profile[-1].text for s in held_out_users]  # a review each user really wrote
     ranks = voice.attribution_ranks(encoder.encode(own), own, profiles, candidates)
@@ -103,6 +103,18 @@ def test_attribution_finds_authors_of_their_own_words_and_sits_at_chance_on_one_
     same = ["These strings sound bright and stay in tune."] * len(held_out_users)
     ranks = voice.attribution_ranks(encoder.encode(same), same, profiles, candidates)
     assert abs((ranks == 1).mean() - 0.05) < 0.06 and abs((1 / ranks).mean() - voice.chance()["reciprocal_rank"]) < 0.08
+
+
+def test_voice_check_ranks_the_author_and_names_the_item_a_text_drifted_to(store, held_out_users):
+    """The app's per-output check: a review the user wrote ranks them first among 20; a text about a
+    past review's item is named as drifted to it, one about the product is not."""
+    author, others = held_out_users[0], held_out_users[1:20]
+    target = store.item(author.target.item_id)
+    past = [store.item(r.item_id) for r in author.profile[-3:]]
+    texts = [author.profile[-1].text, f"{past[0].title}. {past[0].description}", f"{target.title}. {target.description}"]
+    own, off, on = voice.check_texts(store, texts, [author.profile] + [s.profile for s in others], target, past)
+    assert own.rank == 1 and own.candidates == 20
+    assert off.drifted_to == past[0].title and on.drifted_to is None
 
 
 def test_own_words_and_drift():
