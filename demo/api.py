@@ -110,6 +110,12 @@ def _voice_json(checks: dict, job: Job) -> dict | None:
     return {side: dataclasses.asdict(checks[mode]) for side, mode in (("baseline", job.baseline), ("personalized", job.mode))}
 
 
+def _own_voice(studio: Studio, job: Job, result) -> dict | None:
+    """The voice check of one reviewer's text in a comparison."""
+    check = studio.voice_check(job, result, (job.mode,)).get(job.mode)
+    return dataclasses.asdict(check) if check else None
+
+
 def users(studio: Studio, limit: int = 20) -> list[dict]:
     """Bundled users, most reviews first: id, number of reviews, typical rating, held-out item."""
     out = []
@@ -138,7 +144,8 @@ def compare(studio: Studio, other_user_id: str = "", **arguments: Any) -> dict:
         record.done()
     return dict(item=dict(item_id=jobs[0].request.item.item_id, title=jobs[0].request.item.title),
                 rating=jobs[0].request.rating, review_title=jobs[0].request.review_title, mode=jobs[0].mode,
-                reviews=[dict(user_id=user, text=result.texts[job.mode], notes=list(result.notes))
+                reviews=[dict(user_id=user, text=result.texts[job.mode], notes=list(result.notes),
+                              voice_check=_own_voice(studio, job, result))
                          for user, job, result in zip((form.user_id, other_user_id), jobs, results)],
                 timings={name: round(seconds, 3) for name, seconds in results[0].timings.items()})
 

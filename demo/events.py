@@ -217,8 +217,10 @@ def compare(studio: Studio, form: Form, other_user_id: str) -> Iterator[dict[str
             record.result = results[0]
             yield dict(first_review=results[0].texts[jobs[0].mode], second_review=results[1].texts[jobs[1].mode])
         notes = sorted(set(results[0].notes) | set(results[1].notes))
+        checks = [studio.voice_check(job, result, (job.mode,)) for job, result in zip(jobs, results)]
         yield dict(compare_status=f"✓ Done: {jobs[0].who} and {jobs[1].who}, same seed "
-                                  f"{jobs[0].sampling.seed}." + render.notes_markdown(notes))
+                                  f"{jobs[0].sampling.seed}." + render.compare_voice(jobs, checks)
+                                  + render.notes_markdown(notes))
     except Exception as err:  # noqa: BLE001 - every problem becomes a message
         record.error = err
         yield dict(compare_status=render.error_markdown(describe_error(err)))

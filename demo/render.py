@@ -64,6 +64,14 @@ def voice_panel(job: Job, checks: dict) -> str:
     return head + "\n\n" + "\n".join(rows) + "\n\n" + texts.VOICE_NOTE
 
 
+def compare_voice(jobs: list[Job], checks: list[dict]) -> str:
+    """Each reviewer's rank for their own text, as in the voice check of a single generation."""
+    if not all(checks):
+        return ""
+    ranks = [check[job.mode] for job, check in zip(jobs, checks)]
+    return texts.COMPARE_VOICE.format(first=ranks[0].rank, second=ranks[1].rank, candidates=ranks[0].candidates)
+
+
 def evidence_panels(studio: Studio, context) -> dict[str, Any]:
     """The evidence tabs of one generation: past reviews used, peers, SAE codes, distinctive words."""
     if not context.selected:

@@ -284,10 +284,11 @@ class Studio:
         self.score("warm up the metrics", "warm up the metrics")
         self.engine.voice_scale  # noqa: B018 - computed once, on first access
 
-    def voice_check(self, job: Job, result) -> dict:
-        """Both outputs' author rank and drift (`DEPEngine.voice_check`); empty, logged, if it fails."""
+    def voice_check(self, job: Job, result, modes: tuple[str, ...] | None = None) -> dict:
+        """The outputs' author rank and drift (`DEPEngine.voice_check`), by default of both sides; empty,
+        logged, if it fails."""
         try:
-            return self.engine.voice_check(job.request, result, (job.baseline, job.mode))
+            return self.engine.voice_check(job.request, result, modes or (job.baseline, job.mode))
         except Exception as err:  # noqa: BLE001 - a side panel; the reviews still show
             log.info("voice check failed: %s", type(err).__name__)  # its message could quote the visitor's text
             return {}

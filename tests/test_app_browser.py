@@ -237,5 +237,6 @@ def test_compare_two_reviewers_side_by_side(page):
     sync_api.expect(page.locator("#compare-status")).to_contain_text("Done", timeout=GENERATION_TIMEOUT_MS)
     status = page.locator("#compare-status").inner_text()
     assert "same seed 0" in status and status.count("bundled user") == 2
+    assert "Whose voice is it?" in status and status.count(" of 20") == 2
     first, second = (page.locator(f"#{side} textarea").input_value() for side in ("first-review", "second-review"))
     assert first.strip() and second.strip()

@@ -111,5 +111,6 @@ def test_compare_two_reviewers_same_product_and_seed(studio):
     assert [r["user_id"] for r in out["reviews"]] == [first, second]
     assert out["item"]["item_id"] == studio.held_out(first)["item_id"]
     assert all(r["text"].strip() for r in out["reviews"])
+    assert all(r["voice_check"]["candidates"] == 20 and 1 <= r["voice_check"]["rank"] <= 20 for r in out["reviews"])
     again = api.compare(studio, other_user_id=second, user_id=first, max_new_tokens=3, seed=5)
     assert again["reviews"] == out["reviews"]
