@@ -35,7 +35,8 @@ HOW_IT_WORKS = """
    embedding is from the user's, at the *peer temperature* (higher → more uniform).
 4. **Adapter.** A sparse autoencoder turns each his and diff vector into a sparse code (plotted in *SAE
    codes*); two small projectors map the codes to soft tokens in the LLM's embedding space.
-5. **Prompt.** Each past review's text is followed by its own his and diff soft tokens; the frozen LLM writes the
+5. **Prompt.** Each past review's text is followed by its own his and diff soft tokens, then the product is named
+   again (the adapter was trained so, against drifting to a past review's item); the frozen LLM writes the
    review. The generic baseline uses the same prompt with the population's average his and diff vectors
    (the *strength* slider moves between the two: 0 generic, 1 this user). Both prompts are decoded together in
    one batch with the same seed; neither may write "[" (the prompt's field labels open with one), and each is cut
@@ -44,6 +45,10 @@ HOW_IT_WORKS = """
 *Signals* picks the ablation: texts alone is RAG; his / diff / his + diff without texts use the embeddings only;
 all three is DEP. Texts with only one of the two embeddings has no mode in the method, so it is refused.
 The metrics compare one sample against one real review: a single example is noisy, not a benchmark.
+*Whose voice is it?* measures each text as the evaluation does: the rank of this reviewer among 20 by the
+cosine between the text and each one's past reviews (MiniLM embedding plus voice features: length, sentence length,
+punctuation, first person, capitals, vocabulary, openings), and drift: closer to a past review's item than to
+the product.
 """
 
 API_HELP = """
@@ -53,7 +58,7 @@ from gradio_client import Client
 client = Client("http://127.0.0.1:7860/")
 client.predict(limit=5, api_name="/users")                     # bundled users
 out = client.predict(user_id="ADH0O8UVJOT10", max_new_tokens=60, api_name="/review")
-out["baseline"], out["personalized"], out["metrics"], out["prompt"]
+out["baseline"], out["personalized"], out["metrics"], out["voice_check"], out["prompt"]
 client.predict(history=open("assets/examples/my_reviews.csv").read(), item_title="Snark SN-5 Tuner",
                rating=4, review_title="Handy", strength=1.5, api_name="/review")
 client.predict(user_id="ADH0O8UVJOT10", other_user_id="A2EZWZ8MBEDOLN", api_name="/compare")
