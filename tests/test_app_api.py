@@ -71,6 +71,7 @@ def test_pasted_history_of_an_unknown_user(client):
     assert out["reference"] is None and out["metrics"] is None
     titles = {s["item_title"] for s in out["selected"]}
     assert "Snark SN1 Guitar Tuner" in titles  # a catalog title: its peers come from the pool
+    assert 1 <= out["voice_check"]["personalized"]["rank"] <= 20  # the visitor among 19 bundled reviewers
 
 
 BAD_INPUTS = [
