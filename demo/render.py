@@ -69,7 +69,9 @@ def compare_voice(jobs: list[Job], checks: list[dict]) -> str:
     if not all(checks):
         return ""
     ranks = [check[job.mode] for job, check in zip(jobs, checks)]
-    return texts.COMPARE_VOICE.format(first=ranks[0].rank, second=ranks[1].rank, candidates=ranks[0].candidates)
+    candidates = ranks[0].candidates
+    return texts.COMPARE_VOICE.format(first=ranks[0].rank, second=ranks[1].rank, candidates=candidates,
+                                      others=candidates - 1, chance=(candidates + 1) / 2)
 
 
 def evidence_panels(studio: Studio, context) -> dict[str, Any]:

@@ -87,9 +87,9 @@ VOICE_HEAD = ("**Whose voice is it?** Each text ranked against the past reviews 
 VOICE_NOTE = ("<small>One text is one draw. On 217 held-out users, DEP's texts ranked their author first 13% of "
               "the time, the generic reviewer's 16%, the real reviews 31%; about six in ten texts of either side "
               "drift to a past review's item (the adapter's model card).</small>")
-COMPARE_VOICE = ("\n\n**Whose voice is it?** Among 20 reviewers (the reviewer and 19 other bundled ones), the "
-                 "first text ranks its reviewer **{first}** of {candidates}, the second **{second}** of "
-                 "{candidates} (1: closest to that reviewer's past reviews; by chance about 10.5).")
+COMPARE_VOICE = ("\n\n**Whose voice is it?** Among {candidates} reviewers (the reviewer and {others} other bundled "
+                 "ones), the first text ranks its reviewer **{first}** of {candidates}, the second **{second}** of "
+                 "{candidates} (1: closest to that reviewer's past reviews; by chance about {chance:.1f}).")
 TERMS_HELP = "Words and phrases this user writes more (and less) than the peers who reviewed the same items."
 TERMS_NOTE = ("\n\n<small>Words and two-word phrases of the past reviews used, against the other reviews of the "
               "same items; ranked by the log-odds ratio with an informative prior from the whole pool "
