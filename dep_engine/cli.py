@@ -226,6 +226,12 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         personalization=personalization(args), sampling=sampling(args)))
 
 
+def cmd_pool(args: argparse.Namespace) -> None:
+    from .evaluation import pool_runs
+
+    pool_runs(args.runs, args.out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dep_engine", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO) messages")
@@ -276,6 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-users", type=int, default=4, help="users decoded together in one batch")
     ev.add_argument("--generate-only", action="store_true", help="write generations, skip the metrics")
     ev.set_defaults(func=cmd_evaluate)
+
+    pool = sub.add_parser("pool", help="summarize several evaluate runs of the same users (other --seed) together")
+    pool.add_argument("runs", nargs="+", help="evaluate output folders (each with its generations.jsonl)")
+    pool.add_argument("--out", default=None, help="folder for pooled.json and pooled.md (default: print only)")
+    pool.set_defaults(func=cmd_pool)
     return parser
 
 

@@ -24,7 +24,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import hygiene
-from .data import Sample, by_user, load_dataset
+from .data import DataError, Sample, by_user, load_dataset
 from .engine import DEPEngine, EngineConfig
 from .generation import generate
 from .prompt import get_mode
@@ -123,13 +123,19 @@ def sample_contexts(engine: DEPEngine, store: ReviewStore, samples: list[Sample]
             for s in tqdm(samples, desc="history, peers, differences", leave=False)]
 
 
+def read_generations(path: Path) -> list[dict]:
+    """The records of a generations.jsonl; the raw text is the record, hygiene is applied as it stands now."""
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    for record in records:
+        cleaned = hygiene.clean(record.get("raw", record["text"]))
+        record["text"], record["cut"] = cleaned.text, cleaned.reason
+    return records
+
+
 def generate_all(engine: DEPEngine, samples: list[Sample], contexts: list[PersonalContext], methods: list[Method],
                  settings: EvalSettings, path: Path) -> list[dict]:
     """Generations of every sample and method, read back from `path` where an earlier run made them."""
-    done = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-    for record in done:  # the raw text is the record; hygiene is applied as it stands now
-        cleaned = hygiene.clean(record.get("raw", record["text"]))
-        record["text"], record["cut"] = cleaned.text, cleaned.reason
+    done = read_generations(path) if path.exists() else []
     finished = {record["group"] for record in done}
     partner = derangement(len(samples), settings.seed)
     starts = range(0, len(samples), settings.batch_users)
@@ -157,18 +163,33 @@ def generate_all(engine: DEPEngine, samples: list[Sample], contexts: list[Person
 
 def summarize(records: list[dict], methods: list[Method], seed: int = 0) -> dict:
     """Per method: mean and 95% interval of each metric, and the paired difference to nonperso."""
-    from .metrics import METRICS, corpus_bleu, mean_ci, paired_bootstrap, score_many
+    return summarize_draws([records], methods, seed)
 
+
+def _per_user(records: list[dict], methods: list[Method]) -> dict[str, dict[str, dict]]:
     by_method: dict[str, dict[str, dict]] = {m.name: {} for m in methods}
     for record in records:
         if record["method"] in by_method:
             by_method[record["method"]][record["user_id"]] = record
-    users = sorted(set.intersection(*(set(v) for v in by_method.values()))) if by_method else []
-    scores, results = {}, {}
+    return by_method
+
+
+def summarize_draws(draws: list[list[dict]], methods: list[Method], seed: int = 0) -> dict:
+    """`summarize` over several draws of the same users (runs with other seeds): each user's metrics
+    are averaged over the draws before the intervals are taken, so that the sampling noise of single
+    texts, which is most of a user's spread, shrinks by about the square root of the draws."""
+    from .metrics import METRICS, corpus_bleu, mean_ci, paired_bootstrap, score_many
+
+    per_draw = [_per_user(records, methods) for records in draws]
+    users = sorted(set.intersection(*(set(v) for draw in per_draw for v in draw.values()))) if methods else []
+    scores, results, by_draw = {}, {}, {}
     for method in methods:
-        rows = [by_method[method.name][u] for u in users]
-        scores[method.name] = score_many([r["text"] for r in rows], [r["reference"] for r in rows])
-        entry = {"n": len(rows), "seconds_per_generation": float(np.mean([r["seconds"] for r in rows])) if rows else 0,
+        rows = [draw[method.name][u] for draw in per_draw for u in users]  # draw by draw, users in one order
+        per_text = score_many([r["text"] for r in rows], [r["reference"] for r in rows])
+        by_draw[method.name] = {metric: np.reshape(per_text[metric], (len(draws), len(users))) for metric in METRICS}
+        scores[method.name] = {metric: values.mean(axis=0) for metric, values in by_draw[method.name].items()}
+        entry = {"n": len(users), "draws": len(draws),
+                 "seconds_per_generation": float(np.mean([r["seconds"] for r in rows])) if rows else 0,
                  "corpus_bleu": corpus_bleu([r["text"] for r in rows], [r["reference"] for r in rows]) if rows else 0,
                  "metrics": {}}
         for metric in METRICS:
@@ -188,7 +209,33 @@ def summarize(records: list[dict], methods: list[Method], seed: int = 0) -> dict
                 results[method.name]["own_minus_shuffled"] = {
                     metric: paired_bootstrap(scores[own][metric], scores[method.name][metric], seed=seed)
                     for metric in METRICS}
+                if len(draws) > 1:  # near zero: a user's gap in one draw says nothing about the next
+                    gaps = by_draw[own]["rouge1"] - by_draw[method.name]["rouge1"]
+                    pairs = np.corrcoef(gaps)[np.triu_indices(len(draws), 1)]
+                    results[method.name]["gap_correlation_between_draws"] = float(np.mean(pairs))
     return {"users": len(users), "methods": results}
+
+
+def pool_runs(folders: list[str], out: str | None = None, seed: int = 0) -> dict:
+    """Several `evaluate` runs of the same users with other seeds (`--seed`), summarized together
+    (`summarize_draws`) over the methods every run has; with `out`, written to pooled.json and pooled.md."""
+    paths = [Path(folder) / "generations.jsonl" for folder in folders]
+    for path in paths:
+        if not path.exists():
+            raise DataError(f"{path.parent}: no generations.jsonl (an `evaluate` output folder is needed)")
+    draws = [read_generations(path) for path in paths]
+    names = [name for name in dict.fromkeys(r["method"] for r in draws[0])
+             if all(any(r["method"] == name for r in draw) for draw in draws[1:])]
+    methods = [parse_method(name, PersonalizationSettings.k) for name in names]
+    summary = summarize_draws(draws, methods, seed)
+    summary["runs"] = list(folders)
+    table = markdown_table(summary)
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "pooled.json").write_text(json.dumps(summary, indent=2))
+        (Path(out) / "pooled.md").write_text(table + "\n")
+    print(table)
+    return summary
 
 
 def voice_and_hygiene(engine: DEPEngine, store: ReviewStore, samples: list[Sample], contexts: list[PersonalContext],
@@ -273,6 +320,12 @@ def markdown_table(summary: dict) -> str:
         lines.append(f"Personalization gap, {name.replace('-shuffled', '')} with own minus another user's embeddings: "
                      + ", ".join(f"{k} {v['mean_diff']:+.4f} [{v['low']:+.4f}, {v['high']:+.4f}]"
                                  for k, v in gap.items()))
+        correlation = summary["methods"][name].get("gap_correlation_between_draws")
+        if correlation is not None:
+            lines.append(f"(users' ROUGE-1 gaps correlate {correlation:+.2f} between draws)")
+    draws = next(iter(summary["methods"].values()), {}).get("draws", 1)
+    if draws > 1:
+        lines.insert(0, f"Each user's metrics averaged over {draws} draws (runs with other seeds) before the intervals.\n")
     return "\n".join(lines)
 
 

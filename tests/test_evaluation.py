@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from dep_engine.engine import DEPEngine, EngineConfig
-from dep_engine.evaluation import EvalSettings, evaluate, parse_method
+from dep_engine.data import DataError
+from dep_engine.evaluation import EvalSettings, evaluate, parse_method, pool_runs, summarize
 from dep_engine.settings import SamplingSettings
 
 from conftest import TINY_LLM
@@ -98,3 +99,43 @@ def test_evaluation_reports_voice_hygiene_and_the_generic_baseline(tiny_engine, 
     val_users = {s.target.user_id for s in validation_samples(tiny_engine.dataset.reviews)}
     assert {r["user_id"] for r in records} <= val_users
     assert "Voice measures" in (tmp_path / "eval" / "results.md").read_text()
+
+
+def _draw(folder, own_hits: list[bool], users=("u0", "u1", "u2", "u3")) -> None:
+    """A constructed run: dep copies the real review where own_hits says so, the shuffled control never."""
+    records = []
+    for user, hit in zip(users, own_hits):
+        reference = f"the {user} tuner holds its pitch and the clip is strong"
+        for method, text in (("dep", reference if hit else "lovely cake recipe"), ("dep-shuffled", "lovely cake recipe")):
+            records.append(dict(group=0, user_id=user, method=method, text=text, raw=text, reference=reference, seconds=1.0))
+    folder.mkdir()
+    (folder / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_pooled_draws_average_each_user_and_say_whether_gaps_repeat(tmp_path):
+    _draw(tmp_path / "a", [True, False, True, False])
+    _draw(tmp_path / "same", [True, False, True, False])
+    _draw(tmp_path / "opposite", [False, True, False, True, True], users=("u0", "u1", "u2", "u3", "u4"))
+    methods = [parse_method(m, 4) for m in ("dep", "dep-shuffled")]
+    one = summarize([json.loads(line) for line in (tmp_path / "a" / "generations.jsonl").read_text().splitlines()], methods)
+    repeated = pool_runs([str(tmp_path / "a"), str(tmp_path / "same")], out=str(tmp_path / "pooled"))
+    flipped = pool_runs([str(tmp_path / "a"), str(tmp_path / "opposite")])
+
+    def rouge_gap(summary: dict) -> dict:
+        return summary["methods"]["dep-shuffled"]["own_minus_shuffled"]["rouge1"]
+
+    def gap(summary: dict) -> float:
+        return rouge_gap(summary)["mean_diff"]
+
+    def width(summary: dict) -> float:
+        return rouge_gap(summary)["high"] - rouge_gap(summary)["low"]
+
+    assert gap(repeated) == pytest.approx(gap(one)) and gap(one) > 0.4
+    assert repeated["methods"]["dep-shuffled"]["gap_correlation_between_draws"] == pytest.approx(1.0)
+    assert flipped["users"] == 4  # u4 is in one draw only
+    assert flipped["methods"]["dep-shuffled"]["gap_correlation_between_draws"] == pytest.approx(-1.0)
+    # each user's two draws averaged: every user hit once, so the mean stays and the spread is gone
+    assert gap(flipped) == pytest.approx(gap(one)) and width(flipped) == pytest.approx(0) and width(one) > 0.5
+    assert "averaged over 2 draws" in (tmp_path / "pooled" / "pooled.md").read_text()
+    with pytest.raises(DataError, match="missing"):
+        pool_runs([str(tmp_path / "a"), str(tmp_path / "missing")])
