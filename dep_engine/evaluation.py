@@ -229,6 +229,9 @@ def pool_runs(folders: list[str], out: str | None = None, seed: int = 0) -> dict
     methods = [parse_method(name, PersonalizationSettings.k) for name in names]
     summary = summarize_draws(draws, methods, seed)
     summary["runs"] = list(folders)
+    everyone = set().union(*({r["user_id"] for r in draw} for draw in draws))
+    if len(everyone) > summary["users"]:  # --limit draws other users under another --seed
+        print(f"NOTE: {len(everyone) - summary['users']} users are not in every run (or lack a method) and are left out")
     table = markdown_table(summary)
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)

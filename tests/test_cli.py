@@ -53,7 +53,7 @@ def test_readme_commands_parse_and_name_files_that_exist():
     from dep_engine.prompt import get_mode
 
     commands = readme_commands()
-    assert {argv[0] for argv in commands} == {"users", "generate", "train", "evaluate"}
+    assert {argv[0] for argv in commands} == {"users", "generate", "train", "evaluate", "pool"}
     written = set()  # folders an earlier README command writes (train --out runs/adapter)
     for argv in commands:
         args = cli.build_parser().parse_args(argv)
@@ -62,6 +62,8 @@ def test_readme_commands_parse_and_name_files_that_exist():
                 value = argv[argv.index(option) + 1]
                 assert ".." not in Path(value).parts, f"{argv}: {value} is outside the repository"
                 assert (ROOT / value).exists() or value in written, f"{argv}: {value} does not exist"
+        for run in getattr(args, "runs", []) if args.command == "pool" else ():
+            assert run in written, f"{argv}: no README command before it writes {run}"
         written.add(getattr(args, "out", None))
         for method in getattr(args, "methods", "").split(",") if args.command == "evaluate" else ():
             parse_method(method, args.k)

@@ -112,7 +112,7 @@ def _draw(folder, own_hits: list[bool], users=("u0", "u1", "u2", "u3")) -> None:
     (folder / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
-def test_pooled_draws_average_each_user_and_say_whether_gaps_repeat(tmp_path):
+def test_pooled_draws_average_each_user_and_say_whether_gaps_repeat(tmp_path, capsys):
     _draw(tmp_path / "a", [True, False, True, False])
     _draw(tmp_path / "same", [True, False, True, False])
     _draw(tmp_path / "opposite", [False, True, False, True, True], users=("u0", "u1", "u2", "u3", "u4"))
@@ -120,6 +120,7 @@ def test_pooled_draws_average_each_user_and_say_whether_gaps_repeat(tmp_path):
     one = summarize([json.loads(line) for line in (tmp_path / "a" / "generations.jsonl").read_text().splitlines()], methods)
     repeated = pool_runs([str(tmp_path / "a"), str(tmp_path / "same")], out=str(tmp_path / "pooled"))
     flipped = pool_runs([str(tmp_path / "a"), str(tmp_path / "opposite")])
+    assert "1 users are not in every run" in capsys.readouterr().out
 
     def rouge_gap(summary: dict) -> dict:
         return summary["methods"]["dep-shuffled"]["own_minus_shuffled"]["rouge1"]
