@@ -66,13 +66,30 @@ def _loop(text: str) -> int | None:
     return None
 
 
+# A run inside one "word": a unit of up to 30 characters written 8 times or more, 24 characters in all,
+# with something besides separator punctuation ("-Dream-Dream-Dream...", ".S.S.S...", emoji). No review
+# among the bundled 9,018 has one; their long runs are separator lines ("-----", "*****"), kept as written.
+_CHAR_RUN = re.compile(r"(\S{1,30}?)\1{7,}")
+_SEPARATORS = frozenset("-*=_~.!#+|/\\:")
+
+
+def _char_loop(text: str) -> int | None:
+    """End of the first unit of a run of one unit within a word (`_CHAR_RUN`)."""
+    for match in _CHAR_RUN.finditer(text):
+        unit = match.group(1)
+        if len(match.group()) >= 24 and any(c not in _SEPARATORS for c in unit):
+            return match.start() + len(unit)
+    return None
+
+
 def _cut(text: str) -> tuple[int, str] | None:
     cuts = []
     for pattern in (_BRACKET, _MARKER, _LINE_LABEL):
         if match := pattern.search(text):
             cuts.append((match.start(), "scaffolding"))
-    if (end := _loop(text)) is not None:
-        cuts.append((end, "repetition"))
+    for end in (_loop(text), _char_loop(text)):
+        if end is not None:
+            cuts.append((end, "repetition"))
     if (start := _repeated_sentence(text)) is not None:
         cuts.append((start, "repetition"))
     return min(cuts) if cuts else None
@@ -103,5 +120,5 @@ def flagged(text: str) -> bool:
     if not text.strip():
         return True
     return bool(re.search(r"\[[^\]]{1,40}\]", text) or _MARKER.search(text) or _LINE_LABEL.search(text)
-                or _repeated_sentence(text) is not None
+                or _repeated_sentence(text) is not None or _char_loop(text) is not None
                 or re.search(r"(\b[a-z]\w*(?:\W+\w+){0,3}\b)(?:\W+\1\b){2,}", text, re.I))

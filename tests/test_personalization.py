@@ -60,6 +60,10 @@ def test_two_reviewers_share_product_settings_and_seed(tiny_engine):
     ("Works as described.\nReview 2:\nItem Title: Capo", "Works as described.", "scaffolding"),
     ("Nice picks, good grip.\nuser\nWrite a review of", "Nice picks, good grip.", "scaffolding"),
     ("A fine strap, soft and strong.", "A fine strap, soft and strong.", None),
+    ("The Dust-Dream-Dream-Dream-Dream-Dream-Dream-Dream-Dream-Dream-Dream", "The Dust-Dream", "repetition"),
+    ("Loud! 👉👉👉👉👉👉👉👉👉👉👉👉👉👉👉👉👉👉👉👉👉👉👉👉", "Loud! 👉", "repetition"),
+    ("Best strap ever!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n------------------------------\nFive stars.",
+     "Best strap ever!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n------------------------------\nFive stars.", None),
 ])
 def test_hygiene_cuts_scaffolding_and_loops(raw, kept, reason):
     cleaned = hygiene.clean(raw)
