@@ -36,6 +36,12 @@ MODE_TITLES = {
     "dep": "Personalized: DEP (texts + his + diff)",
 }
 
+
+def mode_name(mode: str) -> str:
+    """A mode's title without its side ("Baseline: " / "Personalized: "), for tables and hints."""
+    return MODE_TITLES[mode].split(": ", 1)[1]
+
+
 # The left-hand output: the same DEP prompt without the person (the fair comparison), or the plain LLM.
 BASELINES = {"generic": "a generic reviewer (same prompt, average vectors)",
              "nonperso": "the plain LLM (no history)"}
@@ -59,7 +65,7 @@ def mode_for(signals: Sequence[str] | None) -> str:
 
 def mode_hint(signals: Sequence[str] | None) -> str:
     try:
-        return f"→ runs **{MODE_TITLES[mode_for(signals)].split(': ', 1)[1]}**"
+        return f"→ runs **{mode_name(mode_for(signals))}**"
     except DataError as err:
         return f"⚠️ {err}"
 

@@ -10,7 +10,7 @@ import pandas as pd
 from dep_engine.prompt import shorten
 
 from . import evidence, texts
-from .inputs import MODE_TITLES
+from .inputs import mode_name
 from .studio import Job, Studio
 
 
@@ -44,7 +44,7 @@ def metrics_panel(studio: Studio, job: Job, result, reference: str) -> str:
     scores = {mode: studio.score(result.texts[mode], reference) for mode in (job.baseline, job.mode)}
     if any(s is None for s in scores.values()):
         return studio.metrics_note
-    labels = {mode: MODE_TITLES[mode].split(": ", 1)[1] for mode in scores}
+    labels = {mode: mode_name(mode) for mode in scores}
     return evidence.metrics_markdown(scores, labels, note="One sample against one real review: indicative, "
                                                           "not a benchmark.")
 
@@ -59,7 +59,7 @@ def voice_panel(job: Job, checks: dict) -> str:
         check = checks[mode]
         about = ("yes" if check.drifted_to is None else
                  f"drifted toward *{html.escape(shorten(check.drifted_to, 10), quote=False)}* (a past review's item)")
-        rows.append(f"| {MODE_TITLES[mode].split(': ', 1)[1]} | **{check.rank}** of {check.candidates} | {about} |")
+        rows.append(f"| {mode_name(mode)} | **{check.rank}** of {check.candidates} | {about} |")
     head = texts.VOICE_HEAD.format(others=candidates - 1, chance=(candidates + 1) / 2)
     return head + "\n\n" + "\n".join(rows) + "\n\n" + texts.VOICE_NOTE
 

@@ -188,7 +188,7 @@ def summarize_draws(draws: list[list[dict]], methods: list[Method], seed: int = 
         per_text = score_many([r["text"] for r in rows], [r["reference"] for r in rows])
         by_draw[method.name] = {metric: np.reshape(per_text[metric], (len(draws), len(users))) for metric in METRICS}
         scores[method.name] = {metric: values.mean(axis=0) for metric, values in by_draw[method.name].items()}
-        entry = {"n": len(users), "draws": len(draws),
+        entry = {"n": len(users),
                  "seconds_per_generation": float(np.mean([r["seconds"] for r in rows])) if rows else 0,
                  "corpus_bleu": corpus_bleu([r["text"] for r in rows], [r["reference"] for r in rows]) if rows else 0,
                  "metrics": {}}
@@ -213,7 +213,7 @@ def summarize_draws(draws: list[list[dict]], methods: list[Method], seed: int = 
                     gaps = by_draw[own]["rouge1"] - by_draw[method.name]["rouge1"]
                     pairs = np.corrcoef(gaps)[np.triu_indices(len(draws), 1)]
                     results[method.name]["gap_correlation_between_draws"] = float(np.mean(pairs))
-    return {"users": len(users), "methods": results}
+    return {"users": len(users), "draws": len(draws), "methods": results}
 
 
 def pool_runs(folders: list[str], out: str | None = None, seed: int = 0) -> dict:
@@ -326,9 +326,9 @@ def markdown_table(summary: dict) -> str:
         correlation = summary["methods"][name].get("gap_correlation_between_draws")
         if correlation is not None:
             lines.append(f"(users' ROUGE-1 gaps correlate {correlation:+.2f} between draws)")
-    draws = next(iter(summary["methods"].values()), {}).get("draws", 1)
-    if draws > 1:
-        lines.insert(0, f"Each user's metrics averaged over {draws} draws (runs with other seeds) before the intervals.\n")
+    if summary.get("draws", 1) > 1:
+        lines.insert(0, f"Each user's metrics averaged over {summary['draws']} draws (runs with other seeds) "
+                        "before the intervals.\n")
     return "\n".join(lines)
 
 
