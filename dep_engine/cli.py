@@ -1,4 +1,4 @@
-"""Command line: `python -m dep_engine generate | train | evaluate | users`."""
+"""Command line: `python -m dep_engine generate | users | train | evaluate | likelihood | pool`."""
 from __future__ import annotations
 
 import argparse
@@ -186,7 +186,7 @@ TRAIN_OPTIONS = (
     ("sae_activation", str, "SAE code activation: gelu (the paper) or relu (exact zeros)"),
     ("contrast_weight", float, "weight of the margin term rewarding own over another user's vectors"),
     ("contrast_margin", float, "nats per token own vectors should beat another user's by"),
-    ("contrast_partner", str, "whose vectors the contrast uses: batch (a batch-mate) or same-item (a reviewer of the same product)"),
+    ("contrast_partner", str, "whose vectors the contrast uses: batch (a batch-mate), same-item (a reviewer of the same product) or population (the generic reviewer, its loss held fixed)"),
     ("max_minutes", float, "stop after this many minutes, keeping the best checkpoint"),
     ("init_from", str, "a trained adapter folder to fine-tune instead of starting from fresh weights"),
     ("eval_every", int, "optimizer steps between validations"),
@@ -224,6 +224,27 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         methods=args.methods.split(","), limit=args.limit, seed=args.seed, out=args.out,
         eval_reviews=args.eval_reviews, batch_users=args.batch_users, generate_only=args.generate_only, split=args.split,
         personalization=personalization(args), sampling=sampling(args)))
+
+
+def cmd_likelihood(args: argparse.Namespace) -> None:
+    import json
+
+    from .engine import DEPEngine
+    from .training import held_out_likelihood
+
+    get_mode(args.mode)
+    if args.out and Path(args.out).is_dir():
+        raise DataError(f"{args.out}: is a folder; --out names the JSON file to write")
+    _check_paths(args)
+    _quiet_model_loading()
+    settings = TrainSettings(personalization=personalization(args), modes=(args.mode,), batch_size=args.batch_size,
+                             seed=args.seed)
+    report = held_out_likelihood(DEPEngine(engine_config(args)), args.split, settings, args.limit)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
 
 
 def cmd_pool(args: argparse.Namespace) -> None:
@@ -282,6 +303,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-users", type=int, default=4, help="users decoded together in one batch")
     ev.add_argument("--generate-only", action="store_true", help="write generations, skip the metrics")
     ev.set_defaults(func=cmd_evaluate)
+
+    lik = sub.add_parser("likelihood", help="how much likelier held-out users' real reviews are with their own "
+                                            "vectors than with another user's or the population's (no generation)")
+    _engine_args(lik)
+    _personalization_args(lik)
+    lik.add_argument("--split", choices=("val", "test"), default="val",
+                     help="val: validation users, for choices; test: held-out test users, to report once")
+    lik.add_argument("--mode", default="dep", help=f"prompt mode, one of: {', '.join(MODES)}")
+    lik.add_argument("--limit", type=int, default=None, help="number of users (default: all of the split)")
+    lik.add_argument("--batch-size", type=int, default=8, help="samples per forward pass")
+    lik.add_argument("--seed", type=int, default=0, help="seed of the shuffled partners and the bootstrap")
+    lik.add_argument("--out", default=None, help="JSON file for the report (default: print only)")
+    lik.set_defaults(func=cmd_likelihood)
 
     pool = sub.add_parser("pool", help="summarize several evaluate runs of the same users (other --seed) together")
     pool.add_argument("runs", nargs="+", help="evaluate output folders (each with its generations.jsonl)")

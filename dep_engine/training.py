@@ -6,8 +6,10 @@ Loss = cross-entropy on the target review's tokens only (prompt masked)
 The last term (off by default; the paper has none) rewards a sample's own vectors over another
 user's: without it the adapter can learn a task prompt that any user's vectors unlock. The other
 user is a batch-mate (`contrast_partner="batch"`), whose vectors a model can tell apart by topic
-alone, or another training user who reviewed the same product ("same-item"), which leaves the
-person as the difference to learn. Only the SAE and the two projectors learn. Each training sample
+alone, another training user who reviewed the same product ("same-item"), which leaves the
+person as the difference to learn, or the population-average reviewer ("population", the generic
+mode's vectors; its loss is held fixed, so the term cannot win by making the generic prompt worse).
+Only the SAE and the two projectors learn. Each training sample
 is assigned one prompt mode from `modes` in turn, so one adapter serves his-only, diff-only,
 his+diff and DEP prompts.
 Held-out targets (validation and test users' target reviews) never enter a training sample's
@@ -23,8 +25,9 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -40,11 +43,12 @@ from .generation import prompt_embeddings
 from .llm import autocast_to, forward_with_cache
 from .prompt import PromptIds
 from .settings import PersonalizationSettings
-from .splits import derangement, held_out_targets, training_samples, validation_samples
+from .splits import derangement, held_out_targets, test_samples, training_samples, validation_samples
 from .store import ReviewStore
 
 
-CONTRAST_PARTNERS = ("batch", "same-item")
+CONTRAST_PARTNERS = ("batch", "same-item", "population")
+VECTOR_SOURCES = ("own", "shuffled", "population")
 
 
 @dataclass
@@ -68,11 +72,17 @@ class TrainSettings:
     sae_activation: str = "gelu"       # "relu" gives exact zeros (a sparse code in use)
     contrast_weight: float = 0.0       # weight of the own-vs-another-user's-vectors margin term
     contrast_margin: float = 0.1       # nats per token the own vectors should beat another user's by
-    contrast_partner: str = "batch"    # whose vectors: "batch" (a batch-mate) or "same-item" (a reviewer of the same product)
+    contrast_partner: str = "batch"    # whose vectors: "batch" (a batch-mate), "same-item" (a reviewer of the same product) or "population"
     max_minutes: float | None = None   # stop training after this long (the best checkpoint is kept)
     init_from: str | None = None       # a trained adapter folder to start from (fine-tuning) instead of fresh weights
     eval_every: int = 200              # optimizer steps between validations
     seed: int = 42
+
+
+class Vectors(NamedTuple):
+    """His and diff vectors that stand in for a sample's own (rows are cycled to its slots)."""
+    his: np.ndarray
+    diff: np.ndarray
 
 
 @dataclass
@@ -122,10 +132,15 @@ def population_vectors(samples: list[Prepared]) -> tuple[np.ndarray, np.ndarray]
             np.concatenate([s.diff for s in samples]).mean(axis=0))
 
 
+def generic_reviewer(adapter: DEPAdapter) -> Vectors:
+    """The adapter's population-average reviewer as one his and one diff row: the generic mode's vectors."""
+    return Vectors(adapter.population_his.detach().cpu().numpy()[None], adapter.population_diff.detach().cpu().numpy()[None])
+
+
 def batch_loss(engine: DEPEngine, adapter: DEPAdapter, batch: list[Prepared],
-               borrowed: list[Prepared] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               borrowed: Sequence[Prepared | Vectors] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-sample LM loss, SAE loss). `borrowed[i]`, if given, supplies sample i's his/diff
-    vectors (the shuffled-user control); its rows are cycled to the slots' count."""
+    vectors (another user's, or the population's); its rows are cycled to the slots' count."""
     llm = engine.llm
     sources = borrowed or batch
     his_rows, diff_rows = [], []
@@ -189,7 +204,12 @@ def training_loss(engine: DEPEngine, adapter: DEPAdapter, batch: list[Prepared],
                   step: int, by_item: dict[str, list[Prepared]] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """The loss to minimise for one batch, and its parts for the log. With a contrast weight, the
     batch runs twice in one forward pass: with its own vectors and with a partner's (`contrast_partners`)."""
-    if settings.contrast_weight and len(batch) > 1:
+    if settings.contrast_weight and settings.contrast_partner == "population":
+        with torch.no_grad():  # a fixed bar: the generic prompt's loss is not pushed up
+            other = batch_loss(engine, adapter, batch, [generic_reviewer(adapter)] * len(batch))[0]
+        own, sae_loss = batch_loss(engine, adapter, batch)
+        contrast = F.relu(settings.contrast_margin - (other - own)).mean()
+    elif settings.contrast_weight and len(batch) > 1:
         partners = contrast_partners(batch, settings, step, by_item)
         per_sample, sae_loss = batch_loss(engine, adapter, batch + batch, batch + partners)
         own, other = per_sample[:len(batch)], per_sample[len(batch):]
@@ -204,14 +224,19 @@ def training_loss(engine: DEPEngine, adapter: DEPAdapter, batch: list[Prepared],
 
 
 def evaluate_loss(engine: DEPEngine, adapter: DEPAdapter, samples: list[Prepared], batch_size: int,
-                  shuffled: bool = False, seed: int = 0) -> np.ndarray:
-    """Per-sample validation LM loss, with own or (shuffled=True) another user's embeddings."""
-    partner = derangement(len(samples), seed) if shuffled else list(range(len(samples)))
+                  vectors: str = "own", seed: int = 0) -> np.ndarray:
+    """Per-sample LM loss of the targets with each sample's own his/diff vectors, another user's
+    ("shuffled": a derangement drawn with `seed`) or the population-average reviewer's ("population")."""
+    if vectors not in VECTOR_SOURCES:
+        raise ValueError(f"vectors must be one of {', '.join(VECTOR_SOURCES)}, got {vectors!r}")
+    partner = derangement(len(samples), seed)
+    population = generic_reviewer(adapter)
     losses = []
     with torch.no_grad():
         for start in range(0, len(samples), batch_size):
             batch = samples[start:start + batch_size]
-            borrowed = [samples[partner[i]] for i in range(start, start + len(batch))] if shuffled else None
+            borrowed = {"own": None, "population": [population] * len(batch),
+                        "shuffled": [samples[partner[i]] for i in range(start, start + len(batch))]}[vectors]
             losses.append(batch_loss(engine, adapter, batch, borrowed)[0].cpu())
     return torch.cat(losses).numpy() if losses else np.zeros(0)
 
@@ -299,16 +324,34 @@ def sae_active_fraction(adapter: DEPAdapter, samples: list[Prepared]) -> float:
     return active_fraction(torch.cat([out["his_code"], out["diff_code"]]))
 
 
-def shuffled_user_control(engine: DEPEngine, adapter: DEPAdapter, val_set: list[Prepared],
-                          settings: TrainSettings) -> dict:
-    """Validation LM loss with own and with another user's vectors, and the paired gap."""
+def personal_likelihood(engine: DEPEngine, adapter: DEPAdapter, samples: list[Prepared], batch_size: int,
+                        seed: int = 0) -> dict:
+    """How much likelier held-out targets are with their own vectors than with another user's or the
+    population-average reviewer's (the generic mode): mean LM loss in nats per target token each way
+    and the paired gaps. It needs no generation, so it reads the person in the vectors without the
+    sampling noise that makes one generated text per user mostly chance."""
     from .metrics import paired_bootstrap
 
-    own = evaluate_loss(engine, adapter, val_set, settings.batch_size)
-    shuffled = evaluate_loss(engine, adapter, val_set, settings.batch_size, shuffled=True, seed=settings.seed)
-    return {"val_lm_loss_own": float(own.mean()), "val_lm_loss_shuffled_users": float(shuffled.mean()),
-            "personal_gain_nats": paired_bootstrap(shuffled, own), "n": int(len(own)),
-            "sae_active_fraction": sae_active_fraction(adapter, val_set)}
+    own = evaluate_loss(engine, adapter, samples, batch_size)
+    shuffled = evaluate_loss(engine, adapter, samples, batch_size, "shuffled", seed)
+    population = evaluate_loss(engine, adapter, samples, batch_size, "population")
+    return {"lm_loss_own": float(own.mean()), "lm_loss_shuffled_users": float(shuffled.mean()),
+            "lm_loss_population": float(population.mean()),
+            "gain_over_shuffled_nats": paired_bootstrap(shuffled, own),
+            "gain_over_population_nats": paired_bootstrap(population, own), "n": int(len(own)),
+            "sae_active_fraction": sae_active_fraction(adapter, samples)}
+
+
+def held_out_likelihood(engine: DEPEngine, split: str, settings: TrainSettings, limit: int | None = None) -> dict:
+    """`personal_likelihood` of the engine's adapter on validation or test users' targets, their peers
+    drawn as in training (no held-out target among them), every prompt in the first of `settings.modes`."""
+    raw = {"val": validation_samples, "test": test_samples}[split](engine.dataset.reviews)
+    raw = raw[:limit] if limit else raw
+    store = engine.store.without(held_out_targets(engine.dataset.reviews))
+    one_mode = replace(settings, modes=settings.modes[:1])
+    samples = prepare(engine, raw, one_mode, f"preparing {split} samples", store)
+    report = personal_likelihood(engine, engine.adapter, samples, settings.batch_size, settings.seed)
+    return {"split": split, "mode": one_mode.modes[0], **report}
 
 
 def train(engine: DEPEngine, settings: TrainSettings, resume: bool = True) -> Path:
@@ -382,11 +425,11 @@ def train(engine: DEPEngine, settings: TrainSettings, resume: bool = True) -> Pa
     bar.close()
 
     best_adapter = DEPAdapter.from_pretrained(out).to(engine.llm.device).eval()
-    control = shuffled_user_control(engine, best_adapter, val_set, settings)
+    control = personal_likelihood(engine, best_adapter, val_set, settings.batch_size, settings.seed)
     control["val_lm_loss_before_training"] = json.loads(log_path.read_text().splitlines()[0]).get("val_lm_loss")
     control["steps_done"] = step
     print(json.dumps(control, indent=2))
-    best_adapter.config.training["shuffled_user_control"] = control
+    best_adapter.config.training["personal_likelihood"] = control
     best_adapter.save_pretrained(out)
     plot_log(log_path, out / "loss.png")
     return out

@@ -10,7 +10,9 @@ from dep_engine.engine import DEPEngine, EngineConfig
 from dep_engine.generation import prompt_embeddings
 from dep_engine.settings import PersonalizationSettings, SamplingSettings
 from dep_engine.splits import training_samples
-from dep_engine.training import TrainSettings, batch_loss, contrast_partners, datasets, new_adapter, prepare, train
+from dep_engine.training import (TrainSettings, batch_loss, contrast_partners, datasets, evaluate_loss, generic_reviewer,
+                                 held_out_likelihood, new_adapter, prepare, train, training_loss)
+from dep_engine import splits
 
 from conftest import TINY_LLM
 
@@ -35,7 +37,11 @@ def test_short_training_lowers_loss_and_keeps_llm_frozen(tiny_engine, tmp_path):
     assert checksum(tiny_engine.llm.model) == before
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["trained"] and config["llm"] == TINY_LLM
-    assert config["training"]["data_fingerprint"] and "shuffled_user_control" in config["training"]
+    assert config["training"]["data_fingerprint"]
+    control = config["training"]["personal_likelihood"]
+    assert control["n"] == 4 and control["lm_loss_own"] > 0
+    assert control["gain_over_population_nats"]["mean_diff"] == pytest.approx(
+        control["lm_loss_population"] - control["lm_loss_own"], abs=1e-5)
     # a finished run resumes to nothing more to do
     again = train(tiny_engine, settings)
     assert len((again / "log.jsonl").read_text().splitlines()) == len(log)
@@ -89,6 +95,58 @@ def test_same_item_contrast_takes_another_reviewer_of_the_product(tiny_engine, t
     assert all(r["own_minus_other"] != 0 for r in log if "loss" in r)  # the partner's vectors were used
     with pytest.raises(ValueError, match="contrast_partner"):
         train(tiny_engine, dataclasses.replace(run, contrast_partner="peer"))
+
+
+def test_population_vectors_are_the_generic_reviewers(tiny_engine):
+    """The likelihood control's "population" source is the generic mode's reviewer: a sample whose
+    own rows all equal it scores the same both ways, and a real sample's own vectors score otherwise."""
+    settings = TrainSettings(personalization=PersonalizationSettings(k=2, words_per_review=10), max_target_tokens=8)
+    samples = prepare(tiny_engine, training_samples(tiny_engine.dataset.reviews)[:4], settings, "test")
+    torch.manual_seed(1)
+    adapter = new_adapter(tiny_engine, settings, samples)
+    population = generic_reviewer(adapter)
+    as_generic = [dataclasses.replace(s, his=population.his.repeat(len(s.his), 0),
+                                      diff=population.diff.repeat(len(s.diff), 0)) for s in samples]
+    assert evaluate_loss(tiny_engine, adapter, as_generic, 2).tolist() == pytest.approx(
+        evaluate_loss(tiny_engine, adapter, as_generic, 2, "population").tolist(), abs=1e-6)
+    own, generic = (evaluate_loss(tiny_engine, adapter, samples, 2, v) for v in ("own", "population"))
+    assert abs(own - generic).max() > 1e-4
+    with pytest.raises(ValueError, match="vectors"):
+        evaluate_loss(tiny_engine, adapter, samples, 2, "peers")
+
+
+def test_population_contrast_holds_the_generic_loss_fixed(tiny_engine):
+    """With every margin active, the population contrast's gradient is (1 + weight) times the own
+    loss's: nothing flows into the generic reviewer's loss, so the term cannot win by making it worse."""
+    settings = TrainSettings(personalization=PersonalizationSettings(k=2, words_per_review=10), max_target_tokens=8,
+                             contrast_weight=0.5, contrast_margin=100.0, contrast_partner="population")
+    samples = prepare(tiny_engine, training_samples(tiny_engine.dataset.reviews)[:4], settings, "test")
+    torch.manual_seed(2)
+    adapter = new_adapter(tiny_engine, settings, samples)
+    loss, parts = training_loss(tiny_engine, adapter, samples, settings, 0)
+    loss.backward()
+    got = torch.cat([p.grad.flatten() for p in adapter.parameters() if p.grad is not None])
+    adapter.zero_grad()
+    own, sae = batch_loss(tiny_engine, adapter, samples)
+    (1.5 * own.mean() + settings.sae_loss_weight * sae).backward()
+    want = torch.cat([p.grad.flatten() for p in adapter.parameters() if p.grad is not None])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    generic = evaluate_loss(tiny_engine, adapter, samples, 4, "population")
+    assert parts["own_minus_other"] == pytest.approx(float((generic - own.detach().numpy()).mean()), abs=1e-5)
+
+
+def test_held_out_likelihood_reads_held_out_users_in_one_mode(tiny_engine, monkeypatch):
+    settings = TrainSettings(personalization=PersonalizationSettings(k=2, words_per_review=10), max_target_tokens=8,
+                             modes=("dep", "his"), batch_size=4)
+    torch.manual_seed(4)
+    monkeypatch.setattr(tiny_engine, "adapter", DEPAdapter(tiny_engine.adapter.config))
+    report = held_out_likelihood(tiny_engine, "val", settings, limit=6)
+    assert report["split"] == "val" and report["mode"] == "dep" and 0 < report["n"] <= 6
+    for key in ("gain_over_shuffled_nats", "gain_over_population_nats"):
+        gap = report[key]
+        assert gap["low"] <= gap["mean_diff"] <= gap["high"] and gap["mean_diff"] != 0
+    test_users = {s.target.user_id for s in splits.test_samples(tiny_engine.dataset.reviews)[:3]}
+    assert 0 < held_out_likelihood(tiny_engine, "test", settings, limit=3)["n"] <= len(test_users)
 
 
 def test_checkpoint_reloads_to_identical_outputs(tiny_engine, tiny_llm, tmp_path):
