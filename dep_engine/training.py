@@ -233,7 +233,8 @@ def evaluate_loss(engine: DEPEngine, adapter: DEPAdapter, samples: list[Prepared
     population = generic_reviewer(adapter)
     losses = []
     with torch.no_grad():
-        for start in range(0, len(samples), batch_size):
+        for start in tqdm(range(0, len(samples), batch_size), desc=f"LM loss with {vectors} vectors",
+                          unit="batch", leave=False):
             batch = samples[start:start + batch_size]
             borrowed = {"own": None, "population": [population] * len(batch),
                         "shuffled": [samples[partner[i]] for i in range(start, start + len(batch))]}[vectors]

@@ -27,7 +27,7 @@ def subcommands() -> dict[str, argparse.ArgumentParser]:
     return {"(top)": parser, **sub.choices}
 
 
-@pytest.mark.parametrize("command", ["(top)", "generate", "users", "train", "evaluate"])
+@pytest.mark.parametrize("command", ["(top)", "generate", "users", "train", "evaluate", "likelihood", "pool"])
 def test_every_option_has_a_help_text(command):
     parser = subcommands()[command]
     options = [a for a in parser._actions if a.option_strings and not isinstance(a, argparse._HelpAction)]
@@ -53,7 +53,7 @@ def test_readme_commands_parse_and_name_files_that_exist():
     from dep_engine.prompt import get_mode
 
     commands = readme_commands()
-    assert {argv[0] for argv in commands} == {"users", "generate", "train", "evaluate", "pool"}
+    assert {argv[0] for argv in commands} == {"users", "generate", "train", "evaluate", "pool", "likelihood"}
     written = set()  # folders an earlier README command writes (train --out runs/adapter)
     for argv in commands:
         args = cli.build_parser().parse_args(argv)
@@ -82,6 +82,9 @@ BAD_ARGUMENTS = [
     (["evaluate", "--methods", "dep,bogus@k=2", "--out", "{tmp}/eval"], "bogus"),
     (["evaluate", "--eval-reviews", "no_such_reviews", "--out", "{tmp}/eval"], "no_such_reviews"),
     (["evaluate", "--adapter", "no_such_adapter", "--out", "{tmp}/eval"], "no_such_adapter"),
+    (["likelihood", "--mode", "bogus"], "bogus"),
+    (["likelihood", "--adapter", "no_such_adapter"], "no_such_adapter"),
+    (["likelihood", "--out", "{tmp}"], "is a folder"),
 ]
 
 
