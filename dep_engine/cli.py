@@ -186,7 +186,8 @@ TRAIN_OPTIONS = (
     ("sae_activation", str, "SAE code activation: gelu (the paper) or relu (exact zeros)"),
     ("contrast_weight", float, "weight of the margin term rewarding own over another user's vectors"),
     ("contrast_margin", float, "nats per token own vectors should beat another user's by"),
-    ("contrast_partner", str, "whose vectors the contrast uses: batch (a batch-mate), same-item (a reviewer of the same product) or population (the generic reviewer, its loss held fixed)"),
+    ("contrast_partner", str, "whose vectors the contrast uses: batch (a batch-mate), same-item (a reviewer of the "
+                              "same product) or population (the generic reviewer, its loss held fixed)"),
     ("max_minutes", float, "stop after this many minutes, keeping the best checkpoint"),
     ("init_from", str, "a trained adapter folder to fine-tune instead of starting from fresh weights"),
     ("eval_every", int, "optimizer steps between validations"),

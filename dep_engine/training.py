@@ -72,7 +72,7 @@ class TrainSettings:
     sae_activation: str = "gelu"       # "relu" gives exact zeros (a sparse code in use)
     contrast_weight: float = 0.0       # weight of the own-vs-another-user's-vectors margin term
     contrast_margin: float = 0.1       # nats per token the own vectors should beat another user's by
-    contrast_partner: str = "batch"    # whose vectors: "batch" (a batch-mate), "same-item" (a reviewer of the same product) or "population"
+    contrast_partner: str = "batch"    # "batch" (a batch-mate), "same-item" (same product) or "population"
     max_minutes: float | None = None   # stop training after this long (the best checkpoint is kept)
     init_from: str | None = None       # a trained adapter folder to start from (fine-tuning) instead of fresh weights
     eval_every: int = 200              # optimizer steps between validations
@@ -134,7 +134,8 @@ def population_vectors(samples: list[Prepared]) -> tuple[np.ndarray, np.ndarray]
 
 def generic_reviewer(adapter: DEPAdapter) -> Vectors:
     """The adapter's population-average reviewer as one his and one diff row: the generic mode's vectors."""
-    return Vectors(adapter.population_his.detach().cpu().numpy()[None], adapter.population_diff.detach().cpu().numpy()[None])
+    return Vectors(adapter.population_his.detach().cpu().numpy()[None],
+                   adapter.population_diff.detach().cpu().numpy()[None])
 
 
 def batch_loss(engine: DEPEngine, adapter: DEPAdapter, batch: list[Prepared],
@@ -203,7 +204,8 @@ def contrast_partners(batch: list[Prepared], settings: TrainSettings, step: int,
 def training_loss(engine: DEPEngine, adapter: DEPAdapter, batch: list[Prepared], settings: TrainSettings,
                   step: int, by_item: dict[str, list[Prepared]] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """The loss to minimise for one batch, and its parts for the log. With a contrast weight, the
-    batch runs twice in one forward pass: with its own vectors and with a partner's (`contrast_partners`)."""
+    batch runs twice in one forward pass: with its own vectors and with a partner's (`contrast_partners`);
+    against the population, the partner's pass runs first without gradient."""
     if settings.contrast_weight and settings.contrast_partner == "population":
         with torch.no_grad():  # a fixed bar: the generic prompt's loss is not pushed up
             other = batch_loss(engine, adapter, batch, [generic_reviewer(adapter)] * len(batch))[0]

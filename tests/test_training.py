@@ -10,8 +10,8 @@ from dep_engine.engine import DEPEngine, EngineConfig
 from dep_engine.generation import prompt_embeddings
 from dep_engine.settings import PersonalizationSettings, SamplingSettings
 from dep_engine.splits import training_samples
-from dep_engine.training import (TrainSettings, batch_loss, contrast_partners, datasets, evaluate_loss, generic_reviewer,
-                                 held_out_likelihood, new_adapter, prepare, train, training_loss)
+from dep_engine.training import (TrainSettings, batch_loss, contrast_partners, datasets, evaluate_loss,
+                                 generic_reviewer, held_out_likelihood, new_adapter, prepare, train, training_loss)
 from dep_engine import splits
 
 from conftest import TINY_LLM
