@@ -1,10 +1,12 @@
 """Evaluation: every method on users the adapter never saw, with paired bootstrap intervals.
 
-A method is `mode[-shuffled][@k=N][@alpha=A]`, for instance `dep`, `rag@k=1`, `dep-shuffled`,
-`dep@alpha=0.5`, `generic`. `-shuffled` is the control that decides whether anything is personal:
-the same prompt, but the his and diff vectors of another user (a fixed derangement of the evaluated
-users). `generic` is the same prompt as `dep` with the population-average reviewer's vectors;
-`@alpha=A` mixes them: generic + A * (user - generic). `--split val` evaluates the validation users
+A method is `mode[-shuffled][@k=N][@alpha=A][@guidance=G]`, for instance `dep`, `rag@k=1`,
+`dep-shuffled`, `dep@alpha=0.5`, `dep@guidance=1`, `generic`. `-shuffled` is the control that decides
+whether anything is personal: the same prompt, but the his and diff vectors of another user (a fixed
+derangement of the evaluated users). `generic` is the same prompt as `dep` with the population-average
+reviewer's vectors; `@alpha=A` mixes them: generic + A * (user - generic). `@guidance=G` steers each
+decoding step away from generic's next-token distribution on the same text (classifier-free guidance,
+`generation.guided_scores`; a shadow row in the batch, ONNX path only). `--split val` evaluates the validation users
 (for choices made before the test users are looked at), `test` (default) the test users.
 Every output goes through the same hygiene (`hygiene.clean`); the raw text and the cut are kept.
 All methods of a group of users are decoded in one batch with one seed, so every method sees the
@@ -26,13 +28,14 @@ from tqdm.auto import tqdm
 from . import hygiene
 from .data import DataError, Sample, by_user, load_dataset
 from .engine import DEPEngine, EngineConfig
-from .generation import generate
+from .generation import Guide, generate
 from .prompt import get_mode
 from .settings import PersonalizationSettings, SamplingSettings
 from .splits import derangement, held_out_targets, test_samples, validation_samples
 from .store import PersonalContext, ReviewStore
 
-_METHOD = re.compile(r"^(?P<mode>[a-z+]+)(?P<shuffled>-shuffled)?(@k=(?P<k>\d+))?(@alpha=(?P<alpha>[0-9.]+))?$")
+_METHOD = re.compile(r"^(?P<mode>[a-z+]+)(?P<shuffled>-shuffled)?(@k=(?P<k>\d+))?(@alpha=(?P<alpha>[0-9.]+))?"
+                     r"(@guidance=(?P<guidance>[0-9.]+))?$")
 
 
 @dataclass(frozen=True)
@@ -42,19 +45,23 @@ class Method:
     k: int
     shuffled: bool
     strength: float = 1.0
+    guidance: float = 0.0
 
 
 def parse_method(name: str, default_k: int) -> Method:
     match = _METHOD.match(name.strip())
     if not match:
-        raise ValueError(f"method {name!r}: expected mode[-shuffled][@k=N][@alpha=A], e.g. dep, rag@k=1, "
-                         "dep-shuffled, dep@alpha=0.5")
+        raise ValueError(f"method {name!r}: expected mode[-shuffled][@k=N][@alpha=A][@guidance=G], e.g. dep, "
+                         "rag@k=1, dep-shuffled, dep@alpha=0.5, dep@guidance=1")
     mode = get_mode(match["mode"])
-    if (match["shuffled"] or match["alpha"]) and not mode.soft:
-        raise ValueError(f"method {name!r}: only soft-token modes take another user's vectors or a strength")
+    if (match["shuffled"] or match["alpha"] or match["guidance"]) and not mode.soft:
+        raise ValueError(f"method {name!r}: only soft-token modes take another user's vectors, a strength or guidance")
+    if match["guidance"] and mode.population:
+        raise ValueError(f"method {name!r}: guidance steers away from the generic reviewer, so it needs a user's vectors")
     k = int(match["k"]) if match["k"] is not None else default_k
     strength = float(match["alpha"]) if match["alpha"] is not None else 1.0
-    return Method(name.strip(), mode.name, k if mode.uses_history else 0, bool(match["shuffled"]), strength)
+    guidance = float(match["guidance"]) if match["guidance"] is not None else 0.0
+    return Method(name.strip(), mode.name, k if mode.uses_history else 0, bool(match["shuffled"]), strength, guidance)
 
 
 @dataclass
@@ -94,11 +101,12 @@ def _pool_config(config: EngineConfig, settings: EvalSettings) -> EngineConfig:
 
 
 def _rows(engine: DEPEngine, sample: Sample, own: PersonalContext, borrowed: PersonalContext,
-          methods: list[Method], personalization: PersonalizationSettings) -> list:
-    """Input embeddings of one sample under every method, in the order of `methods`."""
+          methods: list[Method], personalization: PersonalizationSettings) -> tuple[list, dict[int, object]]:
+    """Input embeddings of one sample under every method, in the order of `methods`, and for each guided
+    method (by its index) the shadow row it is steered away from: its prompt with the generic reviewer."""
     request = engine.sample_request(sample)
-    rows = []
-    for method in methods:
+    rows, shadows = [], {}
+    for n, method in enumerate(methods):
         context = own.first(method.k)
         source = borrowed.first(method.k) if method.shuffled else context
         prompt = engine.prompt(request, context, method.mode, personalization.words_per_review,
@@ -107,7 +115,9 @@ def _rows(engine: DEPEngine, sample: Sample, own: PersonalContext, borrowed: Per
         vectors = PersonalContext(context.selected, source.his[take], source.diff[take]) if source.k else context
         strength = 0.0 if get_mode(method.mode).population else method.strength
         rows.append(engine.embed_prompt(prompt, *engine.vectors(vectors, strength)))
-    return rows
+        if method.guidance:
+            shadows[n] = engine.embed_prompt(prompt, *engine.vectors(context, 0.0))
+    return rows, shadows
 
 
 def pool_for(engine: DEPEngine, settings: EvalSettings) -> ReviewStore:
@@ -144,10 +154,17 @@ def generate_all(engine: DEPEngine, samples: list[Sample], contexts: list[Person
             continue
         chunk = samples[start:start + settings.batch_users]
         started = time.perf_counter()
-        rows = [row for n, sample in enumerate(chunk)
-                for row in _rows(engine, sample, contexts[start + n], contexts[partner[start + n]], methods,
-                                 settings.personalization)]
-        raw = generate(engine.llm, rows, replace(settings.sampling, seed=settings.sampling.seed + group))
+        rows, shadows, guides = [], [], []
+        for n, sample in enumerate(chunk):
+            own_rows, own_shadows = _rows(engine, sample, contexts[start + n], contexts[partner[start + n]],
+                                          methods, settings.personalization)
+            for m, shadow in own_shadows.items():  # shadow i goes after all texts' rows, at len(rows) + i
+                guides.append(Guide(len(rows) + m, len(shadows), methods[m].guidance))
+                shadows.append(shadow)
+            rows += own_rows
+        guides = [g._replace(shadow=len(rows) + g.shadow) for g in guides]
+        raw = generate(engine.llm, rows + shadows, replace(settings.sampling, seed=settings.sampling.seed + group),
+                       guides)[:len(rows)]
         cleaned = [hygiene.clean(text) for text in raw]
         seconds = (time.perf_counter() - started) / len(rows)
         records = [{"group": group, "user_id": sample.target.user_id, "item_id": sample.target.item_id,

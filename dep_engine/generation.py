@@ -10,7 +10,7 @@ import functools
 import queue
 import threading
 import time
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StaticCache, StoppingCriteria, StoppingCriteriaList
@@ -38,6 +38,26 @@ def prompt_embeddings(llm: LLM, prompt: PromptIds, his_tokens: torch.Tensor | No
             raise ValueError(f"{len(positions)} slots but {0 if tokens is None else len(tokens)} soft tokens")
         embeds = embeds.index_put((torch.tensor(positions, device=llm.device),), tokens.to(embeds.dtype))
     return embeds
+
+
+class Guide(NamedTuple):
+    """Decode-time guidance of one batch row: `row` is steered away from `shadow`, the same prompt with the
+    population-average reviewer's vectors, by `scale`; the shadow reads the row's tokens and is not a text."""
+    row: int
+    shadow: int
+    scale: float
+
+
+def guided_scores(scores: torch.Tensor, guides: Sequence[Guide]) -> torch.Tensor:
+    """Classifier-free guidance toward the user: a guided row's scores become log p + scale * (log p - log p_shadow),
+    what this user's vectors make likelier than the generic reviewer's on the same text, amplified; the
+    shadow rows and unguided rows keep their scores as they are (bit for bit)."""
+    if not guides:
+        return scores
+    out, logp = scores.clone(), scores.log_softmax(-1)
+    for guide in guides:
+        out[guide.row] = logp[guide.row] + guide.scale * (logp[guide.row] - logp[guide.shadow])
+    return out
 
 
 def left_pad(sequences: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -203,16 +223,19 @@ def _prefill(llm: LLM, decoder: torch.nn.Module, batch: torch.Tensor, mask: torc
 
 
 def _generate(llm: LLM, embeds: Sequence[torch.Tensor], settings: SamplingSettings,
-              streamer: _BatchStreamer | None = None, stop: threading.Event | None = None) -> list[str]:
+              streamer: _BatchStreamer | None = None, stop: threading.Event | None = None,
+              guides: Sequence[Guide] = ()) -> list[str]:
     tokenizer = llm.tokenizer
     if (fast := llm.onnx_decoder()) is not None:  # the CPU default: ONNX Runtime (onnx_decode.py)
         with generation_lock, torch.inference_mode():
             output = fast.decode(embeds, settings, stopping_criteria(llm, settings, stop), tokenizer.eos_token_id,
                                  tokenizer.pad_token_id, streamer.put_step if streamer else None,
-                                 logits_processors(llm))
+                                 logits_processors(llm), guides)
         if streamer is not None:
             streamer.end()
         return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in output]
+    if guides:
+        raise ValueError("guidance toward the user runs on the CPU's ONNX Runtime path only (--cpu-backend onnx)")
     batch, mask = left_pad(embeds)
     sample = settings.temperature > 0
     with generation_lock, torch.inference_mode():
@@ -231,12 +254,14 @@ def _generate(llm: LLM, embeds: Sequence[torch.Tensor], settings: SamplingSettin
     return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in output]
 
 
-def generate(llm: LLM, embeds: Sequence[torch.Tensor], settings: SamplingSettings) -> list[str]:
+def generate(llm: LLM, embeds: Sequence[torch.Tensor], settings: SamplingSettings,
+             guides: Sequence[Guide] = ()) -> list[str]:
     """One text per prompt embedding; the same seed gives the same texts.
 
     Each row stops once it reaches scaffolding or a loop; the texts are as decoded, so the
-    caller applies `hygiene.clean` (and can count what it cut)."""
-    return _generate(llm, embeds, settings)
+    caller applies `hygiene.clean` (and can count what it cut). `guides` (ONNX path): rows steered
+    away from shadow rows (`guided_scores`); a shadow's text is its row's."""
+    return _generate(llm, embeds, settings, guides=guides)
 
 
 def stream(llm: LLM, embeds: Sequence[torch.Tensor], settings: SamplingSettings) -> Iterator[list[str]]:

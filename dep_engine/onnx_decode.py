@@ -30,7 +30,7 @@ import onnxruntime as ort
 import torch
 from transformers import LogitsProcessorList, StoppingCriteriaList
 
-from .generation import left_pad, prompt_cache
+from .generation import Guide, guided_scores, left_pad, prompt_cache
 from .llm import forward_with_cache
 from .onnx_model import ConversionError, converted_folder, kv_scale_name
 from .settings import SamplingSettings
@@ -171,18 +171,19 @@ class OnnxDecoder:
 
     def decode(self, embeds: Sequence[torch.Tensor], settings: SamplingSettings, stopping: StoppingCriteriaList,
                eos_token_id: int, pad_token_id: int, on_step: Callable[[torch.Tensor], None] | None = None,
-               processors: LogitsProcessorList | None = None) -> torch.Tensor:
+               processors: LogitsProcessorList | None = None, guides: Sequence[Guide] = ()) -> torch.Tensor:
         """(B, steps) new token ids; a row ends at EOS or when `stopping` says so, later steps give it padding.
 
         `on_step` gets each step's (B,) tokens; `stopping(ids, scores)` sees all rows' ids after every step;
-        `processors(ids, scores)` (transformers logits processors) adjust each step's scores before sampling."""
+        `processors(ids, scores)` (transformers logits processors) adjust each step's scores before sampling;
+        each of `guides` steers a row away from its shadow row (`guided_scores`), which is fed the row's tokens."""
         state = self._start(embeds, settings.max_new_tokens)
         scores = state.logits[:, 0]
         generators = [torch.Generator().manual_seed(settings.seed) for _ in embeds]
         ids = torch.empty((len(embeds), 0), dtype=torch.long)
         unfinished = torch.ones(len(embeds), dtype=torch.bool)
         for step in range(settings.max_new_tokens):
-            step_scores = torch.from_numpy(scores)
+            step_scores = guided_scores(torch.from_numpy(scores), guides)
             if processors is not None:
                 step_scores = processors(ids, step_scores)
             if settings.temperature > 0:
@@ -190,6 +191,8 @@ class OnnxDecoder:
                                        for row, generator in zip(step_scores, generators)])
             else:
                 tokens = step_scores.argmax(-1)
+            for guide in guides:
+                tokens[guide.shadow] = tokens[guide.row]
             tokens = torch.where(unfinished, tokens, pad_token_id)
             ids = torch.cat([ids, tokens[:, None]], dim=1)
             if on_step is not None:

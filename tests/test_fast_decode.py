@@ -9,7 +9,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, LogitsPro
 
 from dep_engine import onnx_model
 from dep_engine.data import Item
-from dep_engine.generation import generate, prompt_embeddings, stream
+from dep_engine.generation import Guide, generate, prompt_embeddings, stream
 from dep_engine.llm import BUNDLED_LLM, bundled_gguf, load_llm, resolve_llm
 from dep_engine.onnx_decode import OnnxDecoder
 from dep_engine.prompt import PastReview, build_prompt, get_mode
@@ -134,6 +134,57 @@ def test_logits_processors_reach_the_fast_path(smol):
     banned = smol.onnx_decoder().decode([dep], settings, StoppingCriteriaList(), -1, -1,
                                         processors=LogitsProcessorList([ban_first]))
     assert first not in banned[0].tolist()
+
+
+def test_guidance_steers_a_row_away_from_its_shadow_and_leaves_the_rest(smol):
+    """Classifier-free guidance toward the user: the guided row's first greedy token is the argmax of
+    log p + g * (log p - log p_shadow); the shadow mirrors the row's tokens; scale 0 and the other rows
+    are bit for bit as without guidance."""
+    base, dep = dep_embeds(smol, ITEMS[1], seed=0)
+    _, shadow = dep_embeds(smol, ITEMS[1], seed=1)
+    decoder = smol.onnx_decoder()
+    greedy = SamplingSettings(temperature=0.0, max_new_tokens=6)
+
+    def decode(rows, guides=()):
+        return decoder.decode(rows, greedy, StoppingCriteriaList(), -1, -1, guides=guides).tolist()
+    plain = decode([base, dep])
+    assert decode([base, dep, shadow], [Guide(1, 2, 0.0)])[:2] == plain
+    guided = decode([base, dep, shadow], [Guide(1, 2, 3.0)])
+    assert guided[0] == plain[0] and guided[2] == guided[1]
+    logp = torch.from_numpy(decoder.first_logits([dep, shadow])).log_softmax(-1)
+    assert guided[1][0] == int((logp[0] + 3.0 * (logp[0] - logp[1])).argmax())
+    assert guided[1] != plain[1]
+    settings = SamplingSettings(temperature=0.8, max_new_tokens=6, seed=2)
+    assert generate(smol, [base, dep, shadow], settings, [Guide(1, 2, 3.0)]) == \
+        generate(smol, [base, dep, shadow], settings, [Guide(1, 2, 3.0)])  # same seed, same texts
+
+
+def test_guidance_is_refused_off_the_onnx_path(tiny_llm):
+    rows = [prompt_embeddings(tiny_llm, build_prompt(tiny_llm.tokenizer, ITEMS[0], 4, "Nice", PAST,
+                                                     get_mode("nonperso")))] * 2
+    with pytest.raises(ValueError, match="ONNX"):
+        generate(tiny_llm, rows, SamplingSettings(max_new_tokens=2), [Guide(0, 1, 1.0)])
+
+
+def test_evaluate_runs_a_guided_method_beside_unguided_ones(smol, tmp_path):
+    """`dep@guidance=G` on the bundled models: its shadow rows leave the other methods' texts as they are
+    without it, and the guided texts are not dep's."""
+    from dep_engine.engine import DEPEngine, EngineConfig
+    from dep_engine.evaluation import EvalSettings, evaluate
+
+    engine = DEPEngine(EngineConfig(), progress=False, llm=smol)
+    texts = {}
+    for methods in (["generic", "dep"], ["generic", "dep", "dep@guidance=3"]):
+        out = tmp_path / str(len(methods))
+        evaluate(engine.config, EvalSettings(methods=methods, out=str(out), limit=2, batch_users=2, split="val",
+                                             generate_only=True, sampling=SamplingSettings(max_new_tokens=12)),
+                 engine=engine)
+        records = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+        texts[len(methods)] = {(r["user_id"], r["method"]): r["raw"] for r in records}
+    plain, guided = texts[2], texts[3]
+    assert all(guided[key] == text for key, text in plain.items())
+    users = {user for user, _ in plain}
+    assert len(users) == 2 and any(guided[(u, "dep@guidance=3")] != plain[(u, "dep")] for u in users)
 
 
 def test_greedy_tokens_agree_with_float32(smol):
