@@ -18,6 +18,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
@@ -101,6 +102,10 @@ class DEPAdapter(nn.Module):
         """Store the population-average reviewer: (d,) mean his and diff vectors of the training users."""
         self.population_his.copy_(torch.as_tensor(his, dtype=torch.float32))
         self.population_diff.copy_(torch.as_tensor(diff, dtype=torch.float32))
+
+    def population(self) -> tuple[np.ndarray, np.ndarray]:
+        """The population-average reviewer as (d,) his and diff arrays, as `set_population` stored it."""
+        return self.population_his.detach().cpu().numpy(), self.population_diff.detach().cpu().numpy()
 
     def encode(self, his: torch.Tensor, diff: torch.Tensor) -> dict[str, torch.Tensor]:
         """Sparse codes of his and diff vectors (..., d) -> (..., d/2), and the SAE loss over both."""

@@ -201,8 +201,8 @@ class DEPEngine:
 
     def vectors(self, context: PersonalContext, strength: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
         """(K, d) his and diff vectors at a personalization strength (0: the population's, 1: the user's)."""
-        population = self.adapter.population_his.cpu().numpy(), self.adapter.population_diff.cpu().numpy()
-        return mix(context.his, population[0], strength), mix(context.diff, population[1], strength)
+        his, diff = self.adapter.population()
+        return mix(context.his, his, strength), mix(context.diff, diff, strength)
 
     def soft_tokens(self, his: np.ndarray, diff: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """(K, H) his and diff soft tokens of (K, d) his and diff vectors."""

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from . import hygiene
@@ -55,9 +56,11 @@ def parse_method(name: str, default_k: int) -> Method:
                          "rag@k=1, dep-shuffled, dep@alpha=0.5, dep@guidance=1")
     mode = get_mode(match["mode"])
     if (match["shuffled"] or match["alpha"] or match["guidance"]) and not mode.soft:
-        raise ValueError(f"method {name!r}: only soft-token modes take another user's vectors, a strength or guidance")
+        raise ValueError(f"method {name!r}: only soft-token modes take another user's vectors, a strength "
+                         "or guidance")
     if match["guidance"] and mode.population:
-        raise ValueError(f"method {name!r}: guidance steers away from the generic reviewer, so it needs a user's vectors")
+        raise ValueError(f"method {name!r}: guidance steers away from the generic reviewer, "
+                         "so it needs a user's vectors")
     k = int(match["k"]) if match["k"] is not None else default_k
     strength = float(match["alpha"]) if match["alpha"] is not None else 1.0
     guidance = float(match["guidance"]) if match["guidance"] is not None else 0.0
@@ -101,7 +104,8 @@ def _pool_config(config: EngineConfig, settings: EvalSettings) -> EngineConfig:
 
 
 def _rows(engine: DEPEngine, sample: Sample, own: PersonalContext, borrowed: PersonalContext,
-          methods: list[Method], personalization: PersonalizationSettings) -> tuple[list, dict[int, object]]:
+          methods: list[Method], personalization: PersonalizationSettings
+          ) -> tuple[list[torch.Tensor], dict[int, torch.Tensor]]:
     """Input embeddings of one sample under every method, in the order of `methods`, and for each guided
     method (by its index) the shadow row it is steered away from: its prompt with the generic reviewer."""
     request = engine.sample_request(sample)
@@ -154,15 +158,14 @@ def generate_all(engine: DEPEngine, samples: list[Sample], contexts: list[Person
             continue
         chunk = samples[start:start + settings.batch_users]
         started = time.perf_counter()
-        rows, shadows, guides = [], [], []
-        for n, sample in enumerate(chunk):
-            own_rows, own_shadows = _rows(engine, sample, contexts[start + n], contexts[partner[start + n]],
-                                          methods, settings.personalization)
-            for m, shadow in own_shadows.items():  # shadow i goes after all texts' rows, at len(rows) + i
-                guides.append(Guide(len(rows) + m, len(shadows), methods[m].guidance))
+        per_sample = [_rows(engine, sample, contexts[start + n], contexts[partner[start + n]], methods,
+                            settings.personalization) for n, sample in enumerate(chunk)]
+        rows = [row for own_rows, _ in per_sample for row in own_rows]
+        shadows, guides = [], []  # the shadow rows go after all texts' rows
+        for n, (_, own_shadows) in enumerate(per_sample):
+            for m, shadow in own_shadows.items():
+                guides.append(Guide(n * len(methods) + m, len(rows) + len(shadows), methods[m].guidance))
                 shadows.append(shadow)
-            rows += own_rows
-        guides = [g._replace(shadow=len(rows) + g.shadow) for g in guides]
         raw = generate(engine.llm, rows + shadows, replace(settings.sampling, seed=settings.sampling.seed + group),
                        guides)[:len(rows)]
         cleaned = [hygiene.clean(text) for text in raw]

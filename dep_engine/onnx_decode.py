@@ -182,13 +182,15 @@ class OnnxDecoder:
         generators = [torch.Generator().manual_seed(settings.seed) for _ in embeds]
         ids = torch.empty((len(embeds), 0), dtype=torch.long)
         unfinished = torch.ones(len(embeds), dtype=torch.bool)
+        mirrored = {guide.shadow for guide in guides}
         for step in range(settings.max_new_tokens):
             step_scores = guided_scores(torch.from_numpy(scores), guides)
             if processors is not None:
                 step_scores = processors(ids, step_scores)
-            if settings.temperature > 0:
-                tokens = torch.tensor([sample(row, settings.temperature, settings.top_p, generator)
-                                       for row, generator in zip(step_scores, generators)])
+            if settings.temperature > 0:  # a shadow row's token is its guided row's: not drawn
+                tokens = torch.tensor([0 if n in mirrored else
+                                       sample(row, settings.temperature, settings.top_p, generator)
+                                       for n, (row, generator) in enumerate(zip(step_scores, generators))])
             else:
                 tokens = step_scores.argmax(-1)
             for guide in guides:

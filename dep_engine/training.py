@@ -134,8 +134,8 @@ def population_vectors(samples: list[Prepared]) -> tuple[np.ndarray, np.ndarray]
 
 def generic_reviewer(adapter: DEPAdapter) -> Vectors:
     """The adapter's population-average reviewer as one his and one diff row: the generic mode's vectors."""
-    return Vectors(adapter.population_his.detach().cpu().numpy()[None],
-                   adapter.population_diff.detach().cpu().numpy()[None])
+    his, diff = adapter.population()
+    return Vectors(his[None], diff[None])
 
 
 def batch_loss(engine: DEPEngine, adapter: DEPAdapter, batch: list[Prepared],
