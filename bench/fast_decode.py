@@ -1,7 +1,7 @@
 """Fast CPU generation (issue 11): ONNX Runtime with int8 weights against the PyTorch path, in one run.
 
 Paths: "torch" (the PyTorch path: fp32 prompt, bf16 decode), "onnx" (the CPU default: ONNX Runtime,
-int8 weights and KV cache, the prompt in bf16 under autocast where the CPU has AMX, else fp32), and
+int8 weights and KV cache, the prompt in bf16 under autocast where the CPU has AMX or AVX512-BF16, else fp32), and
 ONNX Runtime with a float32 prompt and with a float32 KV cache, each changed alone.
 A. Memory bandwidth (read, 1 GiB, as bench/generation.py measures it) and each path's bandwidth
    limit: bytes of weights read per decode step / read bandwidth. PyTorch decodes from a bf16 copy
@@ -164,7 +164,7 @@ def main() -> None:
     import torch
 
     from dep_engine import DEPEngine
-    from dep_engine.llm import cpu_has_bf16_matrix_units, load_llm
+    from dep_engine.llm import cpu_has_fast_bf16, load_llm
 
     _common.header("bench/fast_decode.py -- ONNX Runtime int8 vs PyTorch decoding on the CPU (issue 11)",
                    f"new tokens {args.new_tokens}, repeats {args.repeats}")
@@ -174,7 +174,7 @@ def main() -> None:
     paths = {"torch": old, "onnx": new, FLOAT_PREFILL: load_llm(engine.config.llm, "cpu", cpu_prefill="float32"),
              FLOAT_KV: load_llm(engine.config.llm, "cpu", cpu_kv_cache="float32")}
     print(f"the CPU default's prompt dtype here: {new.prefill_dtype or torch.float32} "
-          f"(bf16 matrix units: {cpu_has_bf16_matrix_units()})")
+          f"(fast bf16: {cpu_has_fast_bf16()})")
     request, long_embeds = longest_dep_prompt(engine, args.requests)
     app_request(engine, paths, request, 4, 1)  # warm-up: the bf16 copy, ONNX Runtime's first runs
 

@@ -46,7 +46,7 @@ class EngineConfig:
     cpu_decode: str = "bfloat16"   # on the CPU: fp32 prompts, decoding in this dtype ("float32": fp32 throughout)
     cpu_backend: str = "onnx"      # on the CPU: ONNX Runtime generates (int8); "torch": PyTorch, in cpu_decode
     cpu_kv_cache: str = "int8"     # ONNX Runtime's KV cache: int8 (faster decoding of long prompts) or float32
-    cpu_prefill: str = "auto"      # CPU prompts (and training forwards): bfloat16 where the CPU has AMX (2x faster), else float32
+    cpu_prefill: str = "auto"      # CPU prompts, training forwards: bf16 on AMX or AVX512-BF16 (1.5-2x), else fp32
     extra_reviews: str | None = None  # more reviews (file or folder) joining the pool
     style_features: bool | str | None = None  # style features beside text embeddings; default: as the adapter was trained
     cache_dir: str | None = None   # embedding cache; default: next to the data, else ~/.cache/dep-studio

@@ -32,8 +32,8 @@ class LLM:
     bytes per token (bench/generation.py). With `onnx_decode` (the CPU default) ONNX Runtime generates
     instead, from int8 weights (`onnx_decode` module, 3x+ faster per token); the PyTorch model stays
     for embeddings, training and GPUs. With `prefill_dtype` set, prompts before decoding run under
-    autocast to it: bf16 prompts are 2-4x faster than fp32 ones on CPUs with bf16 matrix units (AMX)
-    and 6x slower on CPUs without them (bench/fast_decode.py, bench/generation.py)."""
+    autocast to it: bf16 prompts are 2-4x faster than fp32 ones on CPUs with AMX, 1.5x on AVX512-BF16
+    (AMD Zen 4), and 6x slower on CPUs with neither (bench/fast_decode.py, bench/generation.py)."""
     model: torch.nn.Module
     tokenizer: object
     name: str
@@ -142,20 +142,22 @@ CPU_BACKENDS = ("onnx", "torch")  # who generates on the CPU: ONNX Runtime (int8
 CPU_PREFILLS = ("auto", "bfloat16", "float32")  # auto: bfloat16 where the CPU has bf16 matrix units
 
 
-def cpu_has_bf16_matrix_units() -> bool:
-    """Whether this CPU multiplies bf16 matrices in hardware (Intel AMX-BF16, Sapphire Rapids and later),
-    as Linux reports it; False where that cannot be read."""
+def cpu_has_fast_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU multiplies bf16 in hardware, as Linux reports it (`cpuinfo`: /proc/cpuinfo's text):
+    Intel AMX-BF16 (Sapphire Rapids and later) or AVX512-BF16 dot products (AMD Zen 4 and later, Intel
+    Cooper Lake); False where that cannot be read."""
     try:
-        return "amx_bf16" in Path("/proc/cpuinfo").read_text().split()
+        cpuinfo = Path("/proc/cpuinfo").read_text() if cpuinfo is None else cpuinfo
     except OSError:
         return False
+    return bool({"amx_bf16", "avx512_bf16"} & set(cpuinfo.split()))
 
 
 def _prefill_dtype(cpu_prefill: str) -> torch.dtype | None:
     if cpu_prefill not in CPU_PREFILLS:
         raise ValueError(f"cpu_prefill must be one of {', '.join(CPU_PREFILLS)}, got {cpu_prefill!r}")
     if cpu_prefill == "auto":
-        cpu_prefill = "bfloat16" if cpu_has_bf16_matrix_units() else "float32"
+        cpu_prefill = "bfloat16" if cpu_has_fast_bf16() else "float32"
     return torch.bfloat16 if cpu_prefill == "bfloat16" else None
 
 

@@ -77,8 +77,12 @@ def test_a_bf16_prefill_keeps_the_logits_and_greedy_tokens(smol):
 def test_the_prefill_dtype_follows_the_cpu(monkeypatch):
     from dep_engine import llm as llm_module
 
-    for has_amx, expected in ((True, torch.bfloat16), (False, None)):
-        monkeypatch.setattr(llm_module, "cpu_has_bf16_matrix_units", lambda: has_amx)
+    flags = "processor : 0\nflags : fpu sse2 avx2 avx512f avx512bw"
+    assert not llm_module.cpu_has_fast_bf16(flags)
+    assert llm_module.cpu_has_fast_bf16(flags + " avx512_bf16 vaes")  # AMD Zen 4
+    assert llm_module.cpu_has_fast_bf16(flags + " amx_bf16 amx_tile")  # Intel Sapphire Rapids
+    for fast_bf16, expected in ((True, torch.bfloat16), (False, None)):
+        monkeypatch.setattr(llm_module, "cpu_has_fast_bf16", lambda: fast_bf16)
         assert llm_module._prefill_dtype("auto") == expected
     assert llm_module._prefill_dtype("float32") is None and llm_module._prefill_dtype("bfloat16") == torch.bfloat16
     with pytest.raises(ValueError, match="cpu_prefill must be one of auto, bfloat16, float32, got 'fp16'"):
