@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 import textwrap
 from pathlib import Path
@@ -34,7 +35,8 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
                        help="with ONNX Runtime, keep the KV cache in int8 (faster on long prompts) or float32")
     group.add_argument("--cpu-prefill", choices=CPU_PREFILLS, default=EngineConfig.cpu_prefill,
                        help="on the CPU, read prompts (and run training's forward passes) in bfloat16 (faster on "
-                            "CPUs with AMX, slower without) or float32; auto: bfloat16 where the CPU has AMX")
+                            "CPUs with AMX or AVX512-BF16, slower without) or float32; auto: bfloat16 where the CPU "
+                            "has either")
     group.add_argument("--style-features", choices=STYLE_SETS + ("on", "off"), default=None,
                        help="features appended to review vectors: rating-length, voice (also sentence length, "
                             "punctuation, first person, capitals, vocabulary, openings) or none; on = rating-length; "
@@ -227,6 +229,20 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         personalization=personalization(args), sampling=sampling(args)))
 
 
+def guidance_scales(text: str | None) -> tuple[float, ...]:
+    """--guidance 0.25,0.5,1 as positive floats; a bad value is named."""
+    scales = []
+    for part in (text.split(",") if text else []):
+        try:
+            scale = float(part)
+        except ValueError:
+            scale = -1.0
+        if not 0 < scale < math.inf:
+            raise ValueError(f"--guidance: {part.strip()!r} is not a positive number (expected e.g. 0.25,0.5,1)")
+        scales.append(scale)
+    return tuple(scales)
+
+
 def cmd_likelihood(args: argparse.Namespace) -> None:
     import json
 
@@ -234,13 +250,15 @@ def cmd_likelihood(args: argparse.Namespace) -> None:
     from .training import held_out_likelihood
 
     get_mode(args.mode)
+    scales = guidance_scales(args.guidance)
     if args.out and Path(args.out).is_dir():
         raise DataError(f"{args.out}: is a folder; --out names the JSON file to write")
     _check_paths(args)
     _quiet_model_loading()
     settings = TrainSettings(personalization=personalization(args), modes=(args.mode,), batch_size=args.batch_size,
                              seed=args.seed)
-    report = held_out_likelihood(DEPEngine(engine_config(args)), args.split, settings, args.limit)
+    report = held_out_likelihood(DEPEngine(engine_config(args)), args.split, settings, args.limit, scales,
+                                 args.his_oracle)
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:
@@ -315,6 +333,12 @@ def build_parser() -> argparse.ArgumentParser:
     lik.add_argument("--limit", type=int, default=None, help="number of users (default: all of the split)")
     lik.add_argument("--batch-size", type=int, default=8, help="samples per forward pass")
     lik.add_argument("--seed", type=int, default=0, help="seed of the shuffled partners and the bootstrap")
+    lik.add_argument("--guidance", default=None,
+                     help="comma-separated guidance scales (e.g. 0.25,0.5,1): the loss with own vectors under "
+                          "decode-time guidance toward the user at each, as `evaluate`'s dep@guidance=G decodes")
+    lik.add_argument("--his-oracle", action="store_true",
+                     help="also score with the target review's own vector in every his slot (no real request has "
+                          "it): how much the his channel could carry about the review to write")
     lik.add_argument("--out", default=None, help="JSON file for the report (default: print only)")
     lik.set_defaults(func=cmd_likelihood)
 

@@ -56,8 +56,14 @@ def guided_scores(scores: torch.Tensor, guides: Sequence[Guide]) -> torch.Tensor
         return scores
     out, logp = scores.clone(), scores.log_softmax(-1)
     for guide in guides:
-        out[guide.row] = logp[guide.row] + guide.scale * (logp[guide.row] - logp[guide.shadow])
+        out[guide.row] = guidance(logp[guide.row], logp[guide.shadow], guide.scale)
     return out
+
+
+def guidance(logp: torch.Tensor, logp_generic: torch.Tensor, scale: float) -> torch.Tensor:
+    """log p + scale * (log p - log p_generic): the user's log-probabilities pushed further from the generic
+    reviewer's (unnormalised; decoding and the likelihood control both renormalise)."""
+    return logp + scale * (logp - logp_generic)
 
 
 def left_pad(sequences: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,7 @@ is assigned one prompt mode from `modes` in turn, so one adapter serves his-only
 his+diff and DEP prompts.
 Held-out targets (validation and test users' target reviews) never enter a training sample's
 peers. The LLM's forward passes run under autocast to `LLM.prefill_dtype` where it is set (bf16 on CPUs
-with AMX: 1.6-1.8x a step); the adapter stays float32.
+with AMX or AVX512-BF16: 1.6-1.8x a step); the adapter stays float32.
 The checkpoint kept is the one with the lowest validation LM loss (generation-free, so cheap);
 it stores the population-average reviewer (mean his and diff vectors of the training samples).
 """
@@ -39,7 +39,7 @@ from .adapter import DEPAdapter, DEPAdapterConfig, active_fraction
 from .atomic import atomic_write
 from .data import Review, Sample
 from .engine import DEPEngine
-from .generation import prompt_embeddings
+from .generation import guidance, prompt_embeddings
 from .llm import autocast_to, forward_with_cache
 from .prompt import PromptIds
 from .settings import PersonalizationSettings
@@ -142,6 +142,14 @@ def batch_loss(engine: DEPEngine, adapter: DEPAdapter, batch: list[Prepared],
                borrowed: Sequence[Prepared | Vectors] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-sample LM loss, SAE loss). `borrowed[i]`, if given, supplies sample i's his/diff
     vectors (another user's, or the population's); its rows are cycled to the slots' count."""
+    logits, sae_loss = target_logits(engine, adapter, batch, borrowed)
+    losses = [F.cross_entropy(row, torch.tensor(sample.target, device=row.device)) for row, sample in zip(logits, batch)]
+    return torch.stack(losses), sae_loss
+
+
+def target_logits(engine: DEPEngine, adapter: DEPAdapter, batch: list[Prepared],
+                  borrowed: Sequence[Prepared | Vectors] | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """(each sample's float32 next-token logits at its target tokens, SAE loss); `borrowed` as in `batch_loss`."""
     llm = engine.llm
     sources = borrowed or batch
     his_rows, diff_rows = [], []
@@ -172,18 +180,17 @@ def batch_loss(engine: DEPEngine, adapter: DEPAdapter, batch: list[Prepared],
     # Positions before the batch's first soft token hold the same constants at every step: run them
     # without autograd and keep only their keys and values, so the backward pass skips them.
     frozen = min(min(s.prompt.his_positions + s.prompt.diff_positions, default=len(s.prompt.ids)) for s in batch)
-    losses = []
-    with autocast_to(llm.prefill_dtype, llm.device.type):  # bf16 on CPUs with AMX (1.6-1.8x a step), else as is
+    logits = []
+    with autocast_to(llm.prefill_dtype, llm.device.type):  # bf16 on CPUs with bf16 units (1.6-1.8x a step), else as is
         with torch.no_grad():
             past = forward_with_cache(llm.model.base_model, inputs_embeds=inputs[:, :frozen],
                                       attention_mask=mask[:, :frozen])[1] if frozen else None
         hidden = forward_with_cache(llm.model.base_model, past, inputs_embeds=inputs[:, frozen:],
                                     attention_mask=mask)[0].last_hidden_state
-        for row, ((start, count), sample) in enumerate(zip(spans, batch)):
-            start -= frozen
-            logits = llm.model.get_output_embeddings()(hidden[row, start:start + count]).float()  # target tokens only
-            losses.append(F.cross_entropy(logits, torch.tensor(sample.target, device=llm.device)))
-    return torch.stack(losses), out["sae_loss"]
+        for row, (start, count) in enumerate(spans):
+            start -= frozen  # target tokens only
+            logits.append(llm.model.get_output_embeddings()(hidden[row, start:start + count]).float())
+    return logits, out["sae_loss"]
 
 
 def contrast_partners(batch: list[Prepared], settings: TrainSettings, step: int,
@@ -226,22 +233,49 @@ def training_loss(engine: DEPEngine, adapter: DEPAdapter, batch: list[Prepared],
 
 
 def evaluate_loss(engine: DEPEngine, adapter: DEPAdapter, samples: list[Prepared], batch_size: int,
-                  vectors: str = "own", seed: int = 0) -> np.ndarray:
+                  vectors: str | Sequence[Vectors] = "own", seed: int = 0) -> np.ndarray:
     """Per-sample LM loss of the targets with each sample's own his/diff vectors, another user's
-    ("shuffled": a derangement drawn with `seed`) or the population-average reviewer's ("population")."""
-    if vectors not in VECTOR_SOURCES:
-        raise ValueError(f"vectors must be one of {', '.join(VECTOR_SOURCES)}, got {vectors!r}")
+    ("shuffled": a derangement drawn with `seed`), the population-average reviewer's ("population"),
+    or given ones (one `Vectors` per sample, for instance an oracle's)."""
+    given = None if isinstance(vectors, str) else list(vectors)
+    if given is None and vectors not in VECTOR_SOURCES:
+        raise ValueError(f"vectors must be one of {', '.join(VECTOR_SOURCES)} or one Vectors per sample, "
+                         f"got {vectors!r}")
+    if given is not None and len(given) != len(samples):
+        raise ValueError(f"{len(given)} given vectors for {len(samples)} samples")
     partner = derangement(len(samples), seed)
     population = generic_reviewer(adapter)
     losses = []
     with torch.no_grad():
-        for start in tqdm(range(0, len(samples), batch_size), desc=f"LM loss with {vectors} vectors",
-                          unit="batch", leave=False):
+        for start in tqdm(range(0, len(samples), batch_size), leave=False, unit="batch",
+                          desc=f"LM loss with {'given' if given else vectors} vectors"):
             batch = samples[start:start + batch_size]
-            borrowed = {"own": None, "population": [population] * len(batch),
-                        "shuffled": [samples[partner[i]] for i in range(start, start + len(batch))]}[vectors]
+            borrowed = given[start:start + len(batch)] if given else {
+                "own": None, "population": [population] * len(batch),
+                "shuffled": [samples[partner[i]] for i in range(start, start + len(batch))]}[vectors]
             losses.append(batch_loss(engine, adapter, batch, borrowed)[0].cpu())
     return torch.cat(losses).numpy() if losses else np.zeros(0)
+
+
+def guided_loss(engine: DEPEngine, adapter: DEPAdapter, samples: list[Prepared], batch_size: int,
+                scales: Sequence[float]) -> tuple[np.ndarray, dict[float, np.ndarray]]:
+    """Per-sample LM loss of the targets with the population-average reviewer's vectors, and with the
+    sample's own vectors under decode-time guidance at each scale (`generation.guidance`; scale 0 is the
+    plain own loss): which guidance makes the user's real next review likeliest, without generating."""
+    population = generic_reviewer(adapter)
+    generic_losses, guided = [], {scale: [] for scale in scales}
+    with torch.no_grad():
+        for start in tqdm(range(0, len(samples), batch_size), desc="LM loss with own and population vectors",
+                          unit="batch", leave=False):
+            batch = samples[start:start + batch_size]
+            own = target_logits(engine, adapter, batch)[0]
+            generic = target_logits(engine, adapter, batch, [population] * len(batch))[0]
+            targets = [torch.tensor(sample.target, device=row.device) for row, sample in zip(own, batch)]
+            generic_losses += [F.cross_entropy(g, t).item() for g, t in zip(generic, targets)]
+            for scale in scales:
+                guided[scale] += [F.cross_entropy(guidance(o.log_softmax(-1), g.log_softmax(-1), scale), t).item()
+                                  for o, g, t in zip(own, generic, targets)]
+    return np.array(generic_losses), {scale: np.array(losses) for scale, losses in guided.items()}
 
 
 def _lr_at(step: int, total: int, settings: TrainSettings) -> float:
@@ -328,32 +362,54 @@ def sae_active_fraction(adapter: DEPAdapter, samples: list[Prepared]) -> float:
 
 
 def personal_likelihood(engine: DEPEngine, adapter: DEPAdapter, samples: list[Prepared], batch_size: int,
-                        seed: int = 0) -> dict:
+                        seed: int = 0, guidance_scales: Sequence[float] = (),
+                        his_oracle: Sequence[Vectors] | None = None) -> dict:
     """How much likelier held-out targets are with their own vectors than with another user's or the
     population-average reviewer's (the generic mode): mean LM loss in nats per target token each way
-    and the paired gaps. It needs no generation, so it reads the person in the vectors without the
-    sampling noise that makes one generated text per user mostly chance."""
+    and the paired gaps; with `guidance_scales`, the same under decode-time guidance at each scale,
+    against the unguided own loss; with `his_oracle` (one `Vectors` per sample), the loss with those
+    vectors, against the own loss and the population's. It needs no generation, so it reads the person in the vectors
+    without the sampling noise that makes one generated text per user mostly chance."""
     from .metrics import paired_bootstrap
 
-    own = evaluate_loss(engine, adapter, samples, batch_size)
+    population, guided = guided_loss(engine, adapter, samples, batch_size, (0.0, *guidance_scales))
+    own = guided[0.0]
     shuffled = evaluate_loss(engine, adapter, samples, batch_size, "shuffled", seed)
-    population = evaluate_loss(engine, adapter, samples, batch_size, "population")
-    return {"lm_loss_own": float(own.mean()), "lm_loss_shuffled_users": float(shuffled.mean()),
-            "lm_loss_population": float(population.mean()),
-            "gain_over_shuffled_nats": paired_bootstrap(shuffled, own),
-            "gain_over_population_nats": paired_bootstrap(population, own), "n": int(len(own)),
-            "sae_active_fraction": sae_active_fraction(adapter, samples)}
+    report = {"lm_loss_own": float(own.mean()), "lm_loss_shuffled_users": float(shuffled.mean()),
+              "lm_loss_population": float(population.mean()),
+              "gain_over_shuffled_nats": paired_bootstrap(shuffled, own),
+              "gain_over_population_nats": paired_bootstrap(population, own), "n": int(len(own)),
+              "sae_active_fraction": sae_active_fraction(adapter, samples)}
+    if guidance_scales:
+        report["guidance"] = {f"{scale:g}": {"lm_loss": float(guided[scale].mean()),
+                                             "gain_over_unguided_nats": paired_bootstrap(own, guided[scale]),
+                                             "gain_over_population_nats": paired_bootstrap(population, guided[scale])}
+                              for scale in guidance_scales}
+    if his_oracle is not None:
+        oracle = evaluate_loss(engine, adapter, samples, batch_size, his_oracle)
+        report["his_oracle"] = {"lm_loss": float(oracle.mean()), "gain_over_own_nats": paired_bootstrap(own, oracle),
+                                "gain_over_population_nats": paired_bootstrap(population, oracle)}
+    return report
 
 
-def held_out_likelihood(engine: DEPEngine, split: str, settings: TrainSettings, limit: int | None = None) -> dict:
+def held_out_likelihood(engine: DEPEngine, split: str, settings: TrainSettings, limit: int | None = None,
+                        guidance_scales: Sequence[float] = (), his_oracle: bool = False) -> dict:
     """`personal_likelihood` of the engine's adapter on validation or test users' targets, their peers
-    drawn as in training (no held-out target among them), every prompt in the first of `settings.modes`."""
+    drawn as in training (no held-out target among them), every prompt in the first of `settings.modes`.
+    `his_oracle`: also with the target review's own vector in every his slot (diff slots keep the
+    user's), which no real request has: how much the his channel could carry about the review to write."""
     raw = {"val": validation_samples, "test": test_samples}[split](engine.dataset.reviews)
     raw = raw[:limit] if limit else raw
     store = engine.store.without(held_out_targets(engine.dataset.reviews))
     one_mode = replace(settings, modes=settings.modes[:1])
     samples = prepare(engine, raw, one_mode, f"preparing {split} samples", store)
-    report = personal_likelihood(engine, engine.adapter, samples, settings.batch_size, settings.seed)
+    oracle = None
+    if his_oracle:
+        targets = {(s.target.user_id, s.target.item_id): s.target for s in raw}
+        his = engine.store.embed_reviews([targets[s.user_id, s.item_id] for s in samples])
+        oracle = [Vectors(row[None], s.diff) for row, s in zip(his, samples)]
+    report = personal_likelihood(engine, engine.adapter, samples, settings.batch_size, settings.seed,
+                                 guidance_scales, oracle)
     return {"split": split, "mode": one_mode.modes[0], **report}
 
 

@@ -85,6 +85,8 @@ BAD_ARGUMENTS = [
     (["likelihood", "--mode", "bogus"], "bogus"),
     (["likelihood", "--adapter", "no_such_adapter"], "no_such_adapter"),
     (["likelihood", "--out", "{tmp}"], "is a folder"),
+    (["likelihood", "--guidance", "0.5,0"], "--guidance: '0' is not a positive number"),
+    (["likelihood", "--guidance", "0.5,x"], "--guidance: 'x' is not a positive number"),
 ]
 
 

@@ -10,8 +10,9 @@ from dep_engine.engine import DEPEngine, EngineConfig
 from dep_engine.generation import prompt_embeddings
 from dep_engine.settings import PersonalizationSettings, SamplingSettings
 from dep_engine.splits import training_samples
-from dep_engine.training import (TrainSettings, batch_loss, contrast_partners, datasets, evaluate_loss,
-                                 generic_reviewer, held_out_likelihood, new_adapter, prepare, train, training_loss)
+from dep_engine.training import (TrainSettings, Vectors, batch_loss, contrast_partners, datasets, evaluate_loss,
+                                 generic_reviewer, guided_loss, held_out_likelihood, new_adapter, prepare, train,
+                                 training_loss)
 from dep_engine import splits
 
 from conftest import TINY_LLM
@@ -111,8 +112,32 @@ def test_population_vectors_are_the_generic_reviewers(tiny_engine):
         evaluate_loss(tiny_engine, adapter, as_generic, 2, "population").tolist(), abs=1e-6)
     own, generic = (evaluate_loss(tiny_engine, adapter, samples, 2, v) for v in ("own", "population"))
     assert abs(own - generic).max() > 1e-4
+    given = [Vectors(s.his, s.diff) for s in samples]  # given vectors: each sample's own, passed in
+    assert evaluate_loss(tiny_engine, adapter, samples, 2, given).tolist() == pytest.approx(own.tolist(), abs=1e-6)
     with pytest.raises(ValueError, match="vectors"):
         evaluate_loss(tiny_engine, adapter, samples, 2, "peers")
+    with pytest.raises(ValueError, match="3 given vectors for 4 samples"):
+        evaluate_loss(tiny_engine, adapter, samples, 2, given[:3])
+
+
+def test_guided_loss_is_the_own_loss_at_scale_zero_and_where_the_user_is_the_population(tiny_engine):
+    """The likelihood under decode-time guidance: scale 0 is the plain own loss and the generic loss is
+    the population's; guidance moves a real sample's loss, and none where the user's vectors are the
+    population's (nothing to amplify)."""
+    settings = TrainSettings(personalization=PersonalizationSettings(k=2, words_per_review=10), max_target_tokens=8)
+    samples = prepare(tiny_engine, training_samples(tiny_engine.dataset.reviews)[:4], settings, "test")
+    torch.manual_seed(3)
+    adapter = new_adapter(tiny_engine, settings, samples)
+    generic, guided = guided_loss(tiny_engine, adapter, samples, 2, (0.0, 1.0, 2.0))
+    assert guided[0.0].tolist() == pytest.approx(evaluate_loss(tiny_engine, adapter, samples, 2).tolist(), abs=1e-5)
+    assert generic.tolist() == pytest.approx(evaluate_loss(tiny_engine, adapter, samples, 2, "population").tolist(),
+                                             abs=1e-5)
+    assert abs(guided[1.0] - guided[0.0]).min() > 1e-4 and abs(guided[2.0] - guided[1.0]).min() > 1e-4
+    population = generic_reviewer(adapter)
+    as_generic = [dataclasses.replace(s, his=population.his.repeat(len(s.his), 0),
+                                      diff=population.diff.repeat(len(s.diff), 0)) for s in samples]
+    _, unmoved = guided_loss(tiny_engine, adapter, as_generic, 2, (0.0, 2.0))
+    assert unmoved[2.0].tolist() == pytest.approx(unmoved[0.0].tolist(), abs=1e-5)
 
 
 def test_population_contrast_holds_the_generic_loss_fixed(tiny_engine):
@@ -140,11 +165,19 @@ def test_held_out_likelihood_reads_held_out_users_in_one_mode(tiny_engine, monke
                              modes=("dep", "his"), batch_size=4)
     torch.manual_seed(4)
     monkeypatch.setattr(tiny_engine, "adapter", DEPAdapter(tiny_engine.adapter.config))
-    report = held_out_likelihood(tiny_engine, "val", settings, limit=6)
+    report = held_out_likelihood(tiny_engine, "val", settings, limit=6, guidance_scales=(0.5, 2.0), his_oracle=True)
     assert report["split"] == "val" and report["mode"] == "dep" and 0 < report["n"] <= 6
-    for key in ("gain_over_shuffled_nats", "gain_over_population_nats"):
-        gap = report[key]
+    guided = report["guidance"]
+    assert list(guided) == ["0.5", "2"]
+    for gap in (report["gain_over_shuffled_nats"], report["gain_over_population_nats"],
+                guided["2"]["gain_over_unguided_nats"], guided["2"]["gain_over_population_nats"]):
         assert gap["low"] <= gap["mean_diff"] <= gap["high"] and gap["mean_diff"] != 0
+    assert guided["2"]["gain_over_unguided_nats"]["mean_diff"] == pytest.approx(
+        report["lm_loss_own"] - guided["2"]["lm_loss"], abs=1e-6)
+    oracle = report["his_oracle"]  # the target's own vector in the his slots: another loss than the user's
+    gap = oracle["gain_over_own_nats"]
+    assert gap["low"] <= gap["mean_diff"] <= gap["high"] and gap["mean_diff"] != 0
+    assert gap["mean_diff"] == pytest.approx(report["lm_loss_own"] - oracle["lm_loss"], abs=1e-5)
     test_users = {s.target.user_id for s in splits.test_samples(tiny_engine.dataset.reviews)[:3]}
     assert 0 < held_out_likelihood(tiny_engine, "test", settings, limit=3)["n"] <= len(test_users)
 
