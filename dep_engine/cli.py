@@ -259,11 +259,10 @@ def cmd_likelihood(args: argparse.Namespace) -> None:
                              seed=args.seed)
     report = held_out_likelihood(DEPEngine(engine_config(args)), args.split, settings, args.limit, scales,
                                  args.his_oracle)
-    text = json.dumps(report, indent=2)
-    print(text)
+    print(json.dumps({key: value for key, value in report.items() if key != "per_sample"}, indent=2))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
 
 
 def cmd_pool(args: argparse.Namespace) -> None:

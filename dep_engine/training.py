@@ -143,7 +143,8 @@ def batch_loss(engine: DEPEngine, adapter: DEPAdapter, batch: list[Prepared],
     """(per-sample LM loss, SAE loss). `borrowed[i]`, if given, supplies sample i's his/diff
     vectors (another user's, or the population's); its rows are cycled to the slots' count."""
     logits, sae_loss = target_logits(engine, adapter, batch, borrowed)
-    losses = [F.cross_entropy(row, torch.tensor(sample.target, device=row.device)) for row, sample in zip(logits, batch)]
+    losses = [F.cross_entropy(row, torch.tensor(sample.target, device=row.device))
+              for row, sample in zip(logits, batch)]
     return torch.stack(losses), sae_loss
 
 
@@ -366,10 +367,11 @@ def personal_likelihood(engine: DEPEngine, adapter: DEPAdapter, samples: list[Pr
                         his_oracle: Sequence[Vectors] | None = None) -> dict:
     """How much likelier held-out targets are with their own vectors than with another user's or the
     population-average reviewer's (the generic mode): mean LM loss in nats per target token each way
-    and the paired gaps; with `guidance_scales`, the same under decode-time guidance at each scale,
-    against the unguided own loss; with `his_oracle` (one `Vectors` per sample), the loss with those
-    vectors, against the own loss and the population's. It needs no generation, so it reads the person in the vectors
-    without the sampling noise that makes one generated text per user mostly chance."""
+    and the paired gaps, and each sample's three losses (`per_sample`: to pair runs of other settings);
+    with `guidance_scales`, the same under decode-time guidance at each scale, against the unguided own
+    loss; with `his_oracle` (one `Vectors` per sample), the loss with those vectors, against the own
+    loss and the population's. It needs no generation, so it reads the person in the vectors without
+    the sampling noise that makes one generated text per user mostly chance."""
     from .metrics import paired_bootstrap
 
     population, guided = guided_loss(engine, adapter, samples, batch_size, (0.0, *guidance_scales))
@@ -379,7 +381,9 @@ def personal_likelihood(engine: DEPEngine, adapter: DEPAdapter, samples: list[Pr
               "lm_loss_population": float(population.mean()),
               "gain_over_shuffled_nats": paired_bootstrap(shuffled, own),
               "gain_over_population_nats": paired_bootstrap(population, own), "n": int(len(own)),
-              "sae_active_fraction": sae_active_fraction(adapter, samples)}
+              "sae_active_fraction": sae_active_fraction(adapter, samples),
+              "per_sample": [{"user_id": s.user_id, "item_id": s.item_id, "own": float(o), "shuffled": float(sh),
+                              "population": float(po)} for s, o, sh, po in zip(samples, own, shuffled, population)]}
     if guidance_scales:
         report["guidance"] = {f"{scale:g}": {"lm_loss": float(guided[scale].mean()),
                                              "gain_over_unguided_nats": paired_bootstrap(own, guided[scale]),
@@ -485,6 +489,7 @@ def train(engine: DEPEngine, settings: TrainSettings, resume: bool = True) -> Pa
 
     best_adapter = DEPAdapter.from_pretrained(out).to(engine.llm.device).eval()
     control = personal_likelihood(engine, best_adapter, val_set, settings.batch_size, settings.seed)
+    del control["per_sample"]  # the means and gaps go in the adapter's config, not 128 rows of losses
     control["val_lm_loss_before_training"] = json.loads(log_path.read_text().splitlines()[0]).get("val_lm_loss")
     control["steps_done"] = step
     print(json.dumps(control, indent=2))

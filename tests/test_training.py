@@ -178,6 +178,13 @@ def test_held_out_likelihood_reads_held_out_users_in_one_mode(tiny_engine, monke
     gap = oracle["gain_over_own_nats"]
     assert gap["low"] <= gap["mean_diff"] <= gap["high"] and gap["mean_diff"] != 0
     assert gap["mean_diff"] == pytest.approx(report["lm_loss_own"] - oracle["lm_loss"], abs=1e-5)
+    rows = report["per_sample"]  # each validation user's target once, its losses averaging to the report's
+    assert len(rows) == report["n"] == len({(r["user_id"], r["item_id"]) for r in rows})
+    val_targets = {(s.target.user_id, s.target.item_id) for s in splits.validation_samples(tiny_engine.dataset.reviews)}
+    assert {(r["user_id"], r["item_id"]) for r in rows} <= val_targets
+    for key, mean in (("own", "lm_loss_own"), ("shuffled", "lm_loss_shuffled_users"),
+                      ("population", "lm_loss_population")):
+        assert sum(r[key] for r in rows) / len(rows) == pytest.approx(report[mean], abs=1e-5)
     test_users = {s.target.user_id for s in splits.test_samples(tiny_engine.dataset.reviews)[:3]}
     assert 0 < held_out_likelihood(tiny_engine, "test", settings, limit=3)["n"] <= len(test_users)
 
