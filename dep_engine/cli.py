@@ -190,6 +190,8 @@ TRAIN_OPTIONS = (
     ("contrast_margin", float, "nats per token own vectors should beat another user's by"),
     ("contrast_partner", str, "whose vectors the contrast uses: batch (a batch-mate), same-item (a reviewer of the "
                               "same product) or population (the generic reviewer, its loss held fixed)"),
+    ("his_oracle_rate", float, "share of training samples with their own target review's vector in every his slot "
+                               "(a restating task: the slots learn to carry a review's content)"),
     ("max_minutes", float, "stop after this many minutes, keeping the best checkpoint"),
     ("init_from", str, "a trained adapter folder to fine-tune instead of starting from fresh weights"),
     ("eval_every", int, "optimizer steps between validations"),

@@ -73,6 +73,7 @@ class TrainSettings:
     contrast_weight: float = 0.0       # weight of the own-vs-another-user's-vectors margin term
     contrast_margin: float = 0.1       # nats per token the own vectors should beat another user's by
     contrast_partner: str = "batch"    # "batch" (a batch-mate), "same-item" (same product) or "population"
+    his_oracle_rate: float = 0.0       # share of training samples with their own target's vector in every his slot
     max_minutes: float | None = None   # stop training after this long (the best checkpoint is kept)
     init_from: str | None = None       # a trained adapter folder to start from (fine-tuning) instead of fresh weights
     eval_every: int = 200              # optimizer steps between validations
@@ -330,7 +331,29 @@ def datasets(engine: DEPEngine, settings: TrainSettings) -> tuple[list[Prepared]
     partners = train_set
     if settings.contrast_weight and settings.contrast_partner == "same-item" and rest:
         partners = train_set + prepare(engine, rest, settings, "preparing contrast partners", store)
+    if settings.his_oracle_rate:
+        train_set = with_his_oracle(engine, train_set, train_raw, settings.his_oracle_rate, settings.seed)
     return train_set, val_set, partners
+
+
+def target_vectors(engine: DEPEngine, samples: list[Prepared], raw: list[Sample]) -> np.ndarray:
+    """(n, d) each prepared sample's target review as the pool embeds it (text and style features)."""
+    targets = {(s.target.user_id, s.target.item_id): s.target for s in raw}
+    return engine.store.embed_reviews([targets[s.user_id, s.item_id] for s in samples])
+
+
+def with_his_oracle(engine: DEPEngine, samples: list[Prepared], raw: list[Sample], rate: float,
+                    seed: int) -> list[Prepared]:
+    """The samples, a share `rate` of them (drawn with `seed`) with their target review's own vector in
+    every his slot: a restating task, so that the slots learn to carry a review's content (round 11 found
+    that, trained on past reviews alone, they carry almost none)."""
+    if not 0 < rate <= 1:
+        raise ValueError(f"his_oracle_rate must be in (0, 1], got {rate}")
+    chosen = sorted(random.Random(seed).sample(range(len(samples)), round(rate * len(samples))))
+    out = list(samples)
+    for n, row in zip(chosen, target_vectors(engine, [samples[n] for n in chosen], raw)):
+        out[n] = replace(samples[n], his=np.repeat(row[None], len(samples[n].his), axis=0))
+    return out
 
 
 def new_adapter(engine: DEPEngine, settings: TrainSettings, train_set: list[Prepared]) -> DEPAdapter:
@@ -409,9 +432,7 @@ def held_out_likelihood(engine: DEPEngine, split: str, settings: TrainSettings, 
     samples = prepare(engine, raw, one_mode, f"preparing {split} samples", store)
     oracle = None
     if his_oracle:
-        targets = {(s.target.user_id, s.target.item_id): s.target for s in raw}
-        his = engine.store.embed_reviews([targets[s.user_id, s.item_id] for s in samples])
-        oracle = [Vectors(row[None], s.diff) for row, s in zip(his, samples)]
+        oracle = [Vectors(row[None], s.diff) for row, s in zip(target_vectors(engine, samples, raw), samples)]
     report = personal_likelihood(engine, engine.adapter, samples, settings.batch_size, settings.seed,
                                  guidance_scales, oracle)
     return {"split": split, "mode": one_mode.modes[0], **report}

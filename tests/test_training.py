@@ -2,6 +2,7 @@
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,7 +13,7 @@ from dep_engine.settings import PersonalizationSettings, SamplingSettings
 from dep_engine.splits import training_samples
 from dep_engine.training import (TrainSettings, Vectors, batch_loss, contrast_partners, datasets, evaluate_loss,
                                  generic_reviewer, guided_loss, held_out_likelihood, new_adapter, prepare, train,
-                                 training_loss)
+                                 training_loss, with_his_oracle)
 from dep_engine import splits
 
 from conftest import TINY_LLM
@@ -138,6 +139,31 @@ def test_guided_loss_is_the_own_loss_at_scale_zero_and_where_the_user_is_the_pop
                                       diff=population.diff.repeat(len(s.diff), 0)) for s in samples]
     _, unmoved = guided_loss(tiny_engine, adapter, as_generic, 2, (0.0, 2.0))
     assert unmoved[2.0].tolist() == pytest.approx(unmoved[0.0].tolist(), abs=1e-5)
+
+
+def test_his_oracle_puts_the_target_review_in_a_share_of_the_his_slots(tiny_engine):
+    """The restating task: a seeded half of the training samples hold their own target review's pool
+    vector in every his slot; the rest, their diff slots and targets are untouched."""
+    settings = TrainSettings(personalization=PersonalizationSettings(k=2, words_per_review=10), max_target_tokens=8)
+    raw = training_samples(tiny_engine.dataset.reviews)[:8]
+    samples = prepare(tiny_engine, raw, settings, "test")
+    mixed = with_his_oracle(tiny_engine, samples, raw, 0.5, seed=0)
+    targets = {(s.target.user_id, s.target.item_id): s.target for s in raw}
+    changed = [n for n, (before, after) in enumerate(zip(samples, mixed)) if not np.array_equal(before.his, after.his)]
+    assert len(changed) == round(len(samples) / 2)
+    for n in changed:
+        target = tiny_engine.store.embed_reviews([targets[samples[n].user_id, samples[n].item_id]])[0]
+        assert mixed[n].his.shape == samples[n].his.shape and (mixed[n].his == target).all()
+    for before, after in zip(samples, mixed):
+        assert np.array_equal(before.diff, after.diff) and before.target == after.target
+    every = {(s.target.user_id, s.target.item_id): s.target for s in training_samples(tiny_engine.dataset.reviews)}
+    train_set = datasets(tiny_engine, dataclasses.replace(settings, his_oracle_rate=0.25, max_samples=8,
+                                                          val_samples=2))[0]
+    restating = [s for s in train_set
+                 if (s.his == tiny_engine.store.embed_reviews([every[s.user_id, s.item_id]])).all()]
+    assert len(restating) == round(len(train_set) / 4)  # training uses the setting
+    with pytest.raises(ValueError, match="his_oracle_rate must be in"):
+        with_his_oracle(tiny_engine, samples, raw, 1.5, seed=0)
 
 
 def test_population_contrast_holds_the_generic_loss_fixed(tiny_engine):
