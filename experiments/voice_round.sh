@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU round behind assets/adapter/README.md ("What was tried", round 3): train every variant at
-# once on one GPU, then generate for the validation users (to choose) and the test users (to report
-# the chosen one once). Metrics and the voice measures are computed afterwards on a CPU from the
-# generations (the same `evaluate` command without --generate-only finds them done and scores them).
+# once on one GPU, read each one's likelihood control (and his-oracle) on the validation users, then
+# generate for the validation users (to choose) and the test users (to report the chosen one once).
+# Metrics and the voice measures are computed afterwards on a CPU from the generations (the same
+# `evaluate` command without --generate-only finds them done and scores them).
 # Usage: bash experiments/voice_round.sh OUT_DIR [MINUTES] [VARIANTS_FILE]; the variants file
 # (default: round 3's) has one line per variant, "name | train arguments | evaluate arguments".
 # DEVICE, EXTRA_TRAIN and EXTRA_EVAL (for a quick CPU rehearsal) change the device and add arguments.
@@ -26,6 +27,12 @@ for name in "${!VARIANTS[@]}"; do
   # shellcheck disable=SC2086
   python3 -m dep_engine train "${COMMON[@]}" "${TRAIN[@]}" ${VARIANTS[$name]} --out "$OUT/$name" \
     > "$OUT/$name.train.log" 2>&1 &
+done
+wait
+for name in "${!VARIANTS[@]}"; do  # the likelihood control and the his-oracle, no generation (round 11)
+  [[ -f "$OUT/$name/adapter_config.json" ]] || continue
+  python3 -m dep_engine likelihood "${COMMON[@]}" --adapter "$OUT/$name" --split val --his-oracle \
+    --out "$OUT/$name/likelihood-val.json" > "$OUT/$name.likelihood.log" 2>&1 &
 done
 wait
 for split in val test; do

@@ -72,6 +72,25 @@ def test_readme_commands_parse_and_name_files_that_exist():
     assert any("assets/examples/my_reviews.csv" in argv for argv in commands)
 
 
+SCRIPT_TRAIN_ARGS = shlex.split("--device cuda --no-4bit --epochs 3 --batch-size 32 --lr 1e-3 --eval-every 50 "
+                                "--val-samples 128 --max-minutes 5")  # experiments/voice_round.sh's COMMON and TRAIN
+
+
+@pytest.mark.parametrize("variants", sorted((ROOT / "experiments").glob("*.variants")), ids=lambda p: p.name)
+def test_gpu_round_variants_parse(variants):
+    """Every variant the GPU script trains, scores and evaluates parses (with the script's own arguments),
+    so a lent GPU's minutes are not lost to a typo."""
+    parser = cli.build_parser()
+    lines = [line for line in variants.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    assert lines
+    for line in lines:
+        name, train_args, eval_args = (part.strip() for part in line.split("|"))
+        train = parser.parse_args(["train", *SCRIPT_TRAIN_ARGS, *shlex.split(train_args), "--out", f"runs/{name}"])
+        evaluate = parser.parse_args(["evaluate", *shlex.split(eval_args), "--out", f"runs/{name}/val"])
+        likelihood = parser.parse_args(["likelihood", "--adapter", f"runs/{name}", "--his-oracle", "--out", "x.json"])
+        assert (train.func, evaluate.func, likelihood.func) == (cli.cmd_train, cli.cmd_evaluate, cli.cmd_likelihood)
+
+
 BAD_ARGUMENTS = [
     (["generate", "--history", "no_such_history.csv", "--item-title", "A capo"], "no_such_history.csv"),
     (["generate", "--adapter", "no_such_adapter"], "no_such_adapter"),
