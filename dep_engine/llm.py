@@ -139,7 +139,7 @@ def resolve_llm(name: str) -> tuple[str, str | None]:
 
 CPU_DECODE_DTYPES = {"bfloat16": torch.bfloat16, "float32": None}  # None: the model decodes itself, in fp32
 CPU_BACKENDS = ("onnx", "torch")  # who generates on the CPU: ONNX Runtime (int8), or PyTorch in CPU_DECODE_DTYPES
-CPU_PREFILLS = ("auto", "bfloat16", "float32")  # auto: bfloat16 where the CPU has bf16 matrix units
+CPU_PREFILLS = ("auto", "bfloat16", "float32")  # auto: bfloat16 where `cpu_has_fast_bf16`
 
 
 def cpu_has_fast_bf16(cpuinfo: str | None = None) -> bool:

@@ -250,9 +250,9 @@ def evaluate_loss(engine: DEPEngine, adapter: DEPAdapter, samples: list[Prepared
     losses = []
     with torch.no_grad():
         for start in tqdm(range(0, len(samples), batch_size), leave=False, unit="batch",
-                          desc=f"LM loss with {'given' if given else vectors} vectors"):
+                          desc=f"LM loss with {'given' if given is not None else vectors} vectors"):
             batch = samples[start:start + batch_size]
-            borrowed = given[start:start + len(batch)] if given else {
+            borrowed = given[start:start + len(batch)] if given is not None else {
                 "own": None, "population": [population] * len(batch),
                 "shuffled": [samples[partner[i]] for i in range(start, start + len(batch))]}[vectors]
             losses.append(batch_loss(engine, adapter, batch, borrowed)[0].cpu())
