@@ -79,6 +79,13 @@ class TrainSettings:
     eval_every: int = 200              # optimizer steps between validations
     seed: int = 42
 
+    def __post_init__(self):  # refused here, so that the CLI names a bad value before any model loads
+        if self.contrast_partner not in CONTRAST_PARTNERS:
+            raise ValueError(f"contrast_partner must be one of {', '.join(CONTRAST_PARTNERS)}, "
+                             f"got {self.contrast_partner!r}")
+        if not 0 <= self.his_oracle_rate <= 1:
+            raise ValueError(f"his_oracle_rate must be in [0, 1], got {self.his_oracle_rate}")
+
 
 class Vectors(NamedTuple):
     """His and diff vectors that stand in for a sample's own (rows are cycled to its slots)."""
@@ -347,8 +354,6 @@ def with_his_oracle(engine: DEPEngine, samples: list[Prepared], raw: list[Sample
     """The samples, a share `rate` of them (drawn with `seed`) with their target review's own vector in
     every his slot: a restating task, so that the slots learn to carry a review's content (round 11 found
     that, trained on past reviews alone, they carry almost none)."""
-    if not 0 < rate <= 1:
-        raise ValueError(f"his_oracle_rate must be in (0, 1], got {rate}")
     chosen = sorted(random.Random(seed).sample(range(len(samples)), round(rate * len(samples))))
     out = list(samples)
     for n, row in zip(chosen, target_vectors(engine, [samples[n] for n in chosen], raw)):
@@ -445,8 +450,6 @@ def train(engine: DEPEngine, settings: TrainSettings, resume: bool = True) -> Pa
     out.mkdir(parents=True, exist_ok=True)
     random.seed(settings.seed)
     torch.manual_seed(settings.seed)
-    if settings.contrast_partner not in CONTRAST_PARTNERS:
-        raise ValueError(f"contrast_partner must be one of {', '.join(CONTRAST_PARTNERS)}, got {settings.contrast_partner!r}")
     train_set, val_set, partners = datasets(engine, settings)
     by_item: dict[str, list[Prepared]] = {}
     for sample in partners:

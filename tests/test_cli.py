@@ -98,6 +98,8 @@ BAD_ARGUMENTS = [
     (["generate", "--modes", "generic,bogus"], "bogus"),
     (["train", "--modes", "his,bogus", "--out", "{tmp}/adapter"], "bogus"),
     (["train", "--data", "no_such_data", "--out", "{tmp}/adapter"], "no_such_data"),
+    (["train", "--his-oracle-rate", "1.5", "--out", "{tmp}/adapter"], "his_oracle_rate must be in [0, 1], got 1.5"),
+    (["train", "--contrast-partner", "bogus", "--out", "{tmp}/adapter"], "'bogus'"),
     (["evaluate", "--methods", "dep,bogus@k=2", "--out", "{tmp}/eval"], "bogus"),
     (["evaluate", "--eval-reviews", "no_such_reviews", "--out", "{tmp}/eval"], "no_such_reviews"),
     (["evaluate", "--adapter", "no_such_adapter", "--out", "{tmp}/eval"], "no_such_adapter"),
