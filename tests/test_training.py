@@ -71,7 +71,14 @@ def test_fine_tuning_starts_from_the_given_adapter(tiny_engine, tmp_path):
 def test_same_item_contrast_takes_another_reviewer_of_the_product(tiny_engine, tmp_path):
     settings = TrainSettings(personalization=PersonalizationSettings(k=2, words_per_review=10), max_target_tokens=8,
                              contrast_weight=1.0, contrast_partner="same-item")
-    samples = prepare(tiny_engine, training_samples(tiny_engine.dataset.reviews), settings, "test")
+    raw = training_samples(tiny_engine.dataset.reviews)
+    reviewers = {}
+    for sample in raw:
+        reviewers.setdefault(sample.target.item_id, set()).add(sample.target.user_id)
+    shared_items = sorted(item for item, users in reviewers.items() if len(users) > 1)[:3]
+    chosen = [s for s in raw if s.target.item_id in shared_items]
+    chosen += [s for s in raw if len(reviewers[s.target.item_id]) == 1][:3]
+    samples = prepare(tiny_engine, chosen, settings, "test")  # a few products, not the whole data: seconds
     by_item = {}
     for sample in samples:
         by_item.setdefault(sample.item_id, []).append(sample)
