@@ -16,7 +16,7 @@ from .settings import HISTORY_RULES, PersonalizationSettings, SamplingSettings
 from .training import TrainSettings
 from .llm import CPU_BACKENDS, CPU_DECODE_DTYPES, CPU_PREFILLS
 from .onnx_model import KV_CACHES
-from .prompt import MODES, get_mode
+from .prompt import MODES, SOFT_TOKEN_PLACES, get_mode
 
 
 def _engine_args(parser: argparse.ArgumentParser) -> None:
@@ -58,6 +58,9 @@ def _personalization_args(parser: argparse.ArgumentParser) -> None:
                        default=PersonalizationSettings.restate_item,
                        help="name the product again after the past reviews, so the review is about it, not them "
                             "(the shipped adapter was trained with it)")
+    group.add_argument("--soft-tokens-at", choices=SOFT_TOKEN_PLACES, default=PersonalizationSettings.soft_tokens_at,
+                       help="beside: each past review's soft tokens after it (the paper's prompt); end: all of them "
+                            "right before the answer. The adapter must have been trained with the same")
 
 
 def _sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -80,7 +83,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 def personalization(args: argparse.Namespace) -> PersonalizationSettings:
     return PersonalizationSettings(k=args.k, history_rule=args.history_rule, peer_temperature=args.peer_temperature,
                                    words_per_review=args.words_per_review, strength=args.strength,
-                                   restate_item=args.restate_item)
+                                   restate_item=args.restate_item, soft_tokens_at=args.soft_tokens_at)
 
 
 def sampling(args: argparse.Namespace) -> SamplingSettings:

@@ -26,7 +26,7 @@ from .embeddings import BUNDLED_ENCODER, Encoder, style_set
 from .generation import prompt_embeddings, stream
 from .llm import BUNDLED_LLM, CPU_DECODE_DTYPES, LLM, load_llm
 from .paths import BUNDLED_ADAPTER, BUNDLED_DATA
-from .prompt import PastReview, PromptIds, build_prompt, get_mode, readable_prompt, typical_length
+from .prompt import PastReview, PromptIds, PromptLayout, build_prompt, get_mode, readable_prompt, typical_length
 from .settings import PersonalizationSettings, SamplingSettings
 from .store import PersonalContext, ReviewStore
 from .voice import VoiceCheck
@@ -157,6 +157,12 @@ class DEPEngine:
     def adapter_trained(self) -> bool:
         return self.adapter.config.trained
 
+    @property
+    def trained_soft_tokens_at(self) -> str:
+        """Where the adapter's training prompts put the soft tokens (before the setting existed: beside)."""
+        settings = self.adapter.config.training.get("settings", {})
+        return settings.get("personalization", {}).get("soft_tokens_at", "beside")
+
     # ---- requests ------------------------------------------------------------------------
 
     def user_request(self, user_id: str, item: str | Item | None = None, rating: float | None = None,
@@ -250,18 +256,19 @@ class DEPEngine:
     # ---- prompts -------------------------------------------------------------------------
 
     def prompt(self, request: Request, context: PersonalContext, mode: str, words_per_review: int = 30,
-               readable: bool = False, restate_item: bool = False) -> PromptIds | str:
+               readable: bool = False, layout: PromptLayout = PromptLayout()) -> PromptIds | str:
         """The prompt's token ids and slots (or, with `readable`, its text as a person reads it)."""
         past = [PastReview.of(s.review, s.item_title) for s in context.selected]
         build = readable_prompt if readable else partial(build_prompt, self.llm.tokenizer)
         return build(request.item, request.rating, request.review_title, past, get_mode(mode), words_per_review,
-                     typical_length(request.profile), restate_item)
+                     typical_length(request.profile), layout)
 
     def max_prompt_tokens(self, max_new_tokens: int) -> int:
         return int(getattr(self.llm.model.config, "max_position_embeddings", 2048)) - max_new_tokens
 
     def fit_prompts(self, request: Request, context: PersonalContext, modes: Sequence[str], words_per_review: int,
-                    limit: int, restate_item: bool = False) -> tuple[PersonalContext, list[PromptIds], int, list[str]]:
+                    limit: int, layout: PromptLayout = PromptLayout()
+                    ) -> tuple[PersonalContext, list[PromptIds], int, list[str]]:
         """Prompts of every mode, shortened until the longest fits `limit` tokens; also the words kept
         per past review.
 
@@ -269,7 +276,7 @@ class DEPEngine:
         relevant past review (the last of the ranked selection), one at a time. A note says what was cut."""
         words, notes = words_per_review, []
         while True:
-            prompts = [self.prompt(request, context, mode, words, restate_item=restate_item) for mode in modes]
+            prompts = [self.prompt(request, context, mode, words, layout=layout) for mode in modes]
             longest = max(len(p.ids) for p in prompts)
             if longest <= limit:
                 break
@@ -301,7 +308,7 @@ class DEPEngine:
         start = time.perf_counter()
         context, prompts, words, cut = self.fit_prompts(request, context, modes, personalization.words_per_review,
                                                         self.max_prompt_tokens(sampling.max_new_tokens),
-                                                        personalization.restate_item)
+                                                        personalization.layout)
         timings["prompt"] = time.perf_counter() - start
         start = time.perf_counter()
         own = self.vectors(context, personalization.strength)
@@ -309,11 +316,15 @@ class DEPEngine:
         embeds = [self.embed_prompt(prompt, *(population if get_mode(mode).population else own))
                   for mode, prompt in zip(modes, prompts)]
         timings["adapter"] = time.perf_counter() - start
-        readable = {mode: self.prompt(request, context, mode, words, readable=True,
-                                      restate_item=personalization.restate_item) for mode in modes}
+        readable = {mode: self.prompt(request, context, mode, words, readable=True, layout=personalization.layout)
+                    for mode in modes}
         notes = list(self.llm.notes) + list(context.notes) + cut
         if not context.selected and any(get_mode(m).uses_history for m in modes):
             notes.append("personalized outputs used no history, so they are baseline generations")
+        if (self.adapter_trained and personalization.soft_tokens_at != self.trained_soft_tokens_at
+                and any(get_mode(m).soft for m in modes)):
+            notes.append(f"the adapter was trained with its soft tokens {self.trained_soft_tokens_at!r} and this "
+                         f"prompt puts them {personalization.soft_tokens_at!r}: pass the layout it was trained with")
         if not self.adapter_trained and any(get_mode(m).soft for m in modes):
             notes.append("the adapter is UNTRAINED: soft prompts are random projections, not personalization")
         return Prepared(context, readable, embeds, notes, timings)

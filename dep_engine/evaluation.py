@@ -114,7 +114,7 @@ def _rows(engine: DEPEngine, sample: Sample, own: PersonalContext, borrowed: Per
         context = own.first(method.k)
         source = borrowed.first(method.k) if method.shuffled else context
         prompt = engine.prompt(request, context, method.mode, personalization.words_per_review,
-                               restate_item=personalization.restate_item)
+                               layout=personalization.layout)
         take = np.arange(context.k) % max(1, source.k)  # another user may have fewer past reviews
         vectors = PersonalContext(context.selected, source.his[take], source.diff[take]) if source.k else context
         strength = 0.0 if get_mode(method.mode).population else method.strength

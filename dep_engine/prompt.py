@@ -1,4 +1,5 @@
-"""The prompt: the LLM's own chat template, each past review followed by its own his and diff slots.
+"""The prompt: the LLM's own chat template, each past review followed by its own his and diff slots
+(the paper's layout), or all slots together right before the answer (`PromptLayout.soft_tokens_at`).
 
 Slots are written into the rendered chat as random per-process markers (so no user text can forge
 one), then the text between them is tokenized and each slot becomes one placeholder position whose
@@ -71,6 +72,29 @@ class PastReview:
         return cls(item_title, review.rating, review.title, review.text)
 
 
+SOFT_TOKEN_PLACES = ("beside", "end")
+
+
+@dataclass(frozen=True)
+class PromptLayout:
+    """Where the prompt puts the product and the soft slots.
+
+    `restate_item` names the product again after the past reviews ([Output Item Title]), closest to
+    where the review begins, so that the model does not take the last past review's item for the one
+    to review. `soft_tokens_at`: "beside" puts each past review's his and diff slots after its text (the
+    paper's prompt); "end" puts all of them after the output review's title, right before the answer,
+    where this LLM reads content that it ignores inside the past reviews (experiments/README.md, round 14b)."""
+    restate_item: bool = False
+    soft_tokens_at: str = "beside"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.restate_item, bool):
+            raise ValueError(f"restate_item must be true or false, got {self.restate_item!r}")
+        if self.soft_tokens_at not in SOFT_TOKEN_PLACES:
+            raise ValueError(f"soft_tokens_at must be one of {', '.join(SOFT_TOKEN_PLACES)}, "
+                             f"got {self.soft_tokens_at!r}")
+
+
 @dataclass
 class PromptIds:
     ids: list[int]
@@ -112,11 +136,21 @@ def typical_length(reviews: list[Review]) -> int:
     return counts[len(counts) // 2] if counts else 0
 
 
+def _slot_lines(index: int, mode: Mode, numbered: bool) -> list[str]:
+    label = f"Review {index + 1} " if numbered else "Review "
+    lines = []
+    if mode.his:
+        lines.append(f"[{label}Embedding]: <his_start><<{_NONCE}:his:{index}>><his_end>")
+    if mode.diff:
+        lines.append(f"[{label}Difference Embedding]: <diff_start><<{_NONCE}:diff:{index}>><diff_end>")
+    return lines
+
+
 def user_message(item: Item, rating: float, review_title: str, past: list[PastReview], mode: Mode,
-                 words_per_review: int = 30, length_words: int = 0, restate_item: bool = False) -> str:
-    """The user turn. `restate_item` names the product again after the past reviews
-    ([Output Item Title]), closest to where the review begins, so that the model does not
-    take the last past review's item for the one to review."""
+                 words_per_review: int = 30, length_words: int = 0, layout: PromptLayout = PromptLayout()) -> str:
+    """The user turn: the product, the past reviews, the review to write, and the soft slots where
+    `layout` puts them."""
+    beside = layout.soft_tokens_at == "beside"
     lines = [f"[Item Title]: {shorten(item.title, 40)}"]
     if item.description:
         lines.append(f"[Item Description]: {shorten(item.description, 80)}")
@@ -128,22 +162,22 @@ def user_message(item: Item, rating: float, review_title: str, past: list[PastRe
             if mode.texts:
                 lines += [f"[Review Rating]: {_rating(review.rating)}", f"[Review Title]: {shorten(review.title, 30)}",
                           f"[Review Text]: {shorten(review.text, words_per_review)}"]
-            if mode.his:
-                lines.append(f"[Review Embedding]: <his_start><<{_NONCE}:his:{i}>><his_end>")
-            if mode.diff:
-                lines.append(f"[Review Difference Embedding]: <diff_start><<{_NONCE}:diff:{i}>><diff_end>")
-        if restate_item:
+            if beside:
+                lines += _slot_lines(i, mode, numbered=False)
+        if layout.restate_item:
             lines.append(f"[Output Item Title]: {shorten(item.title, 40)}")
     lines += [f"[Output Review Rating]: {_rating(rating)}", f"[Output Review Title]: {shorten(review_title, 30)}"]
     if mode.length_hint and length_words:
         lines.append(f"[Output Review Length]: about {length_words} words")
+    if not beside and mode.uses_history:
+        lines += [line for i in range(len(past)) for line in _slot_lines(i, mode, numbered=True)]
     return "\n".join(lines)
 
 
 def readable_prompt(item: Item, rating: float, review_title: str, past: list[PastReview], mode: Mode,
-                    words_per_review: int = 30, length_words: int = 0, restate_item: bool = False) -> str:
+                    words_per_review: int = 30, length_words: int = 0, layout: PromptLayout = PromptLayout()) -> str:
     """The prompt as a person can read it, each soft slot shown as `[HIS soft token i]`."""
-    user = user_message(item, rating, review_title, past, mode, words_per_review, length_words, restate_item)
+    user = user_message(item, rating, review_title, past, mode, words_per_review, length_words, layout)
     user = _SLOT.sub(lambda m: f"[{m.group(1).upper()} soft token {int(m.group(2)) + 1}]", user)
     return f"SYSTEM:\n{system_message(mode)}\n\nUSER:\n{user}"
 
@@ -159,10 +193,11 @@ def neutralize_special_tokens(tokenizer, text: str) -> str:
 
 
 def build_prompt(tokenizer, item: Item, rating: float, review_title: str, past: list[PastReview], mode: Mode,
-                 words_per_review: int = 30, length_words: int = 0, restate_item: bool = False) -> PromptIds:
+                 words_per_review: int = 30, length_words: int = 0, layout: PromptLayout = PromptLayout()
+                 ) -> PromptIds:
     """Token ids of the chat prompt (generation prompt included) and the positions of its soft slots."""
     content = neutralize_special_tokens(tokenizer, user_message(item, rating, review_title, past, mode,
-                                                                words_per_review, length_words, restate_item))
+                                                                words_per_review, length_words, layout))
     messages = [{"role": "system", "content": system_message(mode)}, {"role": "user", "content": content}]
     rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     placeholder = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from .prompt import PromptLayout
+
 HISTORY_RULES = ("relevant", "recent")  # dense retrieval by the target item, or the paper's recency rule
 
 BOUNDS: dict[str, tuple[float, float]] = {
@@ -53,13 +55,18 @@ class PersonalizationSettings:
     words_per_review: int = 30       # the same in training, evaluation and the app
     strength: float = 1.0
     restate_item: bool = True        # name the product again after the past reviews (against drift; the shipped adapter's prompt)
+    soft_tokens_at: str = "beside"   # each past review's soft tokens after it (the paper's), or all at the "end"
 
     def __post_init__(self) -> None:
         _check(self)
         if self.history_rule not in HISTORY_RULES:
             raise ValueError(f"history_rule must be one of {', '.join(HISTORY_RULES)}, got {self.history_rule!r}")
-        if not isinstance(self.restate_item, bool):
-            raise ValueError(f"restate_item must be true or false, got {self.restate_item!r}")
+        PromptLayout(self.restate_item, self.soft_tokens_at)  # raises on a bad restate_item or soft_tokens_at
+
+    @property
+    def layout(self) -> PromptLayout:
+        """Where the prompt puts the product and the soft tokens: the adapter must be trained on the same."""
+        return PromptLayout(self.restate_item, self.soft_tokens_at)
 
 
 @dataclass

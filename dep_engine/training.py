@@ -127,7 +127,7 @@ def prepare(engine: DEPEngine, samples: list[Sample], settings: TrainSettings, d
         mode = settings.modes[n % len(settings.modes)]
         target = engine.llm.tokenizer.encode(" ".join(sample.target.text.split()), add_special_tokens=False)
         prompt = engine.prompt(request, context, mode, personalization.words_per_review,
-                               restate_item=personalization.restate_item)
+                               layout=personalization.layout)
         prepared.append(Prepared(prompt,
                                  context.his, context.diff, target[:settings.max_target_tokens] + [eos],
                                  sample.target.user_id, mode, sample.target.item_id))

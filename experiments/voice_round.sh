@@ -5,7 +5,8 @@
 # Metrics and the voice measures are computed afterwards on a CPU from the generations (the same
 # `evaluate` command without --generate-only finds them done and scores them).
 # Usage: bash experiments/voice_round.sh OUT_DIR [MINUTES] [VARIANTS_FILE]; the variants file
-# (default: round 3's) has one line per variant, "name | train arguments | evaluate arguments".
+# (default: round 3's) has one line per variant, "name | train arguments | evaluate arguments" (the
+# evaluate arguments, the prompt's layout, go to the likelihood control too).
 # DEVICE, EXTRA_TRAIN and EXTRA_EVAL (for a quick CPU rehearsal) change the device and add arguments.
 set -uo pipefail
 OUT=${1:?output folder}; MINUTES=${2:-4}; VARIANTS_FILE=${3:-$(dirname "$0")/round3.variants}
@@ -31,8 +32,9 @@ done
 wait
 for name in "${!VARIANTS[@]}"; do  # the likelihood control and the his-oracle, no generation (round 11)
   [[ -f "$OUT/$name/adapter_config.json" ]] || continue
+  # shellcheck disable=SC2086
   python3 -m dep_engine likelihood "${COMMON[@]}" --adapter "$OUT/$name" --split val --his-oracle \
-    --out "$OUT/$name/likelihood-val.json" > "$OUT/$name.likelihood.log" 2>&1 &
+    ${EVAL_ARGS[$name]} --out "$OUT/$name/likelihood-val.json" > "$OUT/$name.likelihood.log" 2>&1 &
 done
 wait
 for split in val test; do

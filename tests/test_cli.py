@@ -87,7 +87,8 @@ def test_gpu_round_variants_parse(variants):
         name, train_args, eval_args = (part.strip() for part in line.split("|"))
         train = parser.parse_args(["train", *SCRIPT_TRAIN_ARGS, *shlex.split(train_args), "--out", f"runs/{name}"])
         evaluate = parser.parse_args(["evaluate", *shlex.split(eval_args), "--out", f"runs/{name}/val"])
-        likelihood = parser.parse_args(["likelihood", "--adapter", f"runs/{name}", "--his-oracle", "--out", "x.json"])
+        likelihood = parser.parse_args(["likelihood", "--adapter", f"runs/{name}", "--his-oracle",
+                                        *shlex.split(eval_args), "--out", "x.json"])
         assert (train.func, evaluate.func, likelihood.func) == (cli.cmd_train, cli.cmd_evaluate, cli.cmd_likelihood)
 
 

@@ -10,7 +10,7 @@ import torch
 from dep_engine.data import Item
 from dep_engine.generation import SamplingSettings, generate, logits_processors, prompt_embeddings
 from dep_engine.llm import LLM
-from dep_engine.prompt import MODES, PastReview, build_prompt, get_mode
+from dep_engine.prompt import MODES, PastReview, PromptLayout, build_prompt, get_mode
 from dep_engine.paths import BUNDLED_ADAPTER
 from dep_engine.settings import PersonalizationSettings
 
@@ -46,14 +46,14 @@ def test_modes_control_what_the_prompt_holds(smol_tokenizer):
 def test_restating_the_item_names_it_after_the_past_reviews(smol_tokenizer, tiny_engine):
     plain = build_prompt(smol_tokenizer, Item("i", "Snark tuner"), 4, "Handy", PAST, get_mode("dep"))
     restated = build_prompt(smol_tokenizer, Item("i", "Snark tuner"), 4, "Handy", PAST, get_mode("dep"),
-                            restate_item=True)
+                            layout=PromptLayout(restate_item=True))
     text = smol_tokenizer.decode(restated.ids)
     assert "[Output Item Title]" not in smol_tokenizer.decode(plain.ids)
     # after the last past review's slots, right before the rating of the review to write
     assert text.index("Buzzes") < text.index("[Output Item Title]: Snark tuner") < text.index("[Output Review Rating]")
     assert restated.his_positions == plain.his_positions and restated.diff_positions == plain.diff_positions
     nothing_past = build_prompt(smol_tokenizer, Item("i", "Snark tuner"), 4, "Handy", [], get_mode("dep"),
-                                restate_item=True)
+                                layout=PromptLayout(restate_item=True))
     assert "[Output Item Title]" not in smol_tokenizer.decode(nothing_past.ids)  # the title is right there
     user = next(u for u, h in tiny_engine.users.items() if len(h) > 6)
     prepared = tiny_engine.prepare(tiny_engine.user_request(user), ("dep",), PersonalizationSettings(restate_item=True))
@@ -63,6 +63,45 @@ def test_restating_the_item_names_it_after_the_past_reviews(smol_tokenizer, tiny
     # the default prompt is the one the shipped adapter was trained on
     shipped = json.loads((BUNDLED_ADAPTER / "adapter_config.json").read_text())["training"]["settings"]
     assert PersonalizationSettings().restate_item == shipped["personalization"]["restate_item"]
+
+
+def test_soft_tokens_at_the_end_come_after_the_output_title(smol_tokenizer, tiny_engine, monkeypatch):
+    """Round 14b's layout: every slot after the review to write's title, right before the answer, in
+    review order; the past reviews' texts stay where they were, and prompts without soft slots are
+    the same token for token."""
+    end = PromptLayout(restate_item=True, soft_tokens_at="end")
+    for name, mode in MODES.items():
+        beside = build_prompt(smol_tokenizer, Item("i", "Tuner"), 4, "Handy", PAST, mode, layout=PromptLayout(True))
+        at_end = build_prompt(smol_tokenizer, Item("i", "Tuner"), 4, "Handy", PAST, mode, layout=end)
+        assert (len(at_end.his_positions), len(at_end.diff_positions)) == \
+            (len(beside.his_positions), len(beside.diff_positions)), name
+        if not mode.soft:
+            assert at_end.ids == beside.ids, name
+    prompt = build_prompt(smol_tokenizer, Item("i", "Tuner"), 4, "Handy", PAST, get_mode("dep"), layout=end)
+    text = smol_tokenizer.decode(prompt.ids)
+    title_ends = len(smol_tokenizer.encode(text[:text.index("[Output Review Title]: Handy") + 27],
+                                           add_special_tokens=False))
+    answer = len(prompt.ids) - len(smol_tokenizer.encode("<|im_end|>\n<|im_start|>assistant\n",
+                                                          add_special_tokens=False))
+    slots = [p for pair in zip(prompt.his_positions, prompt.diff_positions) for p in pair]
+    assert title_ends < slots[0] and slots == sorted(slots) and slots[-1] < answer
+    assert text.index("Buzzes") < text.index("[Output Review Title]") < text.index("[Review 1 Embedding]") \
+        < text.index("[Review 2 Difference Embedding]")
+    user = next(u for u, h in tiny_engine.users.items() if len(h) > 6)
+    prepared = tiny_engine.prepare(tiny_engine.user_request(user), ("dep",),
+                                   PersonalizationSettings(soft_tokens_at="end"))
+    shown = prepared.prompts["dep"]
+    assert shown.index("[Output Review Title]") < shown.index("[HIS soft token 1]")
+    # an adapter trained on the other layout says so, rather than writing from prompts it never saw
+    monkeypatch.setattr(tiny_engine.adapter.config, "trained", True)
+    monkeypatch.setattr(tiny_engine.adapter.config, "training", {"settings": {"personalization": {}}})
+    mismatch = tiny_engine.prepare(tiny_engine.user_request(user), ("dep",), PersonalizationSettings(soft_tokens_at="end"))
+    assert any("trained with its soft tokens 'beside' and this prompt puts them 'end'" in n for n in mismatch.notes)
+    matched = tiny_engine.prepare(tiny_engine.user_request(user), ("dep",), PersonalizationSettings())
+    assert not any("trained with its soft tokens" in n for n in matched.notes)
+    with pytest.raises(ValueError, match="soft_tokens_at must be one of beside, end, got 'middle'"):
+        PersonalizationSettings(soft_tokens_at="middle")
+    assert PersonalizationSettings().soft_tokens_at == "beside"  # the paper's layout, as the shipped adapter
 
 
 def test_pasted_special_tokens_stay_plain_text(smol_tokenizer):
