@@ -20,8 +20,14 @@ with the shipped adapter's prompt and diff tokens:
                 "[Output Review Keywords]: ..." after the output title (round 14b: is it the slots' place,
                 or does the LLM take little from four words of content wherever they are?)
 
+`--soft-tokens-at end` with `--adapter` (round 14c) moves every slot right before the answer, so the
+slot conditions ask whether words in soft slots are read there (round 15's adapter, trained at the end,
+fills the slots the condition leaves alone).
+
     python experiments/slot_oracles.py --out runs/round14/slot-oracles-val.json
     python experiments/slot_oracles.py --conditions end-keywords,end-other --out runs/round14/end-keywords-val.json
+    python experiments/slot_oracles.py --adapter runs/round15/end --soft-tokens-at end --conditions keywords,bag,other \
+        --out runs/round14/end-slots-val.json
 """
 from __future__ import annotations
 
@@ -41,7 +47,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dep_engine.engine import DEPEngine, EngineConfig  # noqa: E402
 from dep_engine.metrics import paired_bootstrap  # noqa: E402
-from dep_engine.prompt import PromptIds  # noqa: E402
+from dep_engine.paths import BUNDLED_ADAPTER  # noqa: E402
+from dep_engine.prompt import SOFT_TOKEN_PLACES, PromptIds  # noqa: E402
+from dep_engine.settings import PersonalizationSettings  # noqa: E402
 from dep_engine.splits import derangement, held_out_targets, validation_samples  # noqa: E402
 from dep_engine.terms import STOPWORDS, term_counts, tokens  # noqa: E402
 from dep_engine.training import TrainSettings, prepare, target_logits  # noqa: E402
@@ -84,17 +92,21 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="only the first N validation users")
     parser.add_argument("--conditions", default="keywords,bag,other",
                         help=f"comma-separated, beside own: {', '.join(CONDITIONS)}")
+    parser.add_argument("--adapter", default=str(BUNDLED_ADAPTER), help="the adapter that fills the other slots")
+    parser.add_argument("--soft-tokens-at", choices=SOFT_TOKEN_PLACES, default="beside",
+                        help="where the prompt puts the slots (as the adapter was trained)")
     parser.add_argument("--out", required=True, help="JSON file for the report (with per-sample losses)")
     args = parser.parse_args()
     chosen = args.conditions.split(",")
     if unknown := set(chosen) - set(CONDITIONS):
         parser.error(f"--conditions: unknown {', '.join(sorted(unknown))} (choose from {', '.join(CONDITIONS)})")
 
-    engine = DEPEngine(EngineConfig())
+    engine = DEPEngine(EngineConfig(adapter=args.adapter))
     reviews = engine.dataset.reviews
     raw = validation_samples(reviews)[:args.limit] if args.limit else validation_samples(reviews)
     store = engine.store.without(held_out_targets(reviews))
-    samples = prepare(engine, raw, TrainSettings(modes=("dep",)), "preparing validation samples", store)
+    settings = TrainSettings(personalization=PersonalizationSettings(soft_tokens_at=args.soft_tokens_at), modes=("dep",))
+    samples = prepare(engine, raw, settings, "preparing validation samples", store)
     texts = {(s.target.user_id, s.target.item_id): s.target.text for s in raw}
     df = term_counts(r.text for r in store.reviews)
     n_docs = len(store.reviews)
@@ -132,7 +144,8 @@ def main() -> None:
                 losses[name].append(F.cross_entropy(logits, target).item())
 
     own = np.array(losses["own"])
-    report = {"n": len(own), "prefill_dtype": str(engine.llm.prefill_dtype),
+    report = {"n": len(own), "prefill_dtype": str(engine.llm.prefill_dtype), "adapter": args.adapter,
+              "soft_tokens_at": args.soft_tokens_at,
               "lm_loss": {name: float(np.mean(values)) for name, values in losses.items()},
               "gain_over_own_nats": {name: paired_bootstrap(own, np.array(values))
                                      for name, values in losses.items() if name != "own"},
