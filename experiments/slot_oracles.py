@@ -20,12 +20,18 @@ with the shipped adapter's prompt and diff tokens:
                 "[Output Review Keywords]: ..." after the output title (round 14b: is it the slots' place,
                 or does the LLM take little from four words of content wherever they are?)
 
+    end-userwords, end-userwords-other   not an oracle: the user's own 8 most distinctive words from their
+                past reviews (log-odds against the peers, as evaluate's own-words measure computes them), or
+                another validation user's, as text in a line "[User's Typical Words]: ..." after the output
+                title (round 16: a channel for the person that a request has)
+
 `--soft-tokens-at end` with `--adapter` (round 14c) moves every slot right before the answer, so the
 slot conditions ask whether words in soft slots are read there (round 15's adapter, trained at the end,
 fills the slots the condition leaves alone).
 
     python experiments/slot_oracles.py --out runs/round14/slot-oracles-val.json
     python experiments/slot_oracles.py --conditions end-keywords,end-other --out runs/round14/end-keywords-val.json
+    python experiments/slot_oracles.py --conditions end-userwords,end-userwords-other --out runs/round16/user-words-val.json
     python experiments/slot_oracles.py --adapter runs/round15/end --soft-tokens-at end --conditions keywords,bag,other \
         --out runs/round14/end-slots-val.json
 """
@@ -53,9 +59,11 @@ from dep_engine.settings import PersonalizationSettings  # noqa: E402
 from dep_engine.splits import derangement, held_out_targets, validation_samples  # noqa: E402
 from dep_engine.terms import STOPWORDS, term_counts, tokens  # noqa: E402
 from dep_engine.training import TrainSettings, prepare, target_logits  # noqa: E402
+from dep_engine.voice import distinctive_user_terms  # noqa: E402
 
 
-CONDITIONS = ("keywords", "bag", "other", "end-keywords", "end-other")
+CONDITIONS = ("keywords", "bag", "other", "end-keywords", "end-other", "end-userwords", "end-userwords-other")
+USER_WORDS = 8
 
 
 class FixedTokens(torch.nn.Module):
@@ -80,10 +88,13 @@ def word_embedding(engine: DEPEngine, word: str) -> torch.Tensor:
         return engine.llm.embed(torch.tensor(ids, device=engine.llm.device)).float().mean(0)
 
 
-def with_keyword_line(engine: DEPEngine, prompt: PromptIds, words: list[str]) -> PromptIds:
-    """The prompt with "[Output Review Keywords]: ..." ending the user's message (slots keep their places)."""
+def with_keyword_line(engine: DEPEngine, prompt: PromptIds, words: list[str],
+                      label: str = "[Output Review Keywords]") -> PromptIds:
+    """The prompt with "label: w1, w2, ..." ending the user's message (slots keep their places); none without words."""
+    if not words:
+        return prompt
     end = len(prompt.ids) - 1 - prompt.ids[::-1].index(engine.llm.tokenizer.convert_tokens_to_ids("<|im_end|>"))
-    line = engine.llm.tokenizer.encode("\n[Output Review Keywords]: " + ", ".join(words), add_special_tokens=False)
+    line = engine.llm.tokenizer.encode(f"\n{label}: " + ", ".join(words), add_special_tokens=False)
     return replace(prompt, ids=prompt.ids[:end] + line + prompt.ids[end:])
 
 
@@ -117,6 +128,16 @@ def main() -> None:
         words = sorted(content_words(texts[sample.user_id, sample.item_id]), key=lambda w: (-idf[w], w))
         return (words * count)[:count] if words else []
 
+    user_words = {}
+    if {"end-userwords", "end-userwords-other"} & set(chosen):
+        for s in raw:
+            context = engine.context(engine.sample_request(s), settings.personalization, store)
+            user_words[s.target.user_id, s.target.item_id] = distinctive_user_terms(s, context, df)[:USER_WORDS]
+
+    def typical_words_line(sample, words_of):
+        return replace(sample, prompt=with_keyword_line(engine, sample.prompt, user_words[words_of.user_id, words_of.item_id],
+                                                        "[User's Typical Words]"))
+
     adapter = engine.adapter
     partner = derangement(len(samples), 0)
     losses: dict[str, list[float]] = {name: [] for name in ("own", *chosen)}
@@ -136,7 +157,10 @@ def main() -> None:
                     "end-keywords": (replace(sample, prompt=with_keyword_line(engine, sample.prompt, mine)),
                                      out["his_tokens"]),
                     "end-other": (replace(sample, prompt=with_keyword_line(engine, sample.prompt, theirs)),
-                                  out["his_tokens"])}
+                                  out["his_tokens"]),
+                    **({"end-userwords": (typical_words_line(sample, sample), out["his_tokens"]),
+                        "end-userwords-other": (typical_words_line(sample, samples[partner[n]]), out["his_tokens"])}
+                       if user_words else {})}
             target = torch.tensor(sample.target, device=device)
             for name in losses:
                 prompted, his_tokens = runs[name]
@@ -150,8 +174,10 @@ def main() -> None:
               "gain_over_own_nats": {name: paired_bootstrap(own, np.array(values))
                                      for name, values in losses.items() if name != "own"},
               **{f"{mine}_over_{theirs}_nats": paired_bootstrap(np.array(losses[theirs]), np.array(losses[mine]))
-                 for mine, theirs in (("keywords", "other"), ("end-keywords", "end-other"))
+                 for mine, theirs in (("keywords", "other"), ("end-keywords", "end-other"),
+                                      ("end-userwords", "end-userwords-other"))
                  if mine in losses and theirs in losses},
+              "user_words": {f"{u}/{i}": words for (u, i), words in user_words.items()},
               "per_sample": [{"user_id": s.user_id, "item_id": s.item_id, **{k: v[i] for k, v in losses.items()}}
                              for i, s in enumerate(samples)]}
     print(json.dumps({k: v for k, v in report.items() if k != "per_sample"}, indent=2))
