@@ -147,7 +147,8 @@ class DEPEngine:
         elif path and Path(path) != BUNDLED_ADAPTER:
             raise AdapterError(f"{path}: no such adapter folder")
         else:
-            log.warning("no trained adapter: soft prompts come from an untrained adapter")
+            if path:  # the bundled adapter is missing; None asks for a fresh one (training does)
+                log.warning("no trained adapter: soft prompts come from an untrained adapter")
             torch.manual_seed(0)
             adapter = DEPAdapter(DEPAdapterConfig(**expected, token_norm=self.llm.token_norm(),
                                                   style_features=self.store.style))

@@ -83,7 +83,7 @@ class PromptLayout:
     where the review begins, so that the model does not take the last past review's item for the one
     to review. `soft_tokens_at`: "beside" puts each past review's his and diff slots after its text (the
     paper's prompt); "end" puts all of them after the output review's title, right before the answer,
-    where this LLM reads content that it ignores inside the past reviews (experiments/README.md, round 14b)."""
+    where this LLM reads more of what a slot holds (experiments/README.md, rounds 14 to 14c)."""
     restate_item: bool = False
     soft_tokens_at: str = "beside"
 

@@ -233,10 +233,14 @@ def test_checkpoint_reloads_to_identical_outputs(tiny_engine, tiny_llm, tmp_path
     assert isinstance(reloaded.adapter, DEPAdapter)
 
 
-def test_batch_loss_matches_one_sample_at_a_time_without_cache(tiny_engine):
+@pytest.mark.parametrize("soft_tokens_at", ["beside", "end"])
+def test_batch_loss_matches_one_sample_at_a_time_without_cache(tiny_engine, soft_tokens_at):
     """Padding, the no-grad prefix cache and the target spans leave loss and gradients as a plain
-    forward of each sample's own sequence would give them."""
-    settings = TrainSettings(personalization=PersonalizationSettings(k=2, words_per_review=10), max_target_tokens=16, modes=("his+diff", "dep", "his"))
+    forward of each sample's own sequence would give them (with the slots at the end, the cached
+    prefix is nearly the whole prompt)."""
+    settings = TrainSettings(personalization=PersonalizationSettings(k=2, words_per_review=10,
+                                                                     soft_tokens_at=soft_tokens_at),
+                             max_target_tokens=16, modes=("his+diff", "dep", "his"))
     samples = prepare(tiny_engine, training_samples(tiny_engine.dataset.reviews)[:6], settings, "test")
     torch.manual_seed(0)  # the same adapter whatever ran before (the tolerances below are for this one)
     adapter = DEPAdapter(tiny_engine.adapter.config)
