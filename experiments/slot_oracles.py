@@ -135,8 +135,8 @@ def main() -> None:
             user_words[s.target.user_id, s.target.item_id] = distinctive_user_terms(s, context, df)[:USER_WORDS]
 
     def typical_words_line(sample, words_of):
-        return replace(sample, prompt=with_keyword_line(engine, sample.prompt, user_words[words_of.user_id, words_of.item_id],
-                                                        "[User's Typical Words]"))
+        words = user_words[words_of.user_id, words_of.item_id]
+        return replace(sample, prompt=with_keyword_line(engine, sample.prompt, words, "[User's Typical Words]"))
 
     adapter = engine.adapter
     partner = derangement(len(samples), 0)

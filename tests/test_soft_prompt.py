@@ -79,7 +79,8 @@ def test_soft_tokens_at_the_end_come_after_the_output_title(smol_tokenizer, tiny
             assert at_end.ids == beside.ids, name
     prompt = build_prompt(smol_tokenizer, Item("i", "Tuner"), 4, "Handy", PAST, get_mode("dep"), layout=end)
     text = smol_tokenizer.decode(prompt.ids)
-    title_ends = len(smol_tokenizer.encode(text[:text.index("[Output Review Title]: Handy") + 27],
+    title_line = "[Output Review Title]: Handy"
+    title_ends = len(smol_tokenizer.encode(text[:text.index(title_line) + len(title_line)],
                                            add_special_tokens=False))
     answer = len(prompt.ids) - len(smol_tokenizer.encode("<|im_end|>\n<|im_start|>assistant\n",
                                                           add_special_tokens=False))
