@@ -34,8 +34,10 @@ def prompt_embeddings(llm: LLM, prompt: PromptIds, his_tokens: torch.Tensor | No
     for positions, tokens in ((prompt.his_positions, his_tokens), (prompt.diff_positions, diff_tokens)):
         if not positions:
             continue
-        if tokens is None or len(tokens) != len(positions):
-            raise ValueError(f"{len(positions)} slots but {0 if tokens is None else len(tokens)} soft tokens")
+        if tokens is None or len(tokens) * prompt.copies != len(positions):
+            raise ValueError(f"{len(positions)} slots but {0 if tokens is None else len(tokens)} soft tokens "
+                             f"({prompt.copies} copies each)")
+        tokens = tokens.repeat(prompt.copies, 1)
         embeds = embeds.index_put((torch.tensor(positions, device=llm.device),), tokens.to(embeds.dtype))
     return embeds
 

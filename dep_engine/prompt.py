@@ -72,7 +72,7 @@ class PastReview:
         return cls(item_title, review.rating, review.title, review.text)
 
 
-SOFT_TOKEN_PLACES = ("beside", "end")
+SOFT_TOKEN_PLACES = ("beside", "end", "both")
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,8 @@ class PromptLayout:
     where the review begins, so that the model does not take the last past review's item for the one
     to review. `soft_tokens_at`: "beside" puts each past review's his and diff slots after its text (the
     paper's prompt); "end" puts all of them after the output review's title, right before the answer,
-    where this LLM reads more of what a slot holds (experiments/README.md, rounds 14 to 14c)."""
+    where this LLM reads more of what a slot holds (experiments/README.md, rounds 14 to 14c); "both"
+    puts each soft token in both places, the same token twice (round 19)."""
     restate_item: bool = False
     soft_tokens_at: str = "beside"
 
@@ -97,9 +98,12 @@ class PromptLayout:
 
 @dataclass
 class PromptIds:
+    """Token ids and the slots' positions: every past review's slot once, in review order, then again
+    for each further copy (`copies` is 2 in the "both" layout)."""
     ids: list[int]
     his_positions: list[int]
     diff_positions: list[int]
+    copies: int = 1
 
 
 def shorten(text: str, words: int) -> str:
@@ -150,7 +154,7 @@ def user_message(item: Item, rating: float, review_title: str, past: list[PastRe
                  words_per_review: int = 30, length_words: int = 0, layout: PromptLayout = PromptLayout()) -> str:
     """The user turn: the product, the past reviews, the review to write, and the soft slots where
     `layout` puts them."""
-    beside = layout.soft_tokens_at == "beside"
+    beside, end = layout.soft_tokens_at in ("beside", "both"), layout.soft_tokens_at in ("end", "both")
     lines = [f"[Item Title]: {shorten(item.title, 40)}"]
     if item.description:
         lines.append(f"[Item Description]: {shorten(item.description, 80)}")
@@ -169,7 +173,7 @@ def user_message(item: Item, rating: float, review_title: str, past: list[PastRe
     lines += [f"[Output Review Rating]: {_rating(rating)}", f"[Output Review Title]: {shorten(review_title, 30)}"]
     if mode.length_hint and length_words:
         lines.append(f"[Output Review Length]: about {length_words} words")
-    if not beside and mode.uses_history:
+    if end and mode.uses_history:
         lines += [line for i in range(len(past)) for line in _slot_lines(i, mode, numbered=True)]
     return "\n".join(lines)
 
@@ -202,13 +206,16 @@ def build_prompt(tokenizer, item: Item, rating: float, review_title: str, past: 
     rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     placeholder = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ids: list[int] = []
-    slots: dict[str, dict[int, int]] = {"his": {}, "diff": {}}
+    slots: dict[str, dict[int, list[int]]] = {"his": {}, "diff": {}}
     cursor = 0
     for match in _SLOT.finditer(rendered):
         ids += tokenizer.encode(rendered[cursor:match.start()], add_special_tokens=False)
-        slots[match.group(1)][int(match.group(2))] = len(ids)
+        slots[match.group(1)].setdefault(int(match.group(2)), []).append(len(ids))
         ids.append(placeholder)
         cursor = match.end()
     ids += tokenizer.encode(rendered[cursor:], add_special_tokens=False)
-    return PromptIds(ids, [slots["his"][i] for i in sorted(slots["his"])],
-                     [slots["diff"][i] for i in sorted(slots["diff"])])
+    copies = 2 if layout.soft_tokens_at == "both" else 1
+
+    def in_copy_order(kind: str) -> list[int]:
+        return [slots[kind][i][copy] for copy in range(copies) for i in sorted(slots[kind])]
+    return PromptIds(ids, in_copy_order("his"), in_copy_order("diff"), copies)
