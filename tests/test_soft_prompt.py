@@ -100,9 +100,34 @@ def test_soft_tokens_at_the_end_come_after_the_output_title(smol_tokenizer, tiny
     assert any("trained with its soft tokens 'beside' and this prompt puts them 'end'" in n for n in mismatch.notes)
     matched = tiny_engine.prepare(tiny_engine.user_request(user), ("dep",), PersonalizationSettings())
     assert not any("trained with its soft tokens" in n for n in matched.notes)
-    with pytest.raises(ValueError, match="soft_tokens_at must be one of beside, end, got 'middle'"):
+    with pytest.raises(ValueError, match="soft_tokens_at must be one of beside, end, both, got 'middle'"):
         PersonalizationSettings(soft_tokens_at="middle")
     assert PersonalizationSettings().soft_tokens_at == "beside"  # the paper's layout, as the shipped adapter
+
+
+def test_soft_tokens_in_both_places_write_each_token_twice(smol_tokenizer, tiny_llm):
+    """Round 19's layout: the paper's slots beside the reviews, unchanged, and a numbered copy of each
+    after the output title; one soft token per review fills both of its slots."""
+    layouts = {at: PromptLayout(restate_item=True, soft_tokens_at=at) for at in ("beside", "end", "both")}
+    prompts = {at: build_prompt(smol_tokenizer, Item("i", "Tuner"), 4, "Handy", PAST, get_mode("dep"), layout=layout)
+               for at, layout in layouts.items()}
+    both, beside, end = prompts["both"], prompts["beside"], prompts["end"]
+    assert (both.copies, beside.copies, end.copies) == (2, 1, 1)
+    assert both.his_positions[:2] == beside.his_positions and both.diff_positions[:2] == beside.diff_positions
+    assert both.ids[:beside.diff_positions[-1]] == beside.ids[:beside.diff_positions[-1]]
+    text = smol_tokenizer.decode(both.ids)
+    title_ends = len(smol_tokenizer.encode(text[:text.index("[Output Review Title]: Handy")], add_special_tokens=False))
+    assert beside.diff_positions[-1] < title_ends < both.his_positions[2] < both.diff_positions[2] < both.his_positions[3]
+    assert len(both.ids) - both.diff_positions[-1] == len(end.ids) - end.diff_positions[-1]  # the end lines as "end"'s
+
+    his, diff = torch.randn(2, tiny_llm.hidden_size), torch.randn(2, tiny_llm.hidden_size)
+    embeds = prompt_embeddings(tiny_llm, both, his, diff)
+    for review in range(2):
+        for positions, tokens in ((both.his_positions, his), (both.diff_positions, diff)):
+            torch.testing.assert_close(embeds[positions[review]], tokens[review])
+            torch.testing.assert_close(embeds[positions[review + 2]], tokens[review])
+    with pytest.raises(ValueError, match="4 slots but 4 soft tokens \\(2 copies each\\)"):
+        prompt_embeddings(tiny_llm, both, torch.randn(4, tiny_llm.hidden_size), diff)
 
 
 def test_pasted_special_tokens_stay_plain_text(smol_tokenizer):

@@ -233,7 +233,7 @@ def test_checkpoint_reloads_to_identical_outputs(tiny_engine, tiny_llm, tmp_path
     assert isinstance(reloaded.adapter, DEPAdapter)
 
 
-@pytest.mark.parametrize("soft_tokens_at", ["beside", "end"])
+@pytest.mark.parametrize("soft_tokens_at", ["beside", "end", "both"])
 def test_batch_loss_matches_one_sample_at_a_time_without_cache(tiny_engine, soft_tokens_at):
     """Padding, the no-grad prefix cache and the target spans leave loss and gradients as a plain
     forward of each sample's own sequence would give them (with the slots at the end, the cached
@@ -261,7 +261,8 @@ def test_batch_loss_matches_one_sample_at_a_time_without_cache(tiny_engine, soft
     torch.stack(plain).mean().backward()
     torch.testing.assert_close(per_sample.detach(), torch.stack(plain).detach(), atol=1e-5, rtol=1e-5)
     for got, want in zip(batched, [p.grad for p in adapter.parameters() if p.grad is not None]):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+        # float32 sums in another order: 2e-6 to 5e-5 of each gradient's norm here
+        assert float((got - want).norm()) <= 1e-4 * float(want.norm())
 
 
 def test_training_forward_in_bf16_stays_close_to_float32(tiny_engine, monkeypatch):
