@@ -3,7 +3,9 @@
     SAE:        z = GELU(W_e x),  x_hat = GELU(W_d z)          d -> d/2 -> d
     projectors: soft = W_2 GELU(W_1 z)                          d/2 -> H -> H
 
-The sparse code z (not the reconstruction) is projected to the LLM's hidden size H. Saved as
+With `end_projectors`, a second his and diff projector writes the copy of each slot that the "both"
+prompt layout puts after the output title; the first pair writes the slots beside the reviews. The
+sparse code z (not the reconstruction) is projected to the LLM's hidden size H. Saved as
 safetensors beside a JSON config that names the LLM and encoder it was trained for. The weights
 also hold the population-average reviewer: the mean his and diff vectors of the training users,
 which the `generic` mode and the personalization strength use in place of (or mixed with) a user's.
@@ -15,7 +17,7 @@ which the `generic` mode and the personalization strength use in place of (or mi
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +49,7 @@ class DEPAdapterConfig:
     sae_activation: str = "gelu"    # of the code: "gelu" (the paper) or "relu" (exact zeros: sparse in use)
     token_norm: float | None = None  # if set, each soft token is rescaled to this norm
     style_features: bool | str = "none"  # style features beside the text embedding (`embeddings.STYLE_SETS`)
+    end_projectors: bool = False    # a second projector pair for the slots' copies at the end ("both" layout)
     trained: bool = False
     training: dict = field(default_factory=dict)  # settings, data fingerprint, results of training
 
@@ -95,6 +98,9 @@ class DEPAdapter(nn.Module):
         self.sae = SparseAutoencoder(config.embedding_dim, config.code_dim, config.sae_activation)
         self.his_projector = Projector(config.code_dim, config.hidden_size)
         self.diff_projector = Projector(config.code_dim, config.hidden_size)
+        if config.end_projectors:
+            self.end_his_projector = Projector(config.code_dim, config.hidden_size)
+            self.end_diff_projector = Projector(config.code_dim, config.hidden_size)
         self.register_buffer("population_his", torch.zeros(config.embedding_dim))
         self.register_buffer("population_diff", torch.zeros(config.embedding_dim))
 
@@ -125,11 +131,33 @@ class DEPAdapter(nn.Module):
         return tokens * (self.config.token_norm / tokens.norm(dim=-1, keepdim=True).clamp_min(1e-6))
 
     def forward(self, his: torch.Tensor, diff: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Soft tokens (..., H) for his and diff vectors (..., d), plus the codes and the SAE loss."""
+        """Soft tokens for his and diff vectors (..., d), plus the codes and the SAE loss: (..., H), or
+        (..., 2, H) with `end_projectors` (the slot beside its review, then its copy at the end)."""
         out = self.encode(his, diff)
-        out["his_tokens"] = self._scale(self.his_projector(out["his_code"]))
-        out["diff_tokens"] = self._scale(self.diff_projector(out["diff_code"]))
+        for kind in ("his", "diff"):
+            code = out[f"{kind}_code"]
+            tokens = self._scale(getattr(self, f"{kind}_projector")(code))
+            if self.config.end_projectors:
+                tokens = torch.stack([tokens, self._scale(getattr(self, f"end_{kind}_projector")(code))], dim=-2)
+            out[f"{kind}_tokens"] = tokens
         return out
+
+    def add_end_projectors(self) -> "DEPAdapter":
+        """This adapter with a second projector pair, each a copy of the first (so the copies at the end
+        start as the slots beside the reviews): the start of `train --end-projectors`."""
+        config = replace(self.config, end_projectors=True)
+        grown = DEPAdapter(config)
+        state = self.state_dict()
+        state.update({f"end_{name}": value.clone() for name, value in state.items()
+                      if name.startswith(("his_projector.", "diff_projector."))})
+        grown.load_state_dict(state)
+        return grown.to(self.population_his.device)
+
+    def end_projector_parameters(self) -> list[nn.Parameter]:
+        """The second projector pair's weights (empty without `end_projectors`)."""
+        if not self.config.end_projectors:
+            return []
+        return [*self.end_his_projector.parameters(), *self.end_diff_projector.parameters()]
 
     # ---- persistence -------------------------------------------------------------------
 
@@ -176,7 +204,7 @@ def _check_types(folder: Path, config: DEPAdapterConfig) -> None:
     """A config whose fields have the wrong types is damaged: refuse it now, not at the first request."""
     kinds = {"embedding_dim": int, "hidden_size": int, "llm": str, "encoder": str, "sparsity_target": (int, float),
              "sparsity_weight": (int, float), "sae_loss_weight": (int, float), "sae_activation": str, "token_norm": (int, float, type(None)),
-             "trained": bool, "style_features": (bool, str), "training": dict}
+             "trained": bool, "style_features": (bool, str), "end_projectors": bool, "training": dict}
     for name, kind in kinds.items():
         value = getattr(config, name)
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):

@@ -197,6 +197,8 @@ TRAIN_OPTIONS = (
                                "(a restating task: the slots learn to carry a review's content)"),
     ("max_minutes", float, "stop after this many minutes, keeping the best checkpoint"),
     ("init_from", str, "a trained adapter folder to fine-tune instead of starting from fresh weights"),
+    ("end_projectors", str, "a second projector pair for the copies of the 'both' layout at the end: none, joint "
+                            "(trained with the rest) or only (the rest of --init-from stays as it is)"),
     ("eval_every", int, "optimizer steps between validations"),
     ("seed", int, "random seed"),
 )

@@ -212,7 +212,7 @@ class DEPEngine:
         return mix(context.his, his, strength), mix(context.diff, diff, strength)
 
     def soft_tokens(self, his: np.ndarray, diff: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """(K, H) his and diff soft tokens of (K, d) his and diff vectors."""
+        """(K, H) his and diff soft tokens of (K, d) his and diff vectors; (K, 2, H) with end projectors."""
         device = self.llm.device
         with torch.no_grad():
             out = self.adapter(torch.from_numpy(np.ascontiguousarray(his)).to(device),

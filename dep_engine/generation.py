@@ -27,7 +27,10 @@ generation_lock = threading.Lock()
 
 def prompt_embeddings(llm: LLM, prompt: PromptIds, his_tokens: torch.Tensor | None = None,
                       diff_tokens: torch.Tensor | None = None) -> torch.Tensor:
-    """(L, H) input embeddings of the prompt with soft tokens at their slots (differentiable in them)."""
+    """(L, H) input embeddings of the prompt with soft tokens at their slots (differentiable in them).
+
+    Tokens are (n, H), one per past review for each of its `prompt.copies` slots, or (n, P, H), one per
+    copy (the adapter's end projectors write the second); a prompt with fewer copies takes the first."""
     ids = torch.tensor(prompt.ids, dtype=torch.long, device=llm.device)
     with torch.no_grad():
         embeds = llm.embed(ids)
@@ -37,7 +40,10 @@ def prompt_embeddings(llm: LLM, prompt: PromptIds, his_tokens: torch.Tensor | No
         if tokens is None or len(tokens) * prompt.copies != len(positions):
             raise ValueError(f"{len(positions)} slots but {0 if tokens is None else len(tokens)} soft tokens "
                              f"({prompt.copies} copies each)")
-        tokens = tokens.repeat(prompt.copies, 1)
+        if tokens.dim() == 3:  # copy-major: every review's first copy, then every review's second
+            tokens = tokens[:, :prompt.copies].transpose(0, 1).reshape(-1, tokens.shape[-1])
+        else:
+            tokens = tokens.repeat(prompt.copies, 1)
         embeds = embeds.index_put((torch.tensor(positions, device=llm.device),), tokens.to(embeds.dtype))
     return embeds
 

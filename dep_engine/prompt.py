@@ -105,6 +105,11 @@ class PromptIds:
     diff_positions: list[int]
     copies: int = 1
 
+    def slots_from_copy(self, copy: int) -> list[int]:
+        """Positions of the slots of copy `copy` and after (0: every slot)."""
+        his, diff = (len(p) // self.copies * copy for p in (self.his_positions, self.diff_positions))
+        return self.his_positions[his:] + self.diff_positions[diff:]
+
 
 def shorten(text: str, words: int) -> str:
     parts = text.split()

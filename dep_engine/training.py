@@ -49,6 +49,7 @@ from .store import ReviewStore
 
 CONTRAST_PARTNERS = ("batch", "same-item", "population")
 VECTOR_SOURCES = ("own", "shuffled", "population")
+END_PROJECTORS = ("none", "joint", "only")
 
 
 @dataclass
@@ -76,6 +77,8 @@ class TrainSettings:
     his_oracle_rate: float = 0.0       # share of training samples with their own target's vector in every his slot
     max_minutes: float | None = None   # stop training after this long (the best checkpoint is kept)
     init_from: str | None = None       # a trained adapter folder to start from (fine-tuning) instead of fresh weights
+    end_projectors: str = "none"       # a second projector pair for the "both" layout's copies at the end:
+                                       # "none", "joint" (trained with the rest) or "only" (the rest stays as init_from)
     eval_every: int = 200              # optimizer steps between validations
     seed: int = 42
 
@@ -85,6 +88,13 @@ class TrainSettings:
                              f"got {self.contrast_partner!r}")
         if not 0 <= self.his_oracle_rate <= 1:
             raise ValueError(f"his_oracle_rate must be in [0, 1], got {self.his_oracle_rate}")
+        if self.end_projectors not in END_PROJECTORS:
+            raise ValueError(f"end_projectors must be one of {', '.join(END_PROJECTORS)}, got {self.end_projectors!r}")
+        if self.end_projectors != "none" and self.personalization.soft_tokens_at != "both":
+            raise ValueError(f"end_projectors {self.end_projectors!r} writes the copies of the 'both' layout; "
+                             f"the prompt puts the soft tokens {self.personalization.soft_tokens_at!r}")
+        if self.end_projectors == "only" and not self.init_from:
+            raise ValueError("end_projectors 'only' keeps the rest of an adapter as it is: name it with init_from")
 
 
 class Vectors(NamedTuple):
@@ -186,9 +196,10 @@ def target_logits(engine: DEPEngine, adapter: DEPAdapter, batch: list[Prepared],
     for row, seq in enumerate(sequences):  # right padding: targets stay where the prompt ends
         inputs[row, :len(seq)] = seq
         mask[row, :len(seq)] = 1
-    # Positions before the batch's first soft token hold the same constants at every step: run them
-    # without autograd and keep only their keys and values, so the backward pass skips them.
-    frozen = min(min(s.prompt.his_positions + s.prompt.diff_positions, default=len(s.prompt.ids)) for s in batch)
+    # Positions before the batch's first trained soft token hold the same constants at every step: run
+    # them without autograd and keep only their keys and values, so the backward pass skips them.
+    first_trained = 1 if out["his_tokens"].dim() == 3 and not out["his_tokens"][..., 0, :].requires_grad else 0
+    frozen = min(min(s.prompt.slots_from_copy(first_trained), default=len(s.prompt.ids)) for s in batch)
     logits = []
     with autocast_to(llm.prefill_dtype, llm.device.type):  # bf16 on CPUs with bf16 units (1.6-1.8x a step), else as is
         with torch.no_grad():
@@ -376,7 +387,19 @@ def new_adapter(engine: DEPEngine, settings: TrainSettings, train_set: list[Prep
         if start.config.style_features != config.style_features or start.config.sae_activation != config.sae_activation:
             raise ValueError(f"{settings.init_from}: trained with style features {start.config.style_features!r} and "
                              f"a {start.config.sae_activation} code, not {config.style_features!r} and {config.sae_activation}")
+        if start.config.end_projectors and settings.end_projectors == "none":
+            raise ValueError(f"{settings.init_from}: has end projectors; fine-tune it with end_projectors "
+                             f"'joint' or 'only' and the 'both' layout")
+        if settings.end_projectors != "none" and not start.config.end_projectors:
+            start = start.add_end_projectors()
+        adapter = DEPAdapter(replace(config, end_projectors=start.config.end_projectors))
         adapter.load_state_dict(start.state_dict())
+    elif settings.end_projectors != "none":
+        adapter = adapter.add_end_projectors()
+    if settings.end_projectors == "only":  # the SAE and the first pair stay as init_from made them
+        trained = set(map(id, adapter.end_projector_parameters()))
+        for parameter in adapter.parameters():
+            parameter.requires_grad_(id(parameter) in trained)
     adapter.set_population(*map(torch.from_numpy, population_vectors(train_set)))
     return adapter.to(engine.llm.device)
 
@@ -455,7 +478,8 @@ def train(engine: DEPEngine, settings: TrainSettings, resume: bool = True) -> Pa
     for sample in partners:
         by_item.setdefault(sample.item_id, []).append(sample)
     adapter = new_adapter(engine, settings, train_set)
-    optimizer = torch.optim.AdamW(adapter.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    optimizer = torch.optim.AdamW([p for p in adapter.parameters() if p.requires_grad], lr=settings.lr,
+                                  weight_decay=settings.weight_decay)
     steps_per_epoch = math.ceil(len(train_set) / settings.batch_size)
     total = steps_per_epoch * settings.epochs
     step, best = 0, float("inf")

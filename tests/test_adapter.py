@@ -20,6 +20,27 @@ def test_shapes_and_losses():
     assert out["sae_loss"].item() > 0
 
 
+def test_end_projectors_start_as_copies_and_round_trip(tmp_path):
+    """A second projector pair for the "both" layout's copies at the end: grown from an adapter, it writes
+    the same tokens as the first pair until trained, and saves and loads as any adapter."""
+    adapter = make_adapter(token_norm=2.0)
+    grown = adapter.add_end_projectors()
+    his, diff = torch.randn(3, 32), torch.randn(3, 32)
+    base, out = adapter(his, diff), grown(his, diff)
+    assert out["his_tokens"].shape == (3, 2, 24) and out["diff_tokens"].shape == (3, 2, 24)
+    for kind in ("his_tokens", "diff_tokens"):
+        assert torch.equal(out[kind][:, 0], base[kind]) and torch.equal(out[kind][:, 1], base[kind])
+    assert len(grown.end_projector_parameters()) == 8 and adapter.end_projector_parameters() == []
+    with torch.no_grad():
+        grown.end_his_projector[2].bias += 1.0
+    grown.save_pretrained(tmp_path)
+    loaded = DEPAdapter.from_pretrained(tmp_path)
+    assert loaded.config.end_projectors
+    again = loaded(his, diff)
+    assert torch.equal(again["his_tokens"], grown(his, diff)["his_tokens"])
+    assert not torch.equal(again["his_tokens"][:, 1], again["his_tokens"][:, 0])
+
+
 def test_token_norm_rescales():
     adapter = make_adapter(token_norm=2.5)
     out = adapter(torch.randn(4, 32), torch.randn(4, 32))

@@ -126,6 +126,16 @@ def test_soft_tokens_in_both_places_write_each_token_twice(smol_tokenizer, tiny_
         for positions, tokens in ((both.his_positions, his), (both.diff_positions, diff)):
             torch.testing.assert_close(embeds[positions[review]], tokens[review])
             torch.testing.assert_close(embeds[positions[review + 2]], tokens[review])
+    # with the adapter's end projectors each copy has its own token; a prompt with one copy takes the first
+    own = torch.stack([his, -his], dim=1)
+    embeds = prompt_embeddings(tiny_llm, both, own, diff)
+    for review in range(2):
+        torch.testing.assert_close(embeds[both.his_positions[review]], his[review])
+        torch.testing.assert_close(embeds[both.his_positions[review + 2]], -his[review])
+    single = prompt_embeddings(tiny_llm, beside, own, diff)
+    torch.testing.assert_close(single[beside.his_positions], his)
+    assert both.slots_from_copy(1) == both.his_positions[2:] + both.diff_positions[2:]
+    assert both.slots_from_copy(0) == both.his_positions + both.diff_positions
     with pytest.raises(ValueError, match="4 slots but 4 soft tokens \\(2 copies each\\)"):
         prompt_embeddings(tiny_llm, both, torch.randn(4, tiny_llm.hidden_size), diff)
 

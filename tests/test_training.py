@@ -49,6 +49,15 @@ def test_short_training_lowers_loss_and_keeps_llm_frozen(tiny_engine, tmp_path):
     assert len((again / "log.jsonl").read_text().splitlines()) == len(log)
 
 
+def test_end_projector_settings_are_checked_before_anything_loads():
+    with pytest.raises(ValueError, match="end_projectors must be one of none, joint, only, got 'some'"):
+        TrainSettings(end_projectors="some")
+    with pytest.raises(ValueError, match="writes the copies of the 'both' layout; the prompt puts the soft tokens 'beside'"):
+        TrainSettings(end_projectors="joint")
+    with pytest.raises(ValueError, match="name it with init_from"):
+        TrainSettings(end_projectors="only", personalization=PersonalizationSettings(soft_tokens_at="both"))
+
+
 def test_fine_tuning_starts_from_the_given_adapter(tiny_engine, tmp_path):
     """init_from loads a trained adapter's weights (fine-tuning), and refuses one of another kind."""
     torch.manual_seed(3)
@@ -233,17 +242,26 @@ def test_checkpoint_reloads_to_identical_outputs(tiny_engine, tiny_llm, tmp_path
     assert isinstance(reloaded.adapter, DEPAdapter)
 
 
-@pytest.mark.parametrize("soft_tokens_at", ["beside", "end", "both"])
-def test_batch_loss_matches_one_sample_at_a_time_without_cache(tiny_engine, soft_tokens_at):
+@pytest.mark.parametrize("soft_tokens_at,end_projectors", [("beside", "none"), ("end", "none"), ("both", "none"),
+                                                            ("both", "only")])
+def test_batch_loss_matches_one_sample_at_a_time_without_cache(tiny_engine, tmp_path, soft_tokens_at, end_projectors):
     """Padding, the no-grad prefix cache and the target spans leave loss and gradients as a plain
-    forward of each sample's own sequence would give them (with the slots at the end, the cached
-    prefix is nearly the whole prompt)."""
+    forward of each sample's own sequence would give them (with the slots at the end, or only the end
+    projectors trained, the cached prefix is nearly the whole prompt)."""
     settings = TrainSettings(personalization=PersonalizationSettings(k=2, words_per_review=10,
                                                                      soft_tokens_at=soft_tokens_at),
                              max_target_tokens=16, modes=("his+diff", "dep", "his"))
     samples = prepare(tiny_engine, training_samples(tiny_engine.dataset.reviews)[:6], settings, "test")
     torch.manual_seed(0)  # the same adapter whatever ran before (the tolerances below are for this one)
     adapter = DEPAdapter(tiny_engine.adapter.config)
+    if end_projectors != "none":
+        adapter.save_pretrained(tmp_path / "start")
+        adapter = new_adapter(tiny_engine, dataclasses.replace(settings, init_from=str(tmp_path / "start"),
+                                                               end_projectors=end_projectors), samples)
+        with torch.no_grad():  # the end pair is a copy of the first at the start: make it differ
+            adapter.end_his_projector[2].bias.add_(0.5)
+        assert [p.requires_grad for p in adapter.parameters()] == \
+            [any(p is q for q in adapter.end_projector_parameters()) for p in adapter.parameters()]
     llm = tiny_engine.llm
     per_sample, _ = batch_loss(tiny_engine, adapter, samples)
     per_sample.mean().backward()
