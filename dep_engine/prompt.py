@@ -84,7 +84,8 @@ class PromptLayout:
     to review. `soft_tokens_at`: "beside" puts each past review's his and diff slots after its text (the
     paper's prompt); "end" puts all of them after the output review's title, right before the answer,
     where this LLM reads more of what a slot holds (experiments/README.md, rounds 14 to 14c); "both"
-    puts each soft token in both places, the same token twice (round 19)."""
+    puts a slot in both places: the same token twice, or, from an adapter with end projectors, a
+    second token of its own at the end (rounds 19 and 20)."""
     restate_item: bool = False
     soft_tokens_at: str = "beside"
 
