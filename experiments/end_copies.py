@@ -1,0 +1,81 @@
+"""Round 21 (diagnostic): did the soft tokens' copies at the end carry the person, or did a worse prompt
+lean more on the tokens beside the reviews?
+
+Round 19 wrote the shipped adapter's tokens twice (`--soft-tokens-at both`): every prompt got 0.095 nats
+per token worse and the user's vectors gained +0.0115 over the population's, 2.7 times the shipped
+adapter's +0.0043, with both copies taken from the vectors compared. Here only one copy takes them and
+the other holds the population-average reviewer's tokens whatever the condition, the shipped adapter
+and the "both" prompt otherwise:
+
+    --varies beside   the copies at the end hold the population's tokens: the same disruption of every
+                      prompt, with the person only beside the reviews
+    --varies end      the tokens beside the reviews are the population's: the person only at the end
+
+Each run is `likelihood`'s report (own, another user's and the population's vectors in the copy that
+varies) with the per-sample losses, on the 120 validation users:
+
+    python experiments/end_copies.py --varies beside --out runs/round21/varies-beside-val.json
+    python experiments/end_copies.py --varies end --out runs/round21/varies-end-val.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from dep_engine.adapter import DEPAdapter  # noqa: E402
+from dep_engine.engine import DEPEngine, EngineConfig  # noqa: E402
+from dep_engine.paths import BUNDLED_ADAPTER  # noqa: E402
+from dep_engine.settings import PersonalizationSettings  # noqa: E402
+from dep_engine.splits import held_out_targets, validation_samples  # noqa: E402
+from dep_engine.training import TrainSettings, personal_likelihood, prepare  # noqa: E402
+
+COPIES = ("beside", "end")
+
+
+class OneCopyVaries(DEPAdapter):
+    """The adapter, its tokens for the given vectors in one copy of each slot and the population's in the other."""
+
+    def __init__(self, adapter: DEPAdapter, varies: str):
+        super().__init__(adapter.config)
+        self.load_state_dict(adapter.state_dict())
+        self.varies = COPIES.index(varies)
+
+    def forward(self, his: torch.Tensor, diff: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = super().forward(his, diff)
+        population = super().forward(self.population_his[None], self.population_diff[None])
+        for kind in ("his_tokens", "diff_tokens"):
+            copies = [population[kind].expand_as(out[kind])] * 2
+            copies[self.varies] = out[kind]
+            out[kind] = torch.stack(copies, dim=-2)
+        return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--varies", choices=COPIES, required=True, help="the copy that takes the compared vectors")
+    parser.add_argument("--adapter", default=str(BUNDLED_ADAPTER), help="an adapter trained beside the reviews")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N validation users")
+    parser.add_argument("--out", required=True, help="JSON file for the report (with per-sample losses)")
+    args = parser.parse_args()
+
+    engine = DEPEngine(EngineConfig(adapter=args.adapter))
+    reviews = engine.dataset.reviews
+    raw = validation_samples(reviews)[:args.limit] if args.limit else validation_samples(reviews)
+    settings = TrainSettings(personalization=PersonalizationSettings(soft_tokens_at="both"), modes=("dep",))
+    samples = prepare(engine, raw, settings, "preparing validation samples", engine.store.without(held_out_targets(reviews)))
+    adapter = OneCopyVaries(engine.adapter, args.varies).to(engine.llm.device).eval()
+    report = {"varies": args.varies, "adapter": args.adapter,
+              **personal_likelihood(engine, adapter, samples, settings.batch_size, settings.seed)}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=1))
+    print(json.dumps({k: v for k, v in report.items() if k != "per_sample"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
