@@ -101,6 +101,8 @@ BAD_ARGUMENTS = [
     (["train", "--data", "no_such_data", "--out", "{tmp}/adapter"], "no_such_data"),
     (["train", "--his-oracle-rate", "1.5", "--out", "{tmp}/adapter"], "his_oracle_rate must be in [0, 1], got 1.5"),
     (["train", "--contrast-partner", "bogus", "--out", "{tmp}/adapter"], "'bogus'"),
+    (["train", "--end-projectors", "joint", "--out", "{tmp}/adapter"], "writes the copies of the 'both' layout"),
+    (["train", "--soft-tokens-at", "both", "--end-projectors", "only", "--out", "{tmp}/adapter"], "init_from"),
     (["evaluate", "--methods", "dep,bogus@k=2", "--out", "{tmp}/eval"], "bogus"),
     (["evaluate", "--eval-reviews", "no_such_reviews", "--out", "{tmp}/eval"], "no_such_reviews"),
     (["evaluate", "--adapter", "no_such_adapter", "--out", "{tmp}/eval"], "no_such_adapter"),
