@@ -197,9 +197,10 @@ def target_logits(engine: DEPEngine, adapter: DEPAdapter, batch: list[Prepared],
         inputs[row, :len(seq)] = seq
         mask[row, :len(seq)] = 1
     # Positions before the batch's first trained soft token hold the same constants at every step: run
-    # them without autograd and keep only their keys and values, so the backward pass skips them.
+    # them without autograd and keep only their keys and values, so the backward pass skips them. The
+    # prompt's last position stays out of the cache: its output predicts the first target token.
     first_trained = 1 if out["his_tokens"].dim() == 3 and not out["his_tokens"][..., 0, :].requires_grad else 0
-    frozen = min(min(s.prompt.slots_from_copy(first_trained), default=len(s.prompt.ids)) for s in batch)
+    frozen = min(min(s.prompt.slots_from_copy(first_trained), default=len(s.prompt.ids) - 1) for s in batch)
     logits = []
     with autocast_to(llm.prefill_dtype, llm.device.type):  # bf16 on CPUs with bf16 units (1.6-1.8x a step), else as is
         with torch.no_grad():

@@ -268,19 +268,41 @@ def test_batch_loss_matches_one_sample_at_a_time_without_cache(tiny_engine, tmp_
     batched = [p.grad.clone() for p in adapter.parameters() if p.grad is not None]
     adapter.zero_grad()
 
-    plain = []
+    plain = plain_losses(llm, adapter, samples)
+    plain.mean().backward()
+    torch.testing.assert_close(per_sample.detach(), plain.detach(), atol=1e-5, rtol=1e-5)
+    for got, want in zip(batched, [p.grad for p in adapter.parameters() if p.grad is not None]):
+        # float32 sums in another order: 2e-6 to 5e-5 of each gradient's norm here
+        assert float((got - want).norm()) <= 1e-4 * float(want.norm())
+
+
+def plain_losses(llm, adapter, samples):
+    """Each sample's loss from one plain forward of its own sequence: no batch, padding or prefix cache."""
+    losses = []
     for sample in samples:
         out = adapter(torch.from_numpy(sample.his), torch.from_numpy(sample.diff))
         prompt = prompt_embeddings(llm, sample.prompt, out["his_tokens"] if sample.prompt.his_positions else None,
                                    out["diff_tokens"] if sample.prompt.diff_positions else None)
         sequence = torch.cat([prompt, llm.embed(torch.tensor(sample.target[:-1]))])
         logits = llm.model(inputs_embeds=sequence[None]).logits[0, len(prompt) - 1:]
-        plain.append(torch.nn.functional.cross_entropy(logits.float(), torch.tensor(sample.target)))
-    torch.stack(plain).mean().backward()
-    torch.testing.assert_close(per_sample.detach(), torch.stack(plain).detach(), atol=1e-5, rtol=1e-5)
-    for got, want in zip(batched, [p.grad for p in adapter.parameters() if p.grad is not None]):
-        # float32 sums in another order: 2e-6 to 5e-5 of each gradient's norm here
-        assert float((got - want).norm()) <= 1e-4 * float(want.norm())
+        losses.append(torch.nn.functional.cross_entropy(logits.float(), torch.tensor(sample.target)))
+    return torch.stack(losses)
+
+
+@pytest.mark.parametrize("mode,end_projectors", [("nonperso", False), ("dep", True)])
+def test_scoring_without_a_slot_to_train_reads_every_target_token(tiny_engine, mode, end_projectors):
+    """With no trained slot in a prompt (the plain LLM's, `likelihood --mode nonperso`; or an adapter with
+    end projectors scoring a prompt without copies, under no_grad), the cached prefix stops before the
+    prompt's last token, whose output predicts the first target token."""
+    settings = TrainSettings(personalization=PersonalizationSettings(k=2, words_per_review=10),
+                             max_target_tokens=16, modes=(mode,))
+    samples = prepare(tiny_engine, training_samples(tiny_engine.dataset.reviews)[:4], settings, "test")
+    torch.manual_seed(0)
+    adapter = DEPAdapter(tiny_engine.adapter.config)
+    adapter = adapter.add_end_projectors() if end_projectors else adapter
+    with torch.no_grad():
+        torch.testing.assert_close(batch_loss(tiny_engine, adapter, samples)[0],
+                                   plain_losses(tiny_engine.llm, adapter, samples), atol=1e-5, rtol=1e-5)
 
 
 def test_training_forward_in_bf16_stays_close_to_float32(tiny_engine, monkeypatch):
