@@ -1,4 +1,4 @@
-"""Round 21 (diagnostic): did the soft tokens' copies at the end carry the person, or did a worse prompt
+"""Rounds 21 and 23 (diagnostics): did the soft tokens' copies at the end carry the person, or did a worse prompt
 lean more on the tokens beside the reviews?
 
 Round 19 wrote the shipped adapter's tokens twice (`--soft-tokens-at both`): every prompt got 0.095 nats
@@ -10,12 +10,17 @@ and the "both" prompt otherwise:
     --varies beside   the copies at the end hold the population's tokens: the same disruption of every
                       prompt, with the person only beside the reviews
     --varies end      the tokens beside the reviews are the population's: the person only at the end
+    --varies both     both copies take the vectors compared (round 19's step 1)
+
+`--end-scale S` multiplies the copies at the end by S (round 23: how much of their cost to the task
+goes with how much of their share of the person, untrained).
 
 Each run is `likelihood`'s report (own, another user's and the population's vectors in the copy that
 varies) with the per-sample losses, on the 120 validation users:
 
     python experiments/end_copies.py --varies beside --out runs/round21/varies-beside-val.json
     python experiments/end_copies.py --varies end --out runs/round21/varies-end-val.json
+    python experiments/end_copies.py --varies both --end-scale 0.5 --out runs/round23/scale-0.5-val.json
 """
 from __future__ import annotations
 
@@ -35,30 +40,33 @@ from dep_engine.settings import PersonalizationSettings  # noqa: E402
 from dep_engine.splits import held_out_targets, validation_samples  # noqa: E402
 from dep_engine.training import TrainSettings, personal_likelihood, prepare  # noqa: E402
 
-COPIES = ("beside", "end")
+COPIES = ("beside", "end", "both")
 
 
 class OneCopyVaries(DEPAdapter):
-    """The adapter, its tokens for the given vectors in one copy of each slot and the population's in the other."""
+    """The adapter, its tokens for the given vectors in the copies that vary and the population's in the
+    other; the copies at the end multiplied by `end_scale`."""
 
-    def __init__(self, adapter: DEPAdapter, varies: str):
+    def __init__(self, adapter: DEPAdapter, varies: str, end_scale: float = 1.0):
         super().__init__(adapter.config)
         self.load_state_dict(adapter.state_dict())
-        self.varies = COPIES.index(varies)
+        self.varies, self.end_scale = varies, end_scale
 
     def forward(self, his: torch.Tensor, diff: torch.Tensor) -> dict[str, torch.Tensor]:
         out = super().forward(his, diff)
         population = super().forward(self.population_his[None], self.population_diff[None])
         for kind in ("his_tokens", "diff_tokens"):
-            copies = [population[kind].expand_as(out[kind])] * 2
-            copies[self.varies] = out[kind]
-            out[kind] = torch.stack(copies, dim=-2)
+            fixed = population[kind].expand_as(out[kind])
+            beside = out[kind] if self.varies in ("beside", "both") else fixed
+            end = out[kind] if self.varies in ("end", "both") else fixed
+            out[kind] = torch.stack([beside, self.end_scale * end], dim=-2)
         return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--varies", choices=COPIES, required=True, help="the copy that takes the compared vectors")
+    parser.add_argument("--varies", choices=COPIES, required=True, help="the copies that take the compared vectors")
+    parser.add_argument("--end-scale", type=float, default=1.0, help="multiplies the copies at the end")
     parser.add_argument("--adapter", default=str(BUNDLED_ADAPTER), help="an adapter trained beside the reviews")
     parser.add_argument("--limit", type=int, default=None, help="only the first N validation users")
     parser.add_argument("--out", required=True, help="JSON file for the report (with per-sample losses)")
@@ -69,8 +77,8 @@ def main() -> None:
     raw = validation_samples(reviews)[:args.limit] if args.limit else validation_samples(reviews)
     settings = TrainSettings(personalization=PersonalizationSettings(soft_tokens_at="both"), modes=("dep",))
     samples = prepare(engine, raw, settings, "preparing validation samples", engine.store.without(held_out_targets(reviews)))
-    adapter = OneCopyVaries(engine.adapter, args.varies).to(engine.llm.device).eval()
-    report = {"varies": args.varies, "adapter": args.adapter,
+    adapter = OneCopyVaries(engine.adapter, args.varies, args.end_scale).to(engine.llm.device).eval()
+    report = {"varies": args.varies, "end_scale": args.end_scale, "adapter": args.adapter,
               **personal_likelihood(engine, adapter, samples, settings.batch_size, settings.seed)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))
