@@ -1,5 +1,7 @@
-"""Rounds 21, 23 and 24 (diagnostics): did the soft tokens' copies at the end carry the person, or did a worse prompt
-lean more on the tokens beside the reviews?
+"""Rounds 21, 23 and 24 (diagnostics): what the soft tokens' copies at the end carry and cost, untrained.
+
+Round 21 asks whether they carry the person themselves or a worse prompt leans more on the tokens beside
+the reviews; round 23 how their cost and share fall with their size; round 24 what their text lines cost.
 
 Round 19 wrote the shipped adapter's tokens twice (`--soft-tokens-at both`): every prompt got 0.095 nats
 per token worse and the user's vectors gained +0.0115 over the population's, 2.7 times the shipped
