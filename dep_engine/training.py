@@ -381,7 +381,6 @@ def new_adapter(engine: DEPEngine, settings: TrainSettings, train_set: list[Prep
         encoder=engine.encoder.name, sparsity_target=settings.sparsity_target,
         sparsity_weight=settings.sparsity_weight, sae_loss_weight=settings.sae_loss_weight,
         sae_activation=settings.sae_activation, token_norm=token_norm, style_features=engine.store.style)
-    adapter = DEPAdapter(config)
     if settings.init_from:  # fine-tuning: its weights, checked against this LLM, encoder and style features
         start = DEPAdapter.from_pretrained(settings.init_from, llm=config.llm, hidden_size=config.hidden_size,
                                            encoder=config.encoder, embedding_dim=config.embedding_dim)
@@ -391,16 +390,16 @@ def new_adapter(engine: DEPEngine, settings: TrainSettings, train_set: list[Prep
         if start.config.end_projectors and settings.end_projectors == "none":
             raise ValueError(f"{settings.init_from}: has end projectors; fine-tune it with end_projectors "
                              f"'joint' or 'only' and the 'both' layout")
-        if settings.end_projectors != "none" and not start.config.end_projectors:
-            start = start.add_end_projectors()
         adapter = DEPAdapter(replace(config, end_projectors=start.config.end_projectors))
         adapter.load_state_dict(start.state_dict())
-    elif settings.end_projectors != "none":
+    else:
+        adapter = DEPAdapter(config)
+    if settings.end_projectors != "none" and not adapter.config.end_projectors:
         adapter = adapter.add_end_projectors()
     if settings.end_projectors == "only":  # the SAE and the first pair stay as init_from made them
-        trained = set(map(id, adapter.end_projector_parameters()))
-        for parameter in adapter.parameters():
-            parameter.requires_grad_(id(parameter) in trained)
+        adapter.requires_grad_(False)
+        for parameter in adapter.end_projector_parameters():
+            parameter.requires_grad_(True)
     adapter.set_population(*map(torch.from_numpy, population_vectors(train_set)))
     return adapter.to(engine.llm.device)
 
