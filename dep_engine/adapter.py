@@ -4,7 +4,10 @@
     projectors: soft = W_2 GELU(W_1 z)                          d/2 -> H -> H
 
 With `end_projectors`, a second his and diff projector writes the copy of each slot that the "both"
-prompt layout puts after the output title; the first pair writes the slots beside the reviews. The
+prompt layout puts after the output title; the first pair writes the slots beside the reviews. With
+`deviation_projectors`, a linear map (no bias, zero at the start) per kind adds W (x - population) to
+each token before its rescaling: it is zero for the population-average reviewer, so training it cannot
+change the generic prompt or learn a cue every user shares, only how a user's tokens depart from it. The
 sparse code z (not the reconstruction) is projected to the LLM's hidden size H. Saved as
 safetensors beside a JSON config that names the LLM and encoder it was trained for. The weights
 also hold the population-average reviewer: the mean his and diff vectors of the training users,
@@ -50,6 +53,7 @@ class DEPAdapterConfig:
     token_norm: float | None = None  # if set, each soft token is rescaled to this norm
     style_features: bool | str = "none"  # style features beside the text embedding (`embeddings.STYLE_SETS`)
     end_projectors: bool = False    # a second projector pair for the slots' copies at the end ("both" layout)
+    deviation_projectors: bool = False  # a linear map of each vector's deviation from the population, added to its tokens
     trained: bool = False
     training: dict = field(default_factory=dict)  # settings, data fingerprint, results of training
 
@@ -101,6 +105,11 @@ class DEPAdapter(nn.Module):
         if config.end_projectors:
             self.end_his_projector = Projector(config.code_dim, config.hidden_size)
             self.end_diff_projector = Projector(config.code_dim, config.hidden_size)
+        if config.deviation_projectors:
+            self.his_deviation = nn.Linear(config.embedding_dim, config.hidden_size, bias=False)
+            self.diff_deviation = nn.Linear(config.embedding_dim, config.hidden_size, bias=False)
+            nn.init.zeros_(self.his_deviation.weight)
+            nn.init.zeros_(self.diff_deviation.weight)
         self.register_buffer("population_his", torch.zeros(config.embedding_dim))
         self.register_buffer("population_diff", torch.zeros(config.embedding_dim))
 
@@ -134,30 +143,45 @@ class DEPAdapter(nn.Module):
         """Soft tokens for his and diff vectors (..., d), plus the codes and the SAE loss: (..., H), or
         (..., 2, H) with `end_projectors` (the slot beside its review, then its copy at the end)."""
         out = self.encode(his, diff)
-        for kind in ("his", "diff"):
+        for kind, vectors in (("his", his), ("diff", diff)):
             code = out[f"{kind}_code"]
-            tokens = self._scale(getattr(self, f"{kind}_projector")(code))
+            personal = 0.0
+            if self.config.deviation_projectors:
+                deviation = vectors.float() - getattr(self, f"population_{kind}")
+                personal = getattr(self, f"{kind}_deviation")(deviation)
+            tokens = self._scale(getattr(self, f"{kind}_projector")(code) + personal)
             if self.config.end_projectors:
-                tokens = torch.stack([tokens, self._scale(getattr(self, f"end_{kind}_projector")(code))], dim=-2)
+                end = self._scale(getattr(self, f"end_{kind}_projector")(code) + personal)
+                tokens = torch.stack([tokens, end], dim=-2)
             out[f"{kind}_tokens"] = tokens
         return out
 
-    def add_end_projectors(self) -> "DEPAdapter":
-        """This adapter with a second projector pair, each a copy of the first (so the copies at the end
-        start as the slots beside the reviews): the start of `train --end-projectors`."""
-        config = replace(self.config, end_projectors=True)
-        grown = DEPAdapter(config)
-        state = self.state_dict()
-        state.update({f"end_{name}": value.clone() for name, value in state.items()
-                      if name.startswith(("his_projector.", "diff_projector."))})
+    def grow(self, end_projectors: bool = False, deviation_projectors: bool = False) -> "DEPAdapter":
+        """This adapter with the parts asked for added, writing the same tokens as before until trained:
+        end projectors start as copies of the first pair (the copies at the end as the slots beside the
+        reviews), deviation projectors at zero. The start of `train --end-projectors/--deviation-projectors`."""
+        config = replace(self.config, end_projectors=self.config.end_projectors or end_projectors,
+                         deviation_projectors=self.config.deviation_projectors or deviation_projectors)
+        grown = DEPAdapter(config).to(self.population_his.device)
+        state = grown.state_dict()
+        state.update(self.state_dict())
+        if end_projectors and not self.config.end_projectors:
+            state.update({f"end_{name}": value.clone() for name, value in self.state_dict().items()
+                          if name.startswith(("his_projector.", "diff_projector."))})
         grown.load_state_dict(state)
-        return grown.to(self.population_his.device)
+        return grown
 
     def end_projector_parameters(self) -> list[nn.Parameter]:
         """The second projector pair's weights (empty without `end_projectors`)."""
         if not self.config.end_projectors:
             return []
         return [*self.end_his_projector.parameters(), *self.end_diff_projector.parameters()]
+
+    def deviation_parameters(self) -> list[nn.Parameter]:
+        """The deviation projectors' weights (empty without `deviation_projectors`)."""
+        if not self.config.deviation_projectors:
+            return []
+        return [self.his_deviation.weight, self.diff_deviation.weight]
 
     # ---- persistence -------------------------------------------------------------------
 
@@ -204,7 +228,7 @@ def _check_types(folder: Path, config: DEPAdapterConfig) -> None:
     """A config whose fields have the wrong types is damaged: refuse it now, not at the first request."""
     kinds = {"embedding_dim": int, "hidden_size": int, "llm": str, "encoder": str, "sparsity_target": (int, float),
              "sparsity_weight": (int, float), "sae_loss_weight": (int, float), "sae_activation": str, "token_norm": (int, float, type(None)),
-             "trained": bool, "style_features": (bool, str), "end_projectors": bool, "training": dict}
+             "trained": bool, "style_features": (bool, str), "end_projectors": bool, "deviation_projectors": bool, "training": dict}
     for name, kind in kinds.items():
         value = getattr(config, name)
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):

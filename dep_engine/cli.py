@@ -199,6 +199,8 @@ TRAIN_OPTIONS = (
     ("init_from", str, "a trained adapter folder to fine-tune instead of starting from fresh weights"),
     ("end_projectors", str, "a second projector pair for the copies of the 'both' layout at the end: none, joint "
                             "(trained with the rest) or only (the rest of --init-from stays as it is)"),
+    ("deviation_projectors", str, "a linear map of each vector's deviation from the population-average reviewer, "
+                                  "added to its soft tokens and zero for generic: none, joint or only"),
     ("eval_every", int, "optimizer steps between validations"),
     ("seed", int, "random seed"),
 )

@@ -8,7 +8,11 @@ user's: without it the adapter can learn a task prompt that any user's vectors u
 user is a batch-mate (`contrast_partner="batch"`), whose vectors a model can tell apart by topic
 alone, another training user who reviewed the same product ("same-item"), which leaves the
 person as the difference to learn, or the population-average reviewer ("population", the generic
-mode's vectors; its loss is held fixed, so the term cannot win by making the generic prompt worse).
+mode's vectors; its loss is held fixed, so the term cannot win by making the generic prompt worse,
+but then its gradient is the LM loss's own on every sample short of the margin: it re-weights the
+task and cannot move the gap by itself, as rounds 9 and 22 found). Deviation projectors
+(`deviation_projectors`) give the person a path the generic prompt does not take: trained alone,
+whatever lowers the loss with a user's own vectors is that user's share.
 Only the SAE and the two projectors learn. Each training sample
 is assigned one prompt mode from `modes` in turn, so one adapter serves his-only, diff-only,
 his+diff and DEP prompts.
@@ -49,7 +53,7 @@ from .store import ReviewStore
 
 CONTRAST_PARTNERS = ("batch", "same-item", "population")
 VECTOR_SOURCES = ("own", "shuffled", "population")
-END_PROJECTORS = ("none", "joint", "only")
+GROWN_PARTS = ("none", "joint", "only")  # a part added to the adapter: absent, trained with the rest, or alone
 
 
 @dataclass
@@ -79,6 +83,8 @@ class TrainSettings:
     init_from: str | None = None       # a trained adapter folder to start from (fine-tuning) instead of fresh weights
     end_projectors: str = "none"       # a second projector pair for the "both" layout's copies at the end:
                                        # "none", "joint" (trained with the rest) or "only" (the rest stays as init_from)
+    deviation_projectors: str = "none"  # a linear map of each vector's deviation from init_from's population-average
+                                        # reviewer, added to its tokens (zero for generic): "none", "joint" or "only"
     eval_every: int = 200              # optimizer steps between validations
     seed: int = 42
 
@@ -88,13 +94,14 @@ class TrainSettings:
                              f"got {self.contrast_partner!r}")
         if not 0 <= self.his_oracle_rate <= 1:
             raise ValueError(f"his_oracle_rate must be in [0, 1], got {self.his_oracle_rate}")
-        if self.end_projectors not in END_PROJECTORS:
-            raise ValueError(f"end_projectors must be one of {', '.join(END_PROJECTORS)}, got {self.end_projectors!r}")
+        for name in ("end_projectors", "deviation_projectors"):
+            if getattr(self, name) not in GROWN_PARTS:
+                raise ValueError(f"{name} must be one of {', '.join(GROWN_PARTS)}, got {getattr(self, name)!r}")
+            if getattr(self, name) == "only" and not self.init_from:
+                raise ValueError(f"{name} 'only' keeps the rest of an adapter as it is: name it with init_from")
         if self.end_projectors != "none" and self.personalization.soft_tokens_at != "both":
             raise ValueError(f"end_projectors {self.end_projectors!r} writes the copies of the 'both' layout; "
                              f"the prompt puts the soft tokens {self.personalization.soft_tokens_at!r}")
-        if self.end_projectors == "only" and not self.init_from:
-            raise ValueError("end_projectors 'only' keeps the rest of an adapter as it is: name it with init_from")
 
 
 class Vectors(NamedTuple):
@@ -387,20 +394,25 @@ def new_adapter(engine: DEPEngine, settings: TrainSettings, train_set: list[Prep
         if start.config.style_features != config.style_features or start.config.sae_activation != config.sae_activation:
             raise ValueError(f"{settings.init_from}: trained with style features {start.config.style_features!r} and "
                              f"a {start.config.sae_activation} code, not {config.style_features!r} and {config.sae_activation}")
-        if start.config.end_projectors and settings.end_projectors == "none":
-            raise ValueError(f"{settings.init_from}: has end projectors; fine-tune it with end_projectors "
-                             f"'joint' or 'only' and the 'both' layout")
-        adapter = DEPAdapter(replace(config, end_projectors=start.config.end_projectors))
+        for part in ("end_projectors", "deviation_projectors"):
+            if getattr(start.config, part) and getattr(settings, part) == "none":
+                raise ValueError(f"{settings.init_from}: has {part.replace('_', ' ')}; fine-tune it with {part} "
+                                 f"'joint' or 'only'" + (" and the 'both' layout" if part == "end_projectors" else ""))
+        adapter = DEPAdapter(replace(config, end_projectors=start.config.end_projectors,
+                                     deviation_projectors=start.config.deviation_projectors))
         adapter.load_state_dict(start.state_dict())
     else:
         adapter = DEPAdapter(config)
-    if settings.end_projectors != "none" and not adapter.config.end_projectors:
-        adapter = adapter.add_end_projectors()
-    if settings.end_projectors == "only":  # the SAE and the first pair stay as init_from made them
+    adapter = adapter.grow(end_projectors=settings.end_projectors != "none",
+                           deviation_projectors=settings.deviation_projectors != "none")
+    alone = [*(adapter.end_projector_parameters() if settings.end_projectors == "only" else []),
+             *(adapter.deviation_parameters() if settings.deviation_projectors == "only" else [])]
+    if alone:  # the rest stays as init_from made it
         adapter.requires_grad_(False)
-        for parameter in adapter.end_projector_parameters():
+        for parameter in alone:
             parameter.requires_grad_(True)
-    adapter.set_population(*map(torch.from_numpy, population_vectors(train_set)))
+    if not (settings.init_from and adapter.config.deviation_projectors):  # keep the deviations' zero point
+        adapter.set_population(*map(torch.from_numpy, population_vectors(train_set)))
     return adapter.to(engine.llm.device)
 
 

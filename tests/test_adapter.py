@@ -24,7 +24,7 @@ def test_end_projectors_start_as_copies_and_round_trip(tmp_path):
     """A second projector pair for the "both" layout's copies at the end: grown from an adapter, it writes
     the same tokens as the first pair until trained, and saves and loads as any adapter."""
     adapter = make_adapter(token_norm=2.0)
-    grown = adapter.add_end_projectors()
+    grown = adapter.grow(end_projectors=True)
     his, diff = torch.randn(3, 32), torch.randn(3, 32)
     base, out = adapter(his, diff), grown(his, diff)
     assert out["his_tokens"].shape == (3, 2, 24) and out["diff_tokens"].shape == (3, 2, 24)
@@ -39,6 +39,32 @@ def test_end_projectors_start_as_copies_and_round_trip(tmp_path):
     again = loaded(his, diff)
     assert torch.equal(again["his_tokens"], grown(his, diff)["his_tokens"])
     assert not torch.equal(again["his_tokens"][:, 1], again["his_tokens"][:, 0])
+
+
+def test_deviation_projectors_leave_the_population_alone_and_round_trip(tmp_path):
+    """Deviation projectors add W (x - population) to each token: grown at zero they change nothing, and
+    whatever they learn, the population-average reviewer (the generic mode) keeps its tokens exactly."""
+    adapter = make_adapter(token_norm=2.0)
+    adapter.set_population(torch.randn(32), torch.randn(32))
+    grown = adapter.grow(deviation_projectors=True)
+    his, diff = torch.randn(3, 32), torch.randn(3, 32)
+    for kind in ("his_tokens", "diff_tokens"):
+        assert torch.equal(grown(his, diff)[kind], adapter(his, diff)[kind])
+    assert len(grown.deviation_parameters()) == 2 and adapter.deviation_parameters() == []
+    with torch.no_grad():
+        for weight in grown.deviation_parameters():
+            weight.normal_()
+    population = (adapter.population_his[None], adapter.population_diff[None])
+    for kind in ("his_tokens", "diff_tokens"):
+        assert torch.equal(grown(*population)[kind], adapter(*population)[kind])
+        assert not torch.allclose(grown(his, diff)[kind], adapter(his, diff)[kind])
+    both = grown.grow(end_projectors=True)  # the copies at the end take the same deviation
+    out = both(his, diff)
+    assert torch.equal(out["his_tokens"][:, 0], out["his_tokens"][:, 1])
+    grown.save_pretrained(tmp_path)
+    loaded = DEPAdapter.from_pretrained(tmp_path)
+    assert loaded.config.deviation_projectors and not loaded.config.end_projectors
+    assert torch.equal(loaded(his, diff)["diff_tokens"], grown(his, diff)["diff_tokens"])
 
 
 def test_token_norm_rescales():

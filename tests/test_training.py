@@ -12,8 +12,8 @@ from dep_engine.generation import prompt_embeddings
 from dep_engine.settings import PersonalizationSettings, SamplingSettings
 from dep_engine.splits import training_samples
 from dep_engine.training import (TrainSettings, Vectors, batch_loss, contrast_partners, datasets, evaluate_loss,
-                                 generic_reviewer, guided_loss, held_out_likelihood, new_adapter, prepare, train,
-                                 training_loss, with_his_oracle)
+                                 generic_reviewer, guided_loss, held_out_likelihood, new_adapter, population_vectors,
+                                 prepare, train, training_loss, with_his_oracle)
 from dep_engine import splits
 
 from conftest import TINY_LLM
@@ -56,6 +56,31 @@ def test_end_projector_settings_are_checked_before_anything_loads():
         TrainSettings(end_projectors="joint")
     with pytest.raises(ValueError, match="name it with init_from"):
         TrainSettings(end_projectors="only", personalization=PersonalizationSettings(soft_tokens_at="both"))
+    with pytest.raises(ValueError, match="deviation_projectors must be one of none, joint, only, got 'all'"):
+        TrainSettings(deviation_projectors="all")
+    with pytest.raises(ValueError, match="deviation_projectors 'only' keeps the rest of an adapter as it is"):
+        TrainSettings(deviation_projectors="only")
+
+
+def test_deviation_projectors_train_alone_from_the_start_adapter(tiny_engine, tmp_path):
+    """`deviation_projectors="only"` freezes everything else and keeps the start adapter's population (the
+    deviations' zero point, so the generic prompt stays the start's); fine-tuning the grown adapter again
+    without naming the part is refused."""
+    settings = TrainSettings(personalization=PersonalizationSettings(k=2, words_per_review=10), max_target_tokens=8)
+    samples = prepare(tiny_engine, training_samples(tiny_engine.dataset.reviews)[:4], settings, "test")
+    torch.manual_seed(3)
+    start = DEPAdapter(tiny_engine.adapter.config)
+    start.set_population(torch.randn(start.config.embedding_dim), torch.randn(start.config.embedding_dim))
+    start.save_pretrained(tmp_path / "start")
+    only = dataclasses.replace(settings, init_from=str(tmp_path / "start"), deviation_projectors="only")
+    adapter = new_adapter(tiny_engine, only, samples)
+    assert [p.requires_grad for p in adapter.parameters()] == \
+        [any(p is q for q in adapter.deviation_parameters()) for p in adapter.parameters()]
+    assert torch.equal(adapter.population_his, start.population_his)
+    assert not torch.allclose(adapter.population_his, torch.from_numpy(population_vectors(samples)[0]))
+    adapter.save_pretrained(tmp_path / "grown")
+    with pytest.raises(ValueError, match="has deviation projectors; fine-tune it with deviation_projectors"):
+        new_adapter(tiny_engine, dataclasses.replace(settings, init_from=str(tmp_path / "grown")), samples)
 
 
 def test_fine_tuning_starts_from_the_given_adapter(tiny_engine, tmp_path):
@@ -242,9 +267,11 @@ def test_checkpoint_reloads_to_identical_outputs(tiny_engine, tiny_llm, tmp_path
     assert isinstance(reloaded.adapter, DEPAdapter)
 
 
-@pytest.mark.parametrize("soft_tokens_at,end_projectors", [("beside", "none"), ("end", "none"), ("both", "none"),
-                                                            ("both", "only")])
-def test_batch_loss_matches_one_sample_at_a_time_without_cache(tiny_engine, tmp_path, soft_tokens_at, end_projectors):
+@pytest.mark.parametrize("soft_tokens_at,end_projectors,deviation", [
+    ("beside", "none", "none"), ("end", "none", "none"), ("both", "none", "none"), ("both", "only", "none"),
+    ("beside", "none", "only")])
+def test_batch_loss_matches_one_sample_at_a_time_without_cache(tiny_engine, tmp_path, soft_tokens_at, end_projectors,
+                                                               deviation):
     """Padding, the no-grad prefix cache and the target spans leave loss and gradients as a plain
     forward of each sample's own sequence would give them (with the slots at the end, or only the end
     projectors trained, the cached prefix is nearly the whole prompt)."""
@@ -254,14 +281,19 @@ def test_batch_loss_matches_one_sample_at_a_time_without_cache(tiny_engine, tmp_
     samples = prepare(tiny_engine, training_samples(tiny_engine.dataset.reviews)[:6], settings, "test")
     torch.manual_seed(0)  # the same adapter whatever ran before (the tolerances below are for this one)
     adapter = DEPAdapter(tiny_engine.adapter.config)
-    if end_projectors != "none":
+    if end_projectors != "none" or deviation != "none":
         adapter.save_pretrained(tmp_path / "start")
         adapter = new_adapter(tiny_engine, dataclasses.replace(settings, init_from=str(tmp_path / "start"),
-                                                               end_projectors=end_projectors), samples)
-        with torch.no_grad():  # the end pair is a copy of the first at the start: make it differ
-            adapter.end_his_projector[2].bias.add_(0.5)
+                                                               end_projectors=end_projectors,
+                                                               deviation_projectors=deviation), samples)
+        with torch.no_grad():  # the grown parts change nothing at the start: make them differ
+            if end_projectors != "none":
+                adapter.end_his_projector[2].bias.add_(0.5)
+            for weight in adapter.deviation_parameters():
+                weight.normal_(std=0.5)
         assert [p.requires_grad for p in adapter.parameters()] == \
-            [any(p is q for q in adapter.end_projector_parameters()) for p in adapter.parameters()]
+            [any(p is q for q in adapter.end_projector_parameters() + adapter.deviation_parameters())
+             for p in adapter.parameters()]
     llm = tiny_engine.llm
     per_sample, _ = batch_loss(tiny_engine, adapter, samples)
     per_sample.mean().backward()
@@ -299,7 +331,7 @@ def test_scoring_without_a_slot_to_train_reads_every_target_token(tiny_engine, m
     samples = prepare(tiny_engine, training_samples(tiny_engine.dataset.reviews)[:4], settings, "test")
     torch.manual_seed(0)
     adapter = DEPAdapter(tiny_engine.adapter.config)
-    adapter = adapter.add_end_projectors() if end_projectors else adapter
+    adapter = adapter.grow(end_projectors=True) if end_projectors else adapter
     with torch.no_grad():
         torch.testing.assert_close(batch_loss(tiny_engine, adapter, samples)[0],
                                    plain_losses(tiny_engine.llm, adapter, samples), atol=1e-5, rtol=1e-5)
