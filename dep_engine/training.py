@@ -44,7 +44,7 @@ from .atomic import atomic_write
 from .data import Review, Sample
 from .engine import DEPEngine
 from .generation import guidance, prompt_embeddings
-from .llm import autocast_to, forward_with_cache
+from .llm import autocast_to, forward_setup, forward_with_cache
 from .prompt import PromptIds
 from .settings import PersonalizationSettings
 from .splits import derangement, held_out_targets, test_samples, training_samples, validation_samples
@@ -444,7 +444,7 @@ def personal_likelihood(engine: DEPEngine, adapter: DEPAdapter, samples: list[Pr
               "lm_loss_population": float(population.mean()),
               "gain_over_shuffled_nats": paired_bootstrap(shuffled, own),
               "gain_over_population_nats": paired_bootstrap(population, own), "n": int(len(own)),
-              "sae_active_fraction": sae_active_fraction(adapter, samples),
+              "sae_active_fraction": sae_active_fraction(adapter, samples), "forward": forward_setup(engine.llm),
               "per_sample": [{"user_id": s.user_id, "item_id": s.item_id, "own": float(o), "shuffled": float(sh),
                               "population": float(po)} for s, o, sh, po in zip(samples, own, shuffled, population)]}
     if guidance_scales:

@@ -31,6 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dep_engine.engine import DEPEngine, EngineConfig  # noqa: E402
+from dep_engine.llm import forward_setup  # noqa: E402
 from dep_engine.metrics import paired_bootstrap  # noqa: E402
 from dep_engine.paths import BUNDLED_ADAPTER  # noqa: E402
 from dep_engine.splits import derangement, held_out_targets, validation_samples  # noqa: E402
@@ -77,7 +78,7 @@ def main() -> None:
               "other_texts_their_vectors": evaluate_loss(engine, adapter, other, size, "own"),
               "other_texts_population": evaluate_loss(engine, adapter, other, size, "population"),
               "no_history": evaluate_loss(engine, adapter, bare, size, "own")}
-    report = {"adapter": args.adapter, "n": len(own), "seed": args.seed,
+    report = {"adapter": args.adapter, "n": len(own), "seed": args.seed, "forward": forward_setup(engine.llm),
               "lm_loss": {name: float(values.mean()) for name, values in losses.items()},
               **{f"{name}_nats": paired_bootstrap(losses[worse], losses[better])
                  for name, (worse, better) in GAPS.items()},

@@ -234,6 +234,9 @@ def test_held_out_likelihood_reads_held_out_users_in_one_mode(tiny_engine, monke
     monkeypatch.setattr(tiny_engine, "adapter", DEPAdapter(tiny_engine.adapter.config))
     report = held_out_likelihood(tiny_engine, "val", settings, limit=6, guidance_scales=(0.5, 2.0), his_oracle=True)
     assert report["split"] == "val" and report["mode"] == "dep" and 0 < report["n"] <= 6
+    llm = tiny_engine.llm  # which forward the losses came from: bf16 on another CPU kind gives other figures
+    assert report["forward"]["device"] == str(llm.device) and report["forward"]["cpu"]
+    assert report["forward"]["prefill_dtype"] == ("bfloat16" if llm.prefill_dtype == torch.bfloat16 else "float32")
     guided = report["guidance"]
     assert list(guided) == ["0.5", "2"]
     for gap in (report["gain_over_shuffled_nats"], report["gain_over_population_nats"],
