@@ -147,18 +147,19 @@ def cpu_has_fast_bf16(cpuinfo: str | None = None) -> bool:
     """Whether this CPU multiplies bf16 in hardware, as Linux reports it (`cpuinfo`: /proc/cpuinfo's text):
     Intel AMX-BF16 (Sapphire Rapids and later) or AVX512-BF16 dot products (AMD Zen 4 and later, Intel
     Cooper Lake); False where that cannot be read."""
-    cpuinfo = _cpuinfo() if cpuinfo is None else cpuinfo
-    return bool({"amx_bf16", "avx512_bf16"} & set(cpuinfo.split()))
+    return bool(bf16_units(cpuinfo))
+
+
+def bf16_units(cpuinfo: str | None = None) -> list[str]:
+    """The bf16 units among the CPU's flags (`cpuinfo`: /proc/cpuinfo's text; none where it cannot be read)."""
+    return sorted({"amx_bf16", "avx512_bf16"} & set((_cpuinfo() if cpuinfo is None else cpuinfo).split()))
 
 
 def cpu_model() -> str:
     """The CPU's model name as Linux reports it, else `platform.processor()`."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    for line in _cpuinfo().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
     return platform.processor() or "unknown"
 
 
@@ -166,8 +167,7 @@ def forward_setup(llm: "LLM") -> dict[str, str]:
     """Where and in what precision the LLM's forward passes run. Per-sample losses of bf16 forwards differ
     between CPU kinds (round 25: one review's by up to 0.03 nats per token, median 0.004, the mean over 120
     by 0.0006), so a report of losses says which it came from, and runs are paired on one kind."""
-    units = sorted({"amx_bf16", "avx512_bf16"} & set(_cpuinfo().split()))
-    return {"device": str(llm.device), "cpu": cpu_model(), "bf16_units": ",".join(units) or "none",
+    return {"device": str(llm.device), "cpu": cpu_model(), "bf16_units": ",".join(bf16_units()) or "none",
             "prefill_dtype": str(llm.prefill_dtype or llm.model.dtype).replace("torch.", "")}
 
 
