@@ -26,7 +26,8 @@ from .embeddings import BUNDLED_ENCODER, Encoder, style_set
 from .generation import prompt_embeddings, stream
 from .llm import BUNDLED_LLM, CPU_DECODE_DTYPES, LLM, load_llm
 from .paths import BUNDLED_ADAPTER, BUNDLED_DATA
-from .prompt import PastReview, PromptIds, PromptLayout, build_prompt, get_mode, readable_prompt, typical_length
+from .prompt import WORDS_PER_REVIEW, PastReview, PromptIds, PromptLayout, build_prompt, get_mode, readable_prompt, \
+    typical_length
 from .settings import PersonalizationSettings, SamplingSettings
 from .store import PersonalContext, ReviewStore
 from .voice import VoiceCheck
@@ -256,7 +257,7 @@ class DEPEngine:
 
     # ---- prompts -------------------------------------------------------------------------
 
-    def prompt(self, request: Request, context: PersonalContext, mode: str, words_per_review: int = 30,
+    def prompt(self, request: Request, context: PersonalContext, mode: str, words_per_review: int = WORDS_PER_REVIEW,
                readable: bool = False, layout: PromptLayout = PromptLayout()) -> PromptIds | str:
         """The prompt's token ids and slots (or, with `readable`, its text as a person reads it)."""
         past = [PastReview.of(s.review, s.item_title) for s in context.selected]

@@ -13,6 +13,10 @@ from dataclasses import dataclass
 
 from .data import Item, Review
 
+# Words kept of each past review. 120 since round 27 (the shipped adapter was trained at 30: at 120
+# its validation users' reviews were likelier and DEP's METEOR higher; experiments/README.md).
+WORDS_PER_REVIEW = 120
+
 _NONCE = secrets.token_hex(6)
 _SLOT = re.compile(rf"<<{_NONCE}:(his|diff):(\d+)>>")
 
@@ -157,7 +161,8 @@ def _slot_lines(index: int, mode: Mode, numbered: bool) -> list[str]:
 
 
 def user_message(item: Item, rating: float, review_title: str, past: list[PastReview], mode: Mode,
-                 words_per_review: int = 30, length_words: int = 0, layout: PromptLayout = PromptLayout()) -> str:
+                 words_per_review: int = WORDS_PER_REVIEW, length_words: int = 0,
+                 layout: PromptLayout = PromptLayout()) -> str:
     """The user turn: the product, the past reviews, the review to write, and the soft slots where
     `layout` puts them."""
     beside, end = layout.soft_tokens_at in ("beside", "both"), layout.soft_tokens_at in ("end", "both")
@@ -185,7 +190,8 @@ def user_message(item: Item, rating: float, review_title: str, past: list[PastRe
 
 
 def readable_prompt(item: Item, rating: float, review_title: str, past: list[PastReview], mode: Mode,
-                    words_per_review: int = 30, length_words: int = 0, layout: PromptLayout = PromptLayout()) -> str:
+                    words_per_review: int = WORDS_PER_REVIEW, length_words: int = 0,
+                    layout: PromptLayout = PromptLayout()) -> str:
     """The prompt as a person can read it, each soft slot shown as `[HIS soft token i]`."""
     user = user_message(item, rating, review_title, past, mode, words_per_review, length_words, layout)
     user = _SLOT.sub(lambda m: f"[{m.group(1).upper()} soft token {int(m.group(2)) + 1}]", user)
@@ -203,7 +209,7 @@ def neutralize_special_tokens(tokenizer, text: str) -> str:
 
 
 def build_prompt(tokenizer, item: Item, rating: float, review_title: str, past: list[PastReview], mode: Mode,
-                 words_per_review: int = 30, length_words: int = 0, layout: PromptLayout = PromptLayout()
+                 words_per_review: int = WORDS_PER_REVIEW, length_words: int = 0, layout: PromptLayout = PromptLayout()
                  ) -> PromptIds:
     """Token ids of the chat prompt (generation prompt included) and the positions of its soft slots."""
     content = neutralize_special_tokens(tokenizer, user_message(item, rating, review_title, past, mode,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from .prompt import PromptLayout
+from .prompt import WORDS_PER_REVIEW, PromptLayout
 
 HISTORY_RULES = ("relevant", "recent")  # dense retrieval by the target item, or the paper's recency rule
 
@@ -52,7 +52,7 @@ class PersonalizationSettings:
     history_rule: str = "relevant"
     peer_temperature: float = 1.0
     max_peers: int = 64
-    words_per_review: int = 30       # the same in training, evaluation and the app
+    words_per_review: int = WORDS_PER_REVIEW  # one default for training, evaluation and the app
     strength: float = 1.0
     restate_item: bool = True        # name the product again after the past reviews (against drift; the shipped adapter's prompt)
     soft_tokens_at: str = "beside"   # each past review's soft tokens after it (the paper's), or all at the "end"
