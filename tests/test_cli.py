@@ -5,7 +5,6 @@ import argparse
 import shlex
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -127,13 +126,11 @@ def test_bad_arguments_are_refused_before_any_model_loads(argv, named, tmp_path,
     assert error.startswith("error: ") and named in error
 
 
-def test_missing_history_file_errors_in_seconds_without_loading_models():
-    began = time.perf_counter()
+def test_missing_history_file_is_one_line_from_the_real_command():
+    """The process itself, not only `cli.main`: exit status 2 and one line naming the file, no trace
+    (that no model loads first is checked above, in process)."""
     done = run_cli("generate", "--history", "no_such_history.csv", "--item-title", "A capo", timeout=120)
-    seconds = time.perf_counter() - began
     assert done.returncode == 2 and done.stderr.strip() == "error: no_such_history.csv: no such history file"
-    # Loading the models took 19 s on 2 shared cores; the check itself is Python and torch imports.
-    assert seconds < 15, f"took {seconds:.1f} s"
 
 
 def test_users_lists_the_most_reviewed_first():
