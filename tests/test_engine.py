@@ -53,6 +53,16 @@ def test_prepare_returns_the_prompts_the_model_reads(tiny_engine):
     assert result.prompts["dep"] == shown
 
 
+def test_by_default_each_past_review_shows_its_first_120_words(tiny_engine):
+    """Round 27's default: words 0-119 of a long past review reach the prompt, word 120 does not."""
+    user = _user(tiny_engine)
+    request = tiny_engine.user_request(user)
+    request.profile = [Review(user, "long", 4.0, "t", " ".join(f"word{j}" for j in range(300)), 0)]
+    request.cutoff = None
+    shown = tiny_engine.prepare(request, ("dep",), sampling=SHORT).prompts["dep"]
+    assert "word0 " in shown and "word119" in shown and "word120" not in shown
+
+
 def test_settings_are_checked_when_built():
     with pytest.raises(ValueError, match="strength must be within 0-2"):
         PersonalizationSettings(strength=3)
