@@ -30,6 +30,7 @@ from . import hygiene
 from .data import DataError, Sample, by_user, load_dataset
 from .engine import DEPEngine, EngineConfig
 from .generation import Guide, generate
+from .llm import LLM, forward_setup
 from .prompt import get_mode
 from .settings import PersonalizationSettings, SamplingSettings
 from .splits import derangement, held_out_targets, test_samples, validation_samples
@@ -372,6 +373,13 @@ def bar_chart(summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def decoding(llm: LLM) -> str:
+    """Which path wrote the texts: ONNX Runtime (int8 weights) with its KV cache, or PyTorch in a dtype."""
+    if llm.onnx_decode and llm.device.type == "cpu":
+        return f"onnx runtime, int8 weights, {llm.onnx_kv_cache} KV cache"
+    return f"torch, {str(llm.decode_dtype or llm.dtype).replace('torch.', '')}"
+
+
 def evaluate(config: EngineConfig, settings: EvalSettings, engine: DEPEngine | None = None) -> dict | None:
     """Generate (or resume), score, and write results.json, generations.jsonl, results.md, results.png.
 
@@ -398,6 +406,8 @@ def evaluate(config: EngineConfig, settings: EvalSettings, engine: DEPEngine | N
                            "eval_reviews": settings.eval_reviews, "adapter": config.adapter,
                            "adapter_trained": engine.adapter_trained, "llm": config.llm, "encoder": config.encoder,
                            "personalization": vars(settings.personalization), "sampling": vars(settings.sampling),
+                           "decoding": decoding(engine.llm),
+                           "forward": forward_setup(engine.llm),  # sampled texts differ between CPU kinds too
                            "seconds": time.perf_counter() - started}
     (out / "results.json").write_text(json.dumps(summary, indent=2))
     table = markdown_table(summary) + "\n\n" + voice_table(summary["voice"])

@@ -29,6 +29,7 @@ def test_evaluation_writes_every_method(tiny_engine, tmp_path):
         assert set(entry["metrics"]) == {"rouge1", "rougeL", "meteor", "bleu"}
         assert 0 <= entry["metrics"]["rouge1"]["mean"] <= 1
     assert "own_minus_shuffled" in summary["methods"]["dep-shuffled"]
+    assert summary["settings"]["forward"]["cpu"] and summary["settings"]["decoding"].startswith(("onnx", "torch"))
     out = tmp_path / "eval"
     lines = (out / "generations.jsonl").read_text().splitlines()
     assert len(lines) == 3 * len(methods)
