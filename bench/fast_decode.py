@@ -59,9 +59,9 @@ def one_request(engine, request, new_tokens: int, words: int | None = None) -> d
     sampling = SamplingSettings(temperature=0.8, top_p=0.95, max_new_tokens=new_tokens, seed=0)
     start = time.perf_counter()
     result = engine.generate(request, ("generic", "dep"), personalization, sampling)
-    t = result.timings
+    seconds, t = time.perf_counter() - start, result.timings
     prompt = engine.prompt(request, result.context, "dep", personalization.words_per_review)
-    return {"seconds": time.perf_counter() - start, "first": t["first_token"], "steps": result.new_tokens,
+    return {"seconds": seconds, "first": t["first_token"], "steps": result.new_tokens,
             "rate": (result.new_tokens - 1) / max(t["generation"] - t["first_token"], 1e-9), "prompt": len(prompt.ids)}
 
 
