@@ -30,7 +30,7 @@ from . import hygiene
 from .data import DataError, Sample, by_user, load_dataset
 from .engine import DEPEngine, EngineConfig
 from .generation import Guide, generate
-from .llm import LLM, forward_setup
+from .llm import decoding, forward_setup
 from .prompt import get_mode
 from .settings import PersonalizationSettings, SamplingSettings
 from .splits import derangement, held_out_targets, test_samples, validation_samples
@@ -195,19 +195,33 @@ def _per_user(records: list[dict], methods: list[Method]) -> dict[str, dict[str,
     return by_method
 
 
+def draw_scores(draws: list[list[dict]], methods: list[Method]
+                ) -> tuple[list[str], dict[str, list[dict]], dict[str, dict[str, np.ndarray]]]:
+    """The users every draw has for every method; each method's records over them, draw by draw; and
+    each method's metrics as a (draws, users) array per metric."""
+    from .metrics import METRICS, score_many
+
+    per_draw = [_per_user(records, methods) for records in draws]
+    users = sorted(set.intersection(*(set(v) for draw in per_draw for v in draw.values()))) if methods else []
+    records, by_draw = {}, {}
+    for method in methods:
+        rows = [draw[method.name][u] for draw in per_draw for u in users]  # draw by draw, users in one order
+        per_text = score_many([r["text"] for r in rows], [r["reference"] for r in rows])
+        records[method.name] = rows
+        by_draw[method.name] = {metric: np.reshape(per_text[metric], (len(draws), len(users))) for metric in METRICS}
+    return users, records, by_draw
+
+
 def summarize_draws(draws: list[list[dict]], methods: list[Method], seed: int = 0) -> dict:
     """`summarize` over several draws of the same users (runs with other seeds): each user's metrics
     are averaged over the draws before the intervals are taken, so that the sampling noise of single
     texts, which is most of a user's spread, shrinks by about the square root of the draws."""
-    from .metrics import METRICS, corpus_bleu, mean_ci, paired_bootstrap, score_many
+    from .metrics import METRICS, corpus_bleu, mean_ci, paired_bootstrap
 
-    per_draw = [_per_user(records, methods) for records in draws]
-    users = sorted(set.intersection(*(set(v) for draw in per_draw for v in draw.values()))) if methods else []
-    scores, results, by_draw = {}, {}, {}
+    users, records, by_draw = draw_scores(draws, methods)
+    scores, results = {}, {}
     for method in methods:
-        rows = [draw[method.name][u] for draw in per_draw for u in users]  # draw by draw, users in one order
-        per_text = score_many([r["text"] for r in rows], [r["reference"] for r in rows])
-        by_draw[method.name] = {metric: np.reshape(per_text[metric], (len(draws), len(users))) for metric in METRICS}
+        rows = records[method.name]
         scores[method.name] = {metric: values.mean(axis=0) for metric, values in by_draw[method.name].items()}
         entry = {"n": len(users),
                  "seconds_per_generation": float(np.mean([r["seconds"] for r in rows])) if rows else 0,
@@ -237,9 +251,8 @@ def summarize_draws(draws: list[list[dict]], methods: list[Method], seed: int = 
     return {"users": len(users), "draws": len(draws), "methods": results}
 
 
-def pool_runs(folders: list[str], out: str | None = None, seed: int = 0) -> dict:
-    """Several `evaluate` runs of the same users with other seeds (`--seed`), summarized together
-    (`summarize_draws`) over the methods every run has; with `out`, written to pooled.json and pooled.md."""
+def read_draws(folders: list[str]) -> tuple[list[list[dict]], list[Method]]:
+    """The records of several `evaluate` runs (draws), and the methods every run has."""
     paths = [Path(folder) / "generations.jsonl" for folder in folders]
     for path in paths:
         if not path.exists():
@@ -247,7 +260,13 @@ def pool_runs(folders: list[str], out: str | None = None, seed: int = 0) -> dict
     draws = [read_generations(path) for path in paths]
     names = [name for name in dict.fromkeys(r["method"] for r in draws[0])
              if all(any(r["method"] == name for r in draw) for draw in draws[1:])]
-    methods = [parse_method(name, PersonalizationSettings.k) for name in names]
+    return draws, [parse_method(name, PersonalizationSettings.k) for name in names]
+
+
+def pool_runs(folders: list[str], out: str | None = None, seed: int = 0) -> dict:
+    """Several `evaluate` runs of the same users with other seeds (`--seed`), summarized together
+    (`summarize_draws`) over the methods every run has; with `out`, written to pooled.json and pooled.md."""
+    draws, methods = read_draws(folders)
     summary = summarize_draws(draws, methods, seed)
     summary["runs"] = list(folders)
     everyone = set().union(*({r["user_id"] for r in draw} for draw in draws))
@@ -371,13 +390,6 @@ def bar_chart(summary: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def decoding(llm: LLM) -> str:
-    """Which path wrote the texts: ONNX Runtime (int8 weights) with its KV cache, or PyTorch in a dtype."""
-    if llm.onnx_decode and llm.device.type == "cpu":
-        return f"onnx runtime, int8 weights, {llm.onnx_kv_cache} KV cache"
-    return f"torch, {str(llm.decode_dtype or llm.dtype).replace('torch.', '')}"
 
 
 def evaluate(config: EngineConfig, settings: EvalSettings, engine: DEPEngine | None = None) -> dict | None:

@@ -171,6 +171,13 @@ def forward_setup(llm: "LLM") -> dict[str, str]:
             "prefill_dtype": str(llm.prefill_dtype or llm.model.dtype).replace("torch.", "")}
 
 
+def decoding(llm: "LLM") -> str:
+    """Which path wrote the texts: ONNX Runtime (int8 weights) with its KV cache, or PyTorch in a dtype."""
+    if llm.onnx_decode and llm.device.type == "cpu":
+        return f"onnx runtime, int8 weights, {llm.onnx_kv_cache} KV cache"
+    return f"torch, {str(llm.decode_dtype or llm.dtype).replace('torch.', '')}"
+
+
 def _cpuinfo() -> str:
     try:
         return Path("/proc/cpuinfo").read_text()

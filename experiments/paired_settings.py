@@ -19,28 +19,19 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dep_engine.evaluation import read_generations  # noqa: E402
-from dep_engine.metrics import paired_bootstrap, score_many  # noqa: E402
+from dep_engine.evaluation import draw_scores, read_draws  # noqa: E402
+from dep_engine.metrics import paired_bootstrap  # noqa: E402
 
 METRICS = ("rouge1", "rougeL", "meteor")
 VOICE = ("top1", "scaffolding_or_loops_after")
 
 
 def per_user(folders: list[str]) -> dict[str, dict[str, dict[str, float]]]:
-    """method -> user -> metric, averaged over the runs (draws); only users every run has."""
-    draws = []
-    for folder in folders:
-        records = read_generations(Path(folder) / "generations.jsonl")
-        scores = score_many([r["text"] for r in records], [r["reference"] for r in records])
-        draw: dict[str, dict[str, list[float]]] = {}
-        for n, record in enumerate(records):
-            draw.setdefault(record["method"], {})[record["user_id"]] = [scores[m][n] for m in METRICS]
-        draws.append(draw)
-    out = {}
-    for method in draws[0]:
-        users = set.intersection(*(set(d.get(method, {})) for d in draws))
-        out[method] = {u: dict(zip(METRICS, np.mean([d[method][u] for d in draws], axis=0))) for u in sorted(users)}
-    return out
+    """method -> user -> metric, averaged over the runs (draws); the users every run has."""
+    draws, methods = read_draws(folders)
+    users, _, by_draw = draw_scores(draws, methods)
+    return {m.name: {u: {metric: float(by_draw[m.name][metric][:, i].mean()) for metric in METRICS}
+                     for i, u in enumerate(users)} for m in methods}
 
 
 def voice_means(folders: list[str]) -> dict[str, dict[str, float]]:
