@@ -16,7 +16,7 @@ from .settings import HISTORY_RULES, PersonalizationSettings, SamplingSettings
 from .training import TrainSettings
 from .llm import CPU_BACKENDS, CPU_DECODE_DTYPES, CPU_PREFILLS
 from .onnx_model import KV_CACHES
-from .prompt import MODES, SOFT_TOKEN_PLACES, get_mode
+from .prompt import HISTORY_PLACES, MODES, SOFT_TOKEN_PLACES, get_mode
 
 
 def _engine_args(parser: argparse.ArgumentParser) -> None:
@@ -61,6 +61,9 @@ def _personalization_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--soft-tokens-at", choices=SOFT_TOKEN_PLACES, default=PersonalizationSettings.soft_tokens_at,
                        help="beside: each past review's soft tokens after it (the paper's prompt); end: all of them "
                             "right before the answer. The adapter must have been trained with the same")
+    group.add_argument("--history-as", choices=HISTORY_PLACES, default=PersonalizationSettings.history_as,
+                       help="quoted: the past reviews listed in the request (the paper's prompt); turns: each one "
+                            "an earlier answer of the chat, to a request for its own item")
 
 
 def _sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -83,7 +86,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 def personalization(args: argparse.Namespace) -> PersonalizationSettings:
     return PersonalizationSettings(k=args.k, history_rule=args.history_rule, peer_temperature=args.peer_temperature,
                                    words_per_review=args.words_per_review, strength=args.strength,
-                                   restate_item=args.restate_item, soft_tokens_at=args.soft_tokens_at)
+                                   restate_item=args.restate_item, soft_tokens_at=args.soft_tokens_at,
+                                   history_as=args.history_as)
 
 
 def sampling(args: argparse.Namespace) -> SamplingSettings:

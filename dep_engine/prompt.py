@@ -77,6 +77,7 @@ class PastReview:
 
 
 SOFT_TOKEN_PLACES = ("beside", "end", "both")
+HISTORY_PLACES = ("quoted", "turns")
 
 
 @dataclass(frozen=True)
@@ -89,9 +90,13 @@ class PromptLayout:
     paper's prompt); "end" puts all of them after the output review's title, right before the answer,
     where this LLM reads more of what a slot holds (experiments/README.md, rounds 14 to 14c); "both"
     puts a slot in both places: the same token twice, or, from an adapter with end projectors, a
-    second token of its own at the end (rounds 19 and 20)."""
+    second token of its own at the end (rounds 19 and 20). `history_as`: "quoted" lists the past reviews
+    inside the one user turn (the paper's prompt); "turns" makes each past review an earlier answer of
+    the chat, to a request for its own item, so the LLM reads the user's texts as what it wrote before
+    (round 30; only modes that show the texts, the others stay quoted)."""
     restate_item: bool = False
     soft_tokens_at: str = "beside"
+    history_as: str = "quoted"
 
     def __post_init__(self) -> None:
         if not isinstance(self.restate_item, bool):
@@ -99,6 +104,12 @@ class PromptLayout:
         if self.soft_tokens_at not in SOFT_TOKEN_PLACES:
             raise ValueError(f"soft_tokens_at must be one of {', '.join(SOFT_TOKEN_PLACES)}, "
                              f"got {self.soft_tokens_at!r}")
+        if self.history_as not in HISTORY_PLACES:
+            raise ValueError(f"history_as must be one of {', '.join(HISTORY_PLACES)}, got {self.history_as!r}")
+
+    def turns(self, mode: "Mode") -> bool:
+        """Whether this prompt shows the past reviews as earlier answers of the chat."""
+        return self.history_as == "turns" and mode.texts
 
 
 @dataclass
@@ -125,12 +136,14 @@ def _rating(value: float) -> str:
     return f"{value:g}"
 
 
-def system_message(mode: Mode) -> str:
+def system_message(mode: Mode, turns: bool = False) -> str:
     lines = ["You write a product review in the voice of one particular user.",
              "You are given the item's title and description"]
     if mode.uses_history:
         lines[-1] += ", some of this user's past reviews"
     lines[-1] += ", and the rating and title of the review to write."
+    if turns:
+        lines.append("Your earlier answers in this chat are this user's own past reviews.")
     if mode.his:
         lines.append("[Review Embedding] is a soft prompt that encodes the text of a past review.")
     if mode.diff:
@@ -160,16 +173,29 @@ def _slot_lines(index: int, mode: Mode, numbered: bool) -> list[str]:
     return lines
 
 
+def _past_turns(past: list[PastReview], mode: Mode, words_per_review: int, beside: bool) -> list[dict[str, str]]:
+    """Each past review as an earlier request for its own item and the user's review as the answer."""
+    turns = []
+    for i, review in enumerate(past):
+        lines = [f"[Item Title]: {shorten(review.item_title, 40)}", f"[Output Review Rating]: {_rating(review.rating)}",
+                 f"[Output Review Title]: {shorten(review.title, 30)}"]
+        if beside:
+            lines += _slot_lines(i, mode, numbered=False)
+        turns += [{"role": "user", "content": "\n".join(lines)},
+                  {"role": "assistant", "content": shorten(review.text, words_per_review)}]
+    return turns
+
+
 def user_message(item: Item, rating: float, review_title: str, past: list[PastReview], mode: Mode,
                  words_per_review: int = WORDS_PER_REVIEW, length_words: int = 0,
                  layout: PromptLayout = PromptLayout()) -> str:
-    """The user turn: the product, the past reviews, the review to write, and the soft slots where
-    `layout` puts them."""
+    """The last user turn: the product, the past reviews (quoted layout), the review to write, and
+    the soft slots where `layout` puts them."""
     beside, end = layout.soft_tokens_at in ("beside", "both"), layout.soft_tokens_at in ("end", "both")
     lines = [f"[Item Title]: {shorten(item.title, 40)}"]
     if item.description:
         lines.append(f"[Item Description]: {shorten(item.description, 80)}")
-    if mode.uses_history and past:
+    if mode.uses_history and past and not layout.turns(mode):
         lines.append("[User's Past Reviews]:")
         for i, review in enumerate(past):
             lines.append(f"Review {i + 1}:")
@@ -189,13 +215,25 @@ def user_message(item: Item, rating: float, review_title: str, past: list[PastRe
     return "\n".join(lines)
 
 
+def chat_messages(item: Item, rating: float, review_title: str, past: list[PastReview], mode: Mode,
+                  words_per_review: int = WORDS_PER_REVIEW, length_words: int = 0,
+                  layout: PromptLayout = PromptLayout()) -> list[dict[str, str]]:
+    """The chat: the system message, the past reviews as earlier turns where `layout` says so, and
+    the request for the review to write."""
+    turns = layout.turns(mode) and bool(past)
+    earlier = _past_turns(past, mode, words_per_review, layout.soft_tokens_at in ("beside", "both")) if turns else []
+    return [{"role": "system", "content": system_message(mode, turns)}, *earlier,
+            {"role": "user", "content": user_message(item, rating, review_title, past, mode, words_per_review,
+                                                     length_words, layout)}]
+
+
 def readable_prompt(item: Item, rating: float, review_title: str, past: list[PastReview], mode: Mode,
                     words_per_review: int = WORDS_PER_REVIEW, length_words: int = 0,
                     layout: PromptLayout = PromptLayout()) -> str:
     """The prompt as a person can read it, each soft slot shown as `[HIS soft token i]`."""
-    user = user_message(item, rating, review_title, past, mode, words_per_review, length_words, layout)
-    user = _SLOT.sub(lambda m: f"[{m.group(1).upper()} soft token {int(m.group(2)) + 1}]", user)
-    return f"SYSTEM:\n{system_message(mode)}\n\nUSER:\n{user}"
+    messages = chat_messages(item, rating, review_title, past, mode, words_per_review, length_words, layout)
+    text = "\n\n".join(f"{m['role'].upper()}:\n{m['content']}" for m in messages)
+    return _SLOT.sub(lambda m: f"[{m.group(1).upper()} soft token {int(m.group(2)) + 1}]", text)
 
 
 def neutralize_special_tokens(tokenizer, text: str) -> str:
@@ -212,9 +250,8 @@ def build_prompt(tokenizer, item: Item, rating: float, review_title: str, past: 
                  words_per_review: int = WORDS_PER_REVIEW, length_words: int = 0, layout: PromptLayout = PromptLayout()
                  ) -> PromptIds:
     """Token ids of the chat prompt (generation prompt included) and the positions of its soft slots."""
-    content = neutralize_special_tokens(tokenizer, user_message(item, rating, review_title, past, mode,
-                                                                words_per_review, length_words, layout))
-    messages = [{"role": "system", "content": system_message(mode)}, {"role": "user", "content": content}]
+    messages = [{"role": m["role"], "content": neutralize_special_tokens(tokenizer, m["content"])}
+                for m in chat_messages(item, rating, review_title, past, mode, words_per_review, length_words, layout)]
     rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     placeholder = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ids: list[int] = []

@@ -56,17 +56,18 @@ class PersonalizationSettings:
     strength: float = 1.0
     restate_item: bool = True        # name the product again after the past reviews (against drift; the shipped adapter's prompt)
     soft_tokens_at: str = "beside"   # each past review's soft tokens after it (the paper's), or all at the "end"
+    history_as: str = "quoted"       # past reviews quoted in the request (the paper's), or as earlier chat "turns"
 
     def __post_init__(self) -> None:
         _check(self)
         if self.history_rule not in HISTORY_RULES:
             raise ValueError(f"history_rule must be one of {', '.join(HISTORY_RULES)}, got {self.history_rule!r}")
-        PromptLayout(self.restate_item, self.soft_tokens_at)  # raises on a bad restate_item or soft_tokens_at
+        self.layout  # raises on a bad restate_item, soft_tokens_at or history_as
 
     @property
     def layout(self) -> PromptLayout:
         """Where the prompt puts the product and the soft tokens: the adapter must be trained on the same."""
-        return PromptLayout(self.restate_item, self.soft_tokens_at)
+        return PromptLayout(self.restate_item, self.soft_tokens_at, self.history_as)
 
 
 @dataclass

@@ -45,7 +45,7 @@ from .data import Review, Sample
 from .engine import DEPEngine
 from .generation import guidance, prompt_embeddings
 from .llm import autocast_to, forward_setup, forward_with_cache
-from .prompt import PromptIds
+from .prompt import PromptIds, get_mode
 from .settings import PersonalizationSettings
 from .splits import derangement, held_out_targets, test_samples, training_samples, validation_samples
 from .store import ReviewStore
@@ -465,11 +465,20 @@ def held_out_likelihood(engine: DEPEngine, split: str, settings: TrainSettings, 
     drawn as in training (no held-out target among them), every prompt in the first of `settings.modes`.
     `his_oracle`: also with the target review's own vector in every his slot (diff slots keep the
     user's), which no real request has: how much the his channel could carry about the review to write."""
+    one_mode = replace(settings, modes=settings.modes[:1])
+    soft = get_mode(one_mode.modes[0]).soft
+    if not soft and (guidance_scales or his_oracle):
+        raise ValueError(f"mode {one_mode.modes[0]!r} has no soft tokens: guidance and the his oracle need them")
     raw = {"val": validation_samples, "test": test_samples}[split](engine.dataset.reviews)
     raw = raw[:limit] if limit else raw
     store = engine.store.without(held_out_targets(engine.dataset.reviews))
-    one_mode = replace(settings, modes=settings.modes[:1])
     samples = prepare(engine, raw, one_mode, f"preparing {split} samples", store)
+    if not soft:  # no vectors to swap: the loss with the prompt's texts alone
+        own = evaluate_loss(engine, engine.adapter, samples, settings.batch_size)
+        return {"split": split, "mode": one_mode.modes[0], "lm_loss_own": float(own.mean()), "n": int(len(own)),
+                "forward": forward_setup(engine.llm),
+                "per_sample": [{"user_id": s.user_id, "item_id": s.item_id, "own": float(o)}
+                               for s, o in zip(samples, own)]}
     oracle = None
     if his_oracle:
         oracle = [Vectors(row[None], s.diff) for row, s in zip(target_vectors(engine, samples, raw), samples)]

@@ -97,12 +97,45 @@ def test_soft_tokens_at_the_end_come_after_the_output_title(smol_tokenizer, tiny
     monkeypatch.setattr(tiny_engine.adapter.config, "trained", True)
     monkeypatch.setattr(tiny_engine.adapter.config, "training", {"settings": {"personalization": {}}})
     mismatch = tiny_engine.prepare(tiny_engine.user_request(user), ("dep",), PersonalizationSettings(soft_tokens_at="end"))
-    assert any("trained with its soft tokens 'beside' and this prompt puts them 'end'" in n for n in mismatch.notes)
+    assert any("trained with soft_tokens_at = 'beside' and this prompt has 'end'" in n for n in mismatch.notes)
     matched = tiny_engine.prepare(tiny_engine.user_request(user), ("dep",), PersonalizationSettings())
-    assert not any("trained with its soft tokens" in n for n in matched.notes)
+    assert not any("pass the layout it was trained with" in n for n in matched.notes)
     with pytest.raises(ValueError, match="soft_tokens_at must be one of beside, end, both, got 'middle'"):
         PersonalizationSettings(soft_tokens_at="middle")
     assert PersonalizationSettings().soft_tokens_at == "beside"  # the paper's layout, as the shipped adapter
+
+
+def test_past_reviews_as_turns_are_earlier_answers_of_the_chat(smol_tokenizer, tiny_engine, monkeypatch):
+    """Round 30's layout: each past review is the assistant's answer to a request for its own item,
+    its soft slots in that request; the review to write is the last request. Modes without texts
+    keep the quoted layout."""
+    turns = PromptLayout(restate_item=True, history_as="turns")
+    prompt = build_prompt(smol_tokenizer, Item("i", "Tuner"), 4, "Handy", PAST, get_mode("dep"), layout=turns)
+    text = smol_tokenizer.decode(prompt.ids)
+    assert "[User's Past Reviews]" not in text and "[Output Item Title]" not in text
+    strap, capo = text.index("[Item Title]: Guitar strap"), text.index("[Item Title]: Capo")
+    answer_1 = text.index("<|im_start|>assistant\nSoft leather strap that holds well.<|im_end|>")
+    answer_2 = text.index("<|im_start|>assistant\nBuzzes a little on the high E string.<|im_end|>")
+    request = text.index("[Item Title]: Tuner")
+    assert strap < answer_1 < capo < answer_2 < request < text.index("[Output Review Title]: Handy")
+    assert text.rstrip().endswith("assistant")
+    positions = [len(smol_tokenizer.encode(text[:at], add_special_tokens=False)) for at in (answer_1, capo, answer_2)]
+    assert prompt.his_positions[0] < prompt.diff_positions[0] < positions[0]  # in the request for its own item
+    assert positions[1] < prompt.his_positions[1] < prompt.diff_positions[1] < positions[2]
+    for name, mode in MODES.items():
+        quoted = build_prompt(smol_tokenizer, Item("i", "Tuner"), 4, "Handy", PAST, mode, layout=PromptLayout(True))
+        as_turns = build_prompt(smol_tokenizer, Item("i", "Tuner"), 4, "Handy", PAST, mode, layout=turns)
+        assert (as_turns.ids == quoted.ids) == (not mode.texts), name
+    user = next(u for u, h in tiny_engine.users.items() if len(h) > 6)
+    shown = tiny_engine.prepare(tiny_engine.user_request(user), ("dep",),
+                                PersonalizationSettings(history_as="turns")).prompts["dep"]
+    assert shown.count("ASSISTANT:") == 4 and shown.index("ASSISTANT:") < shown.rindex("USER:")
+    monkeypatch.setattr(tiny_engine.adapter.config, "trained", True)
+    monkeypatch.setattr(tiny_engine.adapter.config, "training", {"settings": {"personalization": {}}})
+    mismatch = tiny_engine.prepare(tiny_engine.user_request(user), ("dep",), PersonalizationSettings(history_as="turns"))
+    assert any("trained with history_as = 'quoted' and this prompt has 'turns'" in n for n in mismatch.notes)
+    with pytest.raises(ValueError, match="history_as must be one of quoted, turns, got 'inline'"):
+        PersonalizationSettings(history_as="inline")
 
 
 def test_soft_tokens_in_both_places_write_each_token_twice(smol_tokenizer, tiny_llm):

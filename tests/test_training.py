@@ -257,6 +257,13 @@ def test_held_out_likelihood_reads_held_out_users_in_one_mode(tiny_engine, monke
         assert sum(r[key] for r in rows) / len(rows) == pytest.approx(report[mean], abs=1e-5)
     test_users = {s.target.user_id for s in splits.test_samples(tiny_engine.dataset.reviews)[:3]}
     assert 0 < held_out_likelihood(tiny_engine, "test", settings, limit=3)["n"] <= len(test_users)
+    texts_only = held_out_likelihood(tiny_engine, "val", dataclasses.replace(settings, modes=("rag",)), limit=6)
+    assert texts_only["mode"] == "rag" and texts_only["n"] == report["n"]  # one loss: no vectors to swap
+    assert "lm_loss_population" not in texts_only and "shuffled" not in texts_only["per_sample"][0]
+    assert [r["item_id"] for r in texts_only["per_sample"]] == [r["item_id"] for r in rows]
+    assert texts_only["lm_loss_own"] != pytest.approx(report["lm_loss_own"])  # another prompt, another loss
+    with pytest.raises(ValueError, match="mode 'rag' has no soft tokens"):
+        held_out_likelihood(tiny_engine, "val", dataclasses.replace(settings, modes=("rag",)), limit=2, his_oracle=True)
 
 
 def test_checkpoint_reloads_to_identical_outputs(tiny_engine, tiny_llm, tmp_path):
