@@ -23,7 +23,7 @@ from dep_engine.evaluation import draw_scores, read_draws  # noqa: E402
 from dep_engine.metrics import paired_bootstrap  # noqa: E402
 
 METRICS = ("rouge1", "rougeL", "meteor")
-VOICE = ("top1", "scaffolding_or_loops_after")
+VOICE = ("top1", "drifted", "scaffolding_or_loops_after")
 
 
 def per_user(folders: list[str]) -> dict[str, dict[str, dict[str, float]]]:

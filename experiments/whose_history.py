@@ -16,7 +16,11 @@ share is `likelihood`'s own over population. The partner's reviews of this very 
 of their history. Topic and person are not separated: another user's most relevant past reviews are
 about other products more often than this user's are.
 
+`--mode rag` scores the texts alone (no soft tokens: only the own-texts, other-texts and no-history
+conditions) and `--history-as turns` shows the past reviews as earlier answers of the chat (round 30).
+
     python experiments/whose_history.py --out runs/round26/whose-history-val.json
+    python experiments/whose_history.py --mode rag --history-as turns --out runs/round30/whose-rag-turns.json
 """
 from __future__ import annotations
 
@@ -34,6 +38,8 @@ from dep_engine.engine import DEPEngine, EngineConfig  # noqa: E402
 from dep_engine.llm import forward_setup  # noqa: E402
 from dep_engine.metrics import paired_bootstrap  # noqa: E402
 from dep_engine.paths import BUNDLED_ADAPTER  # noqa: E402
+from dep_engine.prompt import HISTORY_PLACES, get_mode  # noqa: E402
+from dep_engine.settings import PersonalizationSettings  # noqa: E402
 from dep_engine.splits import derangement, held_out_targets, validation_samples  # noqa: E402
 from dep_engine.training import TrainSettings, evaluate_loss, prepare  # noqa: E402
 
@@ -51,13 +57,16 @@ def main() -> None:
     parser.add_argument("--adapter", default=str(BUNDLED_ADAPTER), help="the adapter (default: the shipped one)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N validation users")
     parser.add_argument("--seed", type=int, default=0, help="the partners' derangement, as `likelihood --seed`")
+    parser.add_argument("--mode", choices=("dep", "rag"), default="dep",
+                        help="dep: the five conditions; rag: the past reviews' texts alone, no soft tokens")
+    parser.add_argument("--history-as", choices=HISTORY_PLACES, default="quoted", help="how the prompt shows them")
     parser.add_argument("--out", required=True, help="JSON file for the report (with per-sample losses)")
     args = parser.parse_args()
 
     engine = DEPEngine(EngineConfig(adapter=args.adapter))
     reviews = engine.dataset.reviews
     raw = validation_samples(reviews)[:args.limit] if args.limit else validation_samples(reviews)
-    settings = TrainSettings(modes=("dep",))
+    settings = TrainSettings(modes=(args.mode,), personalization=PersonalizationSettings(history_as=args.history_as))
     store = engine.store.without(held_out_targets(reviews))
     own = prepare(engine, raw, settings, "preparing validation samples", store)
     by_target = {(s.target.user_id, s.target.item_id): s for s in raw}
@@ -73,21 +82,27 @@ def main() -> None:
     bare = prepare(engine, kept, replace(settings, modes=("nonperso",)), "preparing prompts without history", store)
 
     adapter, size = engine.adapter, settings.batch_size
-    losses = {"own_texts_own_vectors": evaluate_loss(engine, adapter, own, size, "own"),
-              "own_texts_population": evaluate_loss(engine, adapter, own, size, "population"),
-              "other_texts_their_vectors": evaluate_loss(engine, adapter, other, size, "own"),
-              "other_texts_population": evaluate_loss(engine, adapter, other, size, "population"),
-              "no_history": evaluate_loss(engine, adapter, bare, size, "own")}
-    report = {"adapter": args.adapter, "n": len(own), "seed": args.seed, "forward": forward_setup(engine.llm),
+    if get_mode(args.mode).soft:
+        losses = {"own_texts_own_vectors": evaluate_loss(engine, adapter, own, size, "own"),
+                  "own_texts_population": evaluate_loss(engine, adapter, own, size, "population"),
+                  "other_texts_their_vectors": evaluate_loss(engine, adapter, other, size, "own"),
+                  "other_texts_population": evaluate_loss(engine, adapter, other, size, "population")}
+    else:  # the texts alone: the population's vectors would change nothing
+        losses = {"own_texts_population": evaluate_loss(engine, adapter, own, size, "own"),
+                  "other_texts_population": evaluate_loss(engine, adapter, other, size, "own")}
+    losses["no_history"] = evaluate_loss(engine, adapter, bare, size, "own")
+    gaps = {name: pair for name, pair in GAPS.items() if set(pair) <= set(losses)}
+    report = {"adapter": args.adapter, "mode": args.mode, "history_as": args.history_as, "n": len(own),
+              "seed": args.seed, "forward": forward_setup(engine.llm),
               "lm_loss": {name: float(values.mean()) for name, values in losses.items()},
-              **{f"{name}_nats": paired_bootstrap(losses[worse], losses[better])
-                 for name, (worse, better) in GAPS.items()},
-              "texts_minus_vectors_share_nats": paired_bootstrap(
-                  losses["other_texts_population"] - losses["own_texts_population"],
-                  losses["own_texts_population"] - losses["own_texts_own_vectors"]),
+              **{f"{name}_nats": paired_bootstrap(losses[worse], losses[better]) for name, (worse, better) in gaps.items()},
               "per_sample": [{"user_id": p.user_id, "item_id": p.item_id,
                               **{name: float(values[n]) for name, values in losses.items()}}
                              for n, p in enumerate(own)]}
+    if get_mode(args.mode).soft:
+        report["texts_minus_vectors_share_nats"] = paired_bootstrap(
+            losses["other_texts_population"] - losses["own_texts_population"],
+            losses["own_texts_population"] - losses["own_texts_own_vectors"])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(json.dumps({k: v for k, v in report.items() if k != "per_sample"}, indent=2))
