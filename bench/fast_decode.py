@@ -18,12 +18,15 @@ E. Quality against the float32 PyTorch model on the DEP prompts of --quality-pro
    requests (trained adapter): the largest and mean logit difference at the last prompt position, and
    how many of the first --greedy-tokens greedy tokens agree, for each ONNX Runtime path and for the
    PyTorch bf16 path.
-F. The app's request on the CPU default at each --words per past review (round 27: the default went
-   from 30 to 120), over --word-requests held-out requests, the settings alternated --repeats times:
-   the DEP prompt's tokens, end-to-end seconds and time to first token, and their ratios per request.
+F. The app's request on the CPU default at each value of one prompt setting, --compare NAME=A,B (a
+   field of PersonalizationSettings: words_per_review=30,120 for round 27's change of default,
+   history_as=quoted,turns for round 31's), over --compare-requests held-out requests, the values
+   alternated --repeats times: the DEP prompt's tokens, end-to-end seconds and time to first token,
+   and their ratios per request.
 
     python bench/fast_decode.py [--new-tokens 128] [--repeats 3] [--requests 20] [--greedy-tokens 32]
-                                [--words 30,120] [--word-requests 8] [--sections ABCDEF] [--quick]
+                                [--compare history_as=quoted,turns] [--compare-requests 8]
+                                [--sections ABCDEF] [--quick]
 """
 from __future__ import annotations
 
@@ -50,17 +53,18 @@ def weight_bytes(paths: dict) -> dict[str, int]:
     return {name: bf16 if name == "torch" else int8 for name in paths}
 
 
-def one_request(engine, request, new_tokens: int, words: int | None = None) -> dict:
-    """The app's request (generic + DEP, T=0.8, seed 0) through `engine.generate`, timed; `words` per
-    past review (default: the engine's)."""
+def one_request(engine, request, new_tokens: int, personalization=None) -> dict:
+    """The app's request (generic + DEP, T=0.8, seed 0) through `engine.generate`, timed, with the
+    engine's default prompt or `personalization`'s."""
     from dep_engine import PersonalizationSettings, SamplingSettings
 
-    personalization = PersonalizationSettings(**({} if words is None else {"words_per_review": words}))
+    personalization = personalization or PersonalizationSettings()
     sampling = SamplingSettings(temperature=0.8, top_p=0.95, max_new_tokens=new_tokens, seed=0)
     start = time.perf_counter()
     result = engine.generate(request, ("generic", "dep"), personalization, sampling)
     seconds, t = time.perf_counter() - start, result.timings
-    prompt = engine.prompt(request, result.context, "dep", personalization.words_per_review)
+    prompt = engine.prompt(request, result.context, "dep", personalization.words_per_review,
+                           layout=personalization.layout)
     return {"seconds": seconds, "first": t["first_token"], "steps": result.new_tokens,
             "rate": (result.new_tokens - 1) / max(t["generation"] - t["first_token"], 1e-9), "prompt": len(prompt.ids)}
 
@@ -74,24 +78,37 @@ def app_request(engine, paths: dict, request, new_tokens: int, repeats: int) -> 
     return runs
 
 
-def words_per_review(engine, words: list[int], n: int, new_tokens: int, repeats: int) -> None:
-    """Section F: the CPU default's request at each words-per-review setting, alternated."""
+def prompt_setting(engine, name: str, values: list, n: int, new_tokens: int, repeats: int) -> None:
+    """Section F: the CPU default's request at each value of one PersonalizationSettings field, alternated."""
+    from dep_engine import PersonalizationSettings
+
+    settings = [PersonalizationSettings(**{name: value}) for value in values]
     rows, ratios = [], {"seconds": [], "first": []}
     for i, request in enumerate(_common.held_out_requests(engine, n)):
-        runs: dict[int, list[dict]] = {w: [] for w in words}
+        runs: list[list[dict]] = [[] for _ in values]
         for _ in range(repeats):
-            for w in words:
-                runs[w].append(one_request(engine, request, new_tokens, w))
-        stats = {w: {k: median(r[k] for r in rs) for k in ("seconds", "first", "prompt")} for w, rs in runs.items()}
-        rows += [[i + 1, w, f"{s['prompt']:.0f}", f"{s['seconds']:.2f}", f"{s['first']:.2f}"]
-                 for w, s in stats.items()]
+            for j, personalization in enumerate(settings):
+                runs[j].append(one_request(engine, request, new_tokens, personalization))
+        stats = [{k: median(r[k] for r in rs) for k in ("seconds", "first", "prompt")} for rs in runs]
+        rows += [[i + 1, value, f"{s['prompt']:.0f}", f"{s['seconds']:.2f}", f"{s['first']:.2f}"]
+                 for value, s in zip(values, stats)]
         for k in ratios:
-            ratios[k].append(stats[words[-1]][k] / stats[words[0]][k])
-    table(["request", "words per past review", "DEP prompt tokens", "end-to-end s (median)", "first token s"], rows,
-          f"F. The app's request on the CPU default at {', '.join(map(str, words))} words per past review "
+            ratios[k].append(stats[-1][k] / stats[0][k])
+    table(["request", name, "DEP prompt tokens", "end-to-end s (median)", "first token s"], rows,
+          f"F. The app's request on the CPU default at {name} = {', '.join(map(str, values))} "
           f"({new_tokens} new tokens, {repeats} alternations; load {_common.load_average()})")
-    print(f"{words[-1]} against {words[0]} words, median over {n} requests: end-to-end "
+    print(f"{name} {values[-1]} against {values[0]}, median over {n} requests: end-to-end "
           f"{median(ratios['seconds']):.2f}x, first token {median(ratios['first']):.2f}x")
+
+
+def compared_setting(text: str) -> tuple[str, list]:
+    """`NAME=A,B` -> the PersonalizationSettings field and its values (whole numbers as int)."""
+    from dep_engine import PersonalizationSettings
+
+    name, _, values = text.partition("=")
+    if name not in PersonalizationSettings.__dataclass_fields__ or "," not in values:
+        raise SystemExit(f"--compare: expected NAME=A,B with NAME a personalization setting, got {text!r}")
+    return name, [int(v) if v.isdigit() else v for v in values.split(",")]
 
 
 def longest_dep_prompt(engine, n: int):
@@ -185,15 +202,17 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=20, help="held-out requests searched for a long DEP prompt")
     parser.add_argument("--greedy-tokens", type=int, default=32)
     parser.add_argument("--quality-prompts", type=int, default=4)
-    parser.add_argument("--words", default="30,120", help="section F: words per past review, compared in order")
-    parser.add_argument("--word-requests", type=int, default=8, help="section F: held-out requests")
+    parser.add_argument("--compare", default="history_as=quoted,turns",
+                        help="section F: NAME=A,B, a personalization setting and the values compared, in order")
+    parser.add_argument("--compare-requests", type=int, default=8, help="section F: held-out requests")
     parser.add_argument("--sections", default="ABCDEF", help="sections to run (A and B run together)")
     parser.add_argument("--quick", action="store_true",
-                        help="32 new tokens, 1 repeat, 6 requests, 2 quality prompts, 2 word requests")
+                        help="32 new tokens, 1 repeat, 6 requests, 2 quality prompts, 2 compared requests")
     args = parser.parse_args()
     if args.quick:
         args.new_tokens, args.repeats, args.requests, args.greedy_tokens, args.quality_prompts = 32, 1, 6, 16, 2
-        args.word_requests = 2
+        args.compare_requests = 2
+    compared = compared_setting(args.compare)
 
     import torch
 
@@ -230,8 +249,7 @@ def main() -> None:
               "E. The fast path and the PyTorch path against float32 PyTorch (the reference the tests use)")
     if "F" in args.sections:
         engine.llm = new
-        words_per_review(engine, [int(w) for w in args.words.split(",")], args.word_requests, args.new_tokens,
-                         args.repeats)
+        prompt_setting(engine, *compared, args.compare_requests, args.new_tokens, args.repeats)
 
 
 def speed(engine, paths: dict, request, args: argparse.Namespace) -> None:

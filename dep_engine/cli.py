@@ -63,7 +63,8 @@ def _personalization_args(parser: argparse.ArgumentParser) -> None:
                             "right before the answer. The adapter must have been trained with the same")
     group.add_argument("--history-as", choices=HISTORY_PLACES, default=PersonalizationSettings.history_as,
                        help="quoted: the past reviews listed in the request (the paper's prompt); turns: each one "
-                            "an earlier answer of the chat, to a request for its own item")
+                            "an earlier answer of the chat, to a request for its own item; turns-ended: those "
+                            "answers end at a sentence end, not cut with ' ...'")
 
 
 def _sampling_args(parser: argparse.ArgumentParser) -> None:

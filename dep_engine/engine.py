@@ -159,11 +159,11 @@ class DEPEngine:
     def adapter_trained(self) -> bool:
         return self.adapter.config.trained
 
-    def trained_layout(self, name: str) -> str:
-        """A layout setting of the adapter's training prompts (`soft_tokens_at` or `history_as`; an
-        adapter trained before the setting existed had the paper's: beside, quoted)."""
-        settings = self.adapter.config.training.get("settings", {}).get("personalization", {})
-        return settings.get(name, {"soft_tokens_at": "beside", "history_as": "quoted"}[name])
+    @property
+    def trained_soft_tokens_at(self) -> str:
+        """Where the adapter's training prompts put the soft tokens (before the setting existed: beside)."""
+        settings = self.adapter.config.training.get("settings", {})
+        return settings.get("personalization", {}).get("soft_tokens_at", "beside")
 
     # ---- requests ------------------------------------------------------------------------
 
@@ -323,11 +323,12 @@ class DEPEngine:
         notes = list(self.llm.notes) + list(context.notes) + cut
         if not context.selected and any(get_mode(m).uses_history for m in modes):
             notes.append("personalized outputs used no history, so they are baseline generations")
-        for name in ("soft_tokens_at", "history_as"):
-            trained, used = self.trained_layout(name), getattr(personalization, name)
-            if self.adapter_trained and used != trained and any(get_mode(m).soft for m in modes):
-                notes.append(f"the adapter was trained with {name} = {trained!r} and this prompt has {used!r}: "
-                             "pass the layout it was trained with")
+        # Where the slots sit is what the projectors learned to write for; how the texts around them are
+        # shown (words per review, quoted or as turns) is chosen on validation users, as round 31 did.
+        if (self.adapter_trained and personalization.soft_tokens_at != self.trained_soft_tokens_at
+                and any(get_mode(m).soft for m in modes)):
+            notes.append(f"the adapter was trained with its soft tokens {self.trained_soft_tokens_at!r} and this "
+                         f"prompt puts them {personalization.soft_tokens_at!r}: pass the layout it was trained with")
         if not self.adapter_trained and any(get_mode(m).soft for m in modes):
             notes.append("the adapter is UNTRAINED: soft prompts are random projections, not personalization")
         return Prepared(context, readable, embeds, notes, timings)

@@ -77,7 +77,7 @@ class PastReview:
 
 
 SOFT_TOKEN_PLACES = ("beside", "end", "both")
-HISTORY_PLACES = ("quoted", "turns")
+HISTORY_PLACES = ("quoted", "turns", "turns-ended")
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,8 @@ class PromptLayout:
     second token of its own at the end (rounds 19 and 20). `history_as`: "quoted" lists the past reviews
     inside the one user turn (the paper's prompt); "turns" makes each past review an earlier answer of
     the chat, to a request for its own item, so the LLM reads the user's texts as what it wrote before
-    (round 30; only modes that show the texts, the others stay quoted)."""
+    (round 30; only modes that show the texts, the others stay quoted); "turns-ended" ends each earlier
+    answer at a sentence end instead of cutting it with " ..." (round 33)."""
     restate_item: bool = False
     soft_tokens_at: str = "beside"
     history_as: str = "quoted"
@@ -109,7 +110,7 @@ class PromptLayout:
 
     def turns(self, mode: "Mode") -> bool:
         """Whether this prompt shows the past reviews as earlier answers of the chat."""
-        return self.history_as == "turns" and mode.texts
+        return self.history_as.startswith("turns") and mode.texts
 
 
 @dataclass
@@ -130,6 +131,20 @@ class PromptIds:
 def shorten(text: str, words: int) -> str:
     parts = text.split()
     return text if len(parts) <= words else " ".join(parts[:words]) + " ..."
+
+
+_SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s|$)")
+
+
+def shorten_to_sentence(text: str, words: int) -> str:
+    """The first `words` words, ended at the last sentence end among them (all of them, without
+    " ...", when none ends there): an earlier answer that stops as the user's reviews do."""
+    parts = text.split()
+    if len(parts) <= words:
+        return text
+    kept = " ".join(parts[:words])
+    ends = [m.end() for m in _SENTENCE_END.finditer(kept)]
+    return kept[:ends[-1]] if ends else kept
 
 
 def _rating(value: float) -> str:
@@ -173,8 +188,11 @@ def _slot_lines(index: int, mode: Mode, numbered: bool) -> list[str]:
     return lines
 
 
-def _past_turns(past: list[PastReview], mode: Mode, words_per_review: int, beside: bool) -> list[dict[str, str]]:
-    """Each past review as an earlier request for its own item and the user's review as the answer."""
+def _past_turns(past: list[PastReview], mode: Mode, words_per_review: int, beside: bool,
+                ended: bool) -> list[dict[str, str]]:
+    """Each past review as an earlier request for its own item and the user's review as the answer
+    (`ended`: cut at a sentence end)."""
+    cut = shorten_to_sentence if ended else shorten
     turns = []
     for i, review in enumerate(past):
         lines = [f"[Item Title]: {shorten(review.item_title, 40)}", f"[Output Review Rating]: {_rating(review.rating)}",
@@ -182,7 +200,7 @@ def _past_turns(past: list[PastReview], mode: Mode, words_per_review: int, besid
         if beside:
             lines += _slot_lines(i, mode, numbered=False)
         turns += [{"role": "user", "content": "\n".join(lines)},
-                  {"role": "assistant", "content": shorten(review.text, words_per_review)}]
+                  {"role": "assistant", "content": cut(review.text, words_per_review)}]
     return turns
 
 
@@ -221,7 +239,8 @@ def chat_messages(item: Item, rating: float, review_title: str, past: list[PastR
     """The chat: the system message, the past reviews as earlier turns where `layout` says so, and
     the request for the review to write."""
     turns = layout.turns(mode) and bool(past)
-    earlier = _past_turns(past, mode, words_per_review, layout.soft_tokens_at in ("beside", "both")) if turns else []
+    earlier = _past_turns(past, mode, words_per_review, layout.soft_tokens_at in ("beside", "both"),
+                          layout.history_as == "turns-ended") if turns else []
     return [{"role": "system", "content": system_message(mode, turns)}, *earlier,
             {"role": "user", "content": user_message(item, rating, review_title, past, mode, words_per_review,
                                                      length_words, layout)}]

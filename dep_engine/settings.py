@@ -56,7 +56,7 @@ class PersonalizationSettings:
     strength: float = 1.0
     restate_item: bool = True        # name the product again after the past reviews (against drift; the shipped adapter's prompt)
     soft_tokens_at: str = "beside"   # each past review's soft tokens after it (the paper's), or all at the "end"
-    history_as: str = "quoted"       # past reviews quoted in the request (the paper's), or as earlier chat "turns"
+    history_as: str = "turns"        # past reviews as earlier answers of the chat (round 31), or "quoted" (the paper's)
 
     def __post_init__(self) -> None:
         _check(self)

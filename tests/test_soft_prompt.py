@@ -10,7 +10,7 @@ import torch
 from dep_engine.data import Item
 from dep_engine.generation import SamplingSettings, generate, logits_processors, prompt_embeddings
 from dep_engine.llm import LLM
-from dep_engine.prompt import MODES, PastReview, PromptLayout, build_prompt, get_mode
+from dep_engine.prompt import MODES, PastReview, PromptLayout, build_prompt, get_mode, shorten_to_sentence
 from dep_engine.paths import BUNDLED_ADAPTER
 from dep_engine.settings import PersonalizationSettings
 
@@ -56,8 +56,9 @@ def test_restating_the_item_names_it_after_the_past_reviews(smol_tokenizer, tiny
                                 layout=PromptLayout(restate_item=True))
     assert "[Output Item Title]" not in smol_tokenizer.decode(nothing_past.ids)  # the title is right there
     user = next(u for u, h in tiny_engine.users.items() if len(h) > 6)
-    prepared = tiny_engine.prepare(tiny_engine.user_request(user), ("dep",), PersonalizationSettings(restate_item=True))
-    assert "[Output Item Title]" in prepared.prompts["dep"]
+    prepared = tiny_engine.prepare(tiny_engine.user_request(user), ("dep",),
+                                   PersonalizationSettings(restate_item=True, history_as="quoted"))
+    assert "[Output Item Title]" in prepared.prompts["dep"]  # as turns, the request names the item last anyway
     with pytest.raises(ValueError, match="restate_item"):
         PersonalizationSettings(restate_item="yes")
     # the default prompt is the one the shipped adapter was trained on
@@ -97,15 +98,15 @@ def test_soft_tokens_at_the_end_come_after_the_output_title(smol_tokenizer, tiny
     monkeypatch.setattr(tiny_engine.adapter.config, "trained", True)
     monkeypatch.setattr(tiny_engine.adapter.config, "training", {"settings": {"personalization": {}}})
     mismatch = tiny_engine.prepare(tiny_engine.user_request(user), ("dep",), PersonalizationSettings(soft_tokens_at="end"))
-    assert any("trained with soft_tokens_at = 'beside' and this prompt has 'end'" in n for n in mismatch.notes)
+    assert any("trained with its soft tokens 'beside' and this prompt puts them 'end'" in n for n in mismatch.notes)
     matched = tiny_engine.prepare(tiny_engine.user_request(user), ("dep",), PersonalizationSettings())
-    assert not any("pass the layout it was trained with" in n for n in matched.notes)
+    assert not any("trained with its soft tokens" in n for n in matched.notes)
     with pytest.raises(ValueError, match="soft_tokens_at must be one of beside, end, both, got 'middle'"):
         PersonalizationSettings(soft_tokens_at="middle")
     assert PersonalizationSettings().soft_tokens_at == "beside"  # the paper's layout, as the shipped adapter
 
 
-def test_past_reviews_as_turns_are_earlier_answers_of_the_chat(smol_tokenizer, tiny_engine, monkeypatch):
+def test_past_reviews_as_turns_are_earlier_answers_of_the_chat(smol_tokenizer, tiny_engine):
     """Round 30's layout: each past review is the assistant's answer to a request for its own item,
     its soft slots in that request; the review to write is the last request. Modes without texts
     keep the quoted layout."""
@@ -126,16 +127,33 @@ def test_past_reviews_as_turns_are_earlier_answers_of_the_chat(smol_tokenizer, t
         quoted = build_prompt(smol_tokenizer, Item("i", "Tuner"), 4, "Handy", PAST, mode, layout=PromptLayout(True))
         as_turns = build_prompt(smol_tokenizer, Item("i", "Tuner"), 4, "Handy", PAST, mode, layout=turns)
         assert (as_turns.ids == quoted.ids) == (not mode.texts), name
+    # the default since round 31, for the engine, the app, evaluation and training alike
     user = next(u for u, h in tiny_engine.users.items() if len(h) > 6)
-    shown = tiny_engine.prepare(tiny_engine.user_request(user), ("dep",),
-                                PersonalizationSettings(history_as="turns")).prompts["dep"]
-    assert shown.count("ASSISTANT:") == 4 and shown.index("ASSISTANT:") < shown.rindex("USER:")
-    monkeypatch.setattr(tiny_engine.adapter.config, "trained", True)
-    monkeypatch.setattr(tiny_engine.adapter.config, "training", {"settings": {"personalization": {}}})
-    mismatch = tiny_engine.prepare(tiny_engine.user_request(user), ("dep",), PersonalizationSettings(history_as="turns"))
-    assert any("trained with history_as = 'quoted' and this prompt has 'turns'" in n for n in mismatch.notes)
-    with pytest.raises(ValueError, match="history_as must be one of quoted, turns, got 'inline'"):
+    assert PersonalizationSettings().history_as == "turns"
+    prepared = tiny_engine.prepare(tiny_engine.user_request(user), ("generic", "dep", "nonperso"))
+    for mode in ("generic", "dep"):
+        shown = prepared.prompts[mode]
+        assert shown.count("ASSISTANT:") == 4 and shown.index("ASSISTANT:") < shown.rindex("USER:"), mode
+    assert "ASSISTANT:" not in prepared.prompts["nonperso"]
+    quoted = tiny_engine.prepare(tiny_engine.user_request(user), ("dep",), PersonalizationSettings(history_as="quoted"))
+    assert "ASSISTANT:" not in quoted.prompts["dep"] and "[User's Past Reviews]" in quoted.prompts["dep"]
+    with pytest.raises(ValueError, match="history_as must be one of quoted, turns, turns-ended, got 'inline'"):
         PersonalizationSettings(history_as="inline")
+
+
+def test_earlier_answers_can_end_at_a_sentence_end(smol_tokenizer):
+    """Round 33's variant: an earlier answer cut to its words per review ends where a sentence ends,
+    without " ..."; one that fits is whole; one with no sentence end keeps its words."""
+    assert shorten_to_sentence("I love it. It works well! But the strap broke after a week", 9) == \
+        "I love it. It works well!"
+    assert shorten_to_sentence('He said "wow." Then more words follow', 4) == 'He said "wow."'
+    assert shorten_to_sentence("no sentence ends here at all", 3) == "no sentence ends"
+    assert shorten_to_sentence("Short one. Fits.", 5) == "Short one. Fits."
+    long = PastReview("Capo", 3, "Ok", "Buzzes a little. Holds fine on the neck, though the spring is stiff and")
+    for history_as, answer in (("turns", "Buzzes a little. Holds fine on ..."), ("turns-ended", "Buzzes a little.")):
+        prompt = build_prompt(smol_tokenizer, Item("i", "Tuner"), 4, "Handy", [long], get_mode("dep"), words_per_review=6,
+                              layout=PromptLayout(history_as=history_as))
+        assert f"<|im_start|>assistant\n{answer}<|im_end|>" in smol_tokenizer.decode(prompt.ids), history_as
 
 
 def test_soft_tokens_in_both_places_write_each_token_twice(smol_tokenizer, tiny_llm):
