@@ -62,11 +62,12 @@ class PersonalizationSettings:
         _check(self)
         if self.history_rule not in HISTORY_RULES:
             raise ValueError(f"history_rule must be one of {', '.join(HISTORY_RULES)}, got {self.history_rule!r}")
-        self.layout  # raises on a bad restate_item, soft_tokens_at or history_as
+        PromptLayout(self.restate_item, self.soft_tokens_at, self.history_as)  # raises on a bad value of any
 
     @property
     def layout(self) -> PromptLayout:
-        """Where the prompt puts the product and the soft tokens: the adapter must be trained on the same."""
+        """Where the prompt puts the product, the soft tokens (the adapter must be trained on the same
+        places) and the past reviews (quoted or as turns: chosen on validation users)."""
         return PromptLayout(self.restate_item, self.soft_tokens_at, self.history_as)
 
 
