@@ -108,6 +108,16 @@ class PromptLayout:
         if self.history_as not in HISTORY_PLACES:
             raise ValueError(f"history_as must be one of {', '.join(HISTORY_PLACES)}, got {self.history_as!r}")
 
+    @property
+    def slots_beside(self) -> bool:
+        """Whether each past review has its soft slots next to it."""
+        return self.soft_tokens_at in ("beside", "both")
+
+    @property
+    def slots_at_end(self) -> bool:
+        """Whether the soft slots come (again) right before the answer."""
+        return self.soft_tokens_at in ("end", "both")
+
     def turns(self, mode: "Mode") -> bool:
         """Whether this prompt shows the past reviews as earlier answers of the chat."""
         return self.history_as.startswith("turns") and mode.texts
@@ -188,16 +198,16 @@ def _slot_lines(index: int, mode: Mode, numbered: bool) -> list[str]:
     return lines
 
 
-def _past_turns(past: list[PastReview], mode: Mode, words_per_review: int, beside: bool,
-                ended: bool) -> list[dict[str, str]]:
+def _past_turns(past: list[PastReview], mode: Mode, words_per_review: int,
+                layout: PromptLayout) -> list[dict[str, str]]:
     """Each past review as an earlier request for its own item and the user's review as the answer
-    (`ended`: cut at a sentence end)."""
-    cut = shorten_to_sentence if ended else shorten
+    (cut at a sentence end in the "turns-ended" layout)."""
+    cut = shorten_to_sentence if layout.history_as == "turns-ended" else shorten
     turns = []
     for i, review in enumerate(past):
         lines = [f"[Item Title]: {shorten(review.item_title, 40)}", f"[Output Review Rating]: {_rating(review.rating)}",
                  f"[Output Review Title]: {shorten(review.title, 30)}"]
-        if beside:
+        if layout.slots_beside:
             lines += _slot_lines(i, mode, numbered=False)
         turns += [{"role": "user", "content": "\n".join(lines)},
                   {"role": "assistant", "content": cut(review.text, words_per_review)}]
@@ -209,7 +219,6 @@ def user_message(item: Item, rating: float, review_title: str, past: list[PastRe
                  layout: PromptLayout = PromptLayout()) -> str:
     """The last user turn: the product, the past reviews (quoted layout), the review to write, and
     the soft slots where `layout` puts them."""
-    beside, end = layout.soft_tokens_at in ("beside", "both"), layout.soft_tokens_at in ("end", "both")
     lines = [f"[Item Title]: {shorten(item.title, 40)}"]
     if item.description:
         lines.append(f"[Item Description]: {shorten(item.description, 80)}")
@@ -221,14 +230,14 @@ def user_message(item: Item, rating: float, review_title: str, past: list[PastRe
             if mode.texts:
                 lines += [f"[Review Rating]: {_rating(review.rating)}", f"[Review Title]: {shorten(review.title, 30)}",
                           f"[Review Text]: {shorten(review.text, words_per_review)}"]
-            if beside:
+            if layout.slots_beside:
                 lines += _slot_lines(i, mode, numbered=False)
         if layout.restate_item:
             lines.append(f"[Output Item Title]: {shorten(item.title, 40)}")
     lines += [f"[Output Review Rating]: {_rating(rating)}", f"[Output Review Title]: {shorten(review_title, 30)}"]
     if mode.length_hint and length_words:
         lines.append(f"[Output Review Length]: about {length_words} words")
-    if end and mode.uses_history:
+    if layout.slots_at_end and mode.uses_history:
         lines += [line for i in range(len(past)) for line in _slot_lines(i, mode, numbered=True)]
     return "\n".join(lines)
 
@@ -239,8 +248,7 @@ def chat_messages(item: Item, rating: float, review_title: str, past: list[PastR
     """The chat: the system message, the past reviews as earlier turns where `layout` says so, and
     the request for the review to write."""
     turns = layout.turns(mode) and bool(past)
-    earlier = _past_turns(past, mode, words_per_review, layout.soft_tokens_at in ("beside", "both"),
-                          layout.history_as == "turns-ended") if turns else []
+    earlier = _past_turns(past, mode, words_per_review, layout) if turns else []
     return [{"role": "system", "content": system_message(mode, turns)}, *earlier,
             {"role": "user", "content": user_message(item, rating, review_title, past, mode, words_per_review,
                                                      length_words, layout)}]

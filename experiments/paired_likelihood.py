@@ -19,7 +19,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dep_engine.metrics import paired_bootstrap  # noqa: E402
+from dep_engine.metrics import mean_ci, paired_bootstrap  # noqa: E402
 
 MOVED = 1e-6  # nats per token: below this the two prompts gave the same loss (the prompt did not change)
 
@@ -35,6 +35,11 @@ def gap(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
     return paired_bootstrap(a, b) if len(a) else {}
 
 
+def share(values: np.ndarray) -> dict[str, float]:
+    """The vectors' share (population minus own loss, per sample): its mean with a 95% bootstrap interval."""
+    return dict(zip(("mean_diff", "low", "high"), mean_ci(values)))
+
+
 def compare(candidate: str, baseline: str) -> dict:
     new, old = losses(candidate), losses(baseline)
     keys = [k for k in old if k in new]
@@ -46,7 +51,7 @@ def compare(candidate: str, baseline: str) -> dict:
               "own_loss_change_where_moved": gap(own_new[moved], own_old[moved])}
     if all("population" in run[k] for run in (new, old) for k in keys):
         share_new, share_old = (np.array([run[k]["population"] - run[k]["own"] for k in keys]) for run in (new, old))
-        report["vectors_share"] = {"candidate": gap(share_new, 0 * share_new), "baseline": gap(share_old, 0 * share_old),
+        report["vectors_share"] = {"candidate": share(share_new), "baseline": share(share_old),
                                    "change": gap(share_new, share_old)}
     return report
 
