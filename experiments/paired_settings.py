@@ -2,8 +2,8 @@
 
 `pool` summarizes draws of one setting; this pairs two settings (for example 120 and 30 words per past
 review) per user: each user's ROUGE-1, ROUGE-L and METEOR are averaged over the draws of each setting,
-then paired-bootstrapped, method by method; attribution top-1 and the scaffolding-or-loops share are
-the means of each run's results.json over the draws.
+then paired-bootstrapped, method by method; attribution top-1, drift, the scaffolding-or-loops share
+and the median length ratio are the means of each run's results.json over the draws.
 
     python experiments/paired_settings.py --runs runs/round27/gen-w120-s0 runs/round27/gen-w120-s1 \\
         --against runs/round27/gen-w30-s0 runs/round27/gen-w30-s1 --out runs/round27/paired.json
@@ -23,7 +23,7 @@ from dep_engine.evaluation import draw_scores, read_draws  # noqa: E402
 from dep_engine.metrics import paired_bootstrap  # noqa: E402
 
 METRICS = ("rouge1", "rougeL", "meteor")
-VOICE = ("top1", "drifted", "scaffolding_or_loops_after")
+VOICE = ("top1", "drifted", "scaffolding_or_loops_after", "length_ratio_median")
 
 
 def per_user(folders: list[str]) -> dict[str, dict[str, dict[str, float]]]:
