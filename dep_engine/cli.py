@@ -65,6 +65,10 @@ def _personalization_args(parser: argparse.ArgumentParser) -> None:
                        help="quoted: the past reviews listed in the request (the paper's prompt); turns: each one "
                             "an earlier answer of the chat, to a request for its own item; turns-ended: those "
                             "answers end at a sentence end, not cut with ' ...'")
+    group.add_argument("--tell-length", action=argparse.BooleanOptionalAction,
+                       default=PersonalizationSettings.tell_length,
+                       help="every request that shows the past reviews says its answer's length in words: an "
+                            "earlier answer its own, the review to write the user's typical length")
 
 
 def _sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -88,7 +92,7 @@ def personalization(args: argparse.Namespace) -> PersonalizationSettings:
     return PersonalizationSettings(k=args.k, history_rule=args.history_rule, peer_temperature=args.peer_temperature,
                                    words_per_review=args.words_per_review, strength=args.strength,
                                    restate_item=args.restate_item, soft_tokens_at=args.soft_tokens_at,
-                                   history_as=args.history_as)
+                                   history_as=args.history_as, tell_length=args.tell_length)
 
 
 def sampling(args: argparse.Namespace) -> SamplingSettings:

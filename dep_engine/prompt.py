@@ -94,14 +94,19 @@ class PromptLayout:
     inside the one user turn (the paper's prompt); "turns" makes each past review an earlier answer of
     the chat, to a request for its own item, so the LLM reads the user's texts as what it wrote before
     (round 30; only modes that show the texts, the others stay quoted); "turns-ended" ends each earlier
-    answer at a sentence end instead of cutting it with " ..." (round 33)."""
+    answer at a sentence end instead of cutting it with " ..." (round 33). `tell_length`: in a prompt
+    that shows the past reviews' texts, every request says how long its answer is in words (an earlier
+    answer its own length as shown, the review to write the user's typical length), so the model can
+    learn from its earlier answers that the line is kept (round 35)."""
     restate_item: bool = False
     soft_tokens_at: str = "beside"
     history_as: str = "quoted"
+    tell_length: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.restate_item, bool):
-            raise ValueError(f"restate_item must be true or false, got {self.restate_item!r}")
+        for name in ("restate_item", "tell_length"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.soft_tokens_at not in SOFT_TOKEN_PLACES:
             raise ValueError(f"soft_tokens_at must be one of {', '.join(SOFT_TOKEN_PLACES)}, "
                              f"got {self.soft_tokens_at!r}")
@@ -121,6 +126,10 @@ class PromptLayout:
     def turns(self, mode: "Mode") -> bool:
         """Whether this prompt shows the past reviews as earlier answers of the chat."""
         return self.history_as.startswith("turns") and mode.texts
+
+    def tells_length(self, mode: "Mode") -> bool:
+        """Whether this prompt's requests say their answers' lengths (the length-told control always does)."""
+        return mode.length_hint or (self.tell_length and mode.texts)
 
 
 @dataclass
@@ -161,7 +170,7 @@ def _rating(value: float) -> str:
     return f"{value:g}"
 
 
-def system_message(mode: Mode, turns: bool = False) -> str:
+def system_message(mode: Mode, turns: bool = False, told_length: bool = False) -> str:
     lines = ["You write a product review in the voice of one particular user.",
              "You are given the item's title and description"]
     if mode.uses_history:
@@ -176,7 +185,7 @@ def system_message(mode: Mode, turns: bool = False) -> str:
                      "from other users' reviews of the same item.")
     if mode.uses_history:
         lines.append("Use them as hints to the user's opinions and style.")
-    if mode.length_hint:
+    if told_length:
         lines.append("Make the review about as long as [Output Review Length] says.")
     lines.append("Write only the text of the review.")
     return " ".join(lines)
@@ -186,6 +195,10 @@ def typical_length(reviews: list[Review]) -> int:
     """The median word count of a user's reviews: what the length-told control says."""
     counts = sorted(len(r.text.split()) for r in reviews)
     return counts[len(counts) // 2] if counts else 0
+
+
+def _length_line(words: int) -> str:
+    return f"[Output Review Length]: about {words} words"
 
 
 def _slot_lines(index: int, mode: Mode, numbered: bool) -> list[str]:
@@ -201,16 +214,18 @@ def _slot_lines(index: int, mode: Mode, numbered: bool) -> list[str]:
 def _past_turns(past: list[PastReview], mode: Mode, words_per_review: int,
                 layout: PromptLayout) -> list[dict[str, str]]:
     """Each past review as an earlier request for its own item and the user's review as the answer
-    (cut at a sentence end in the "turns-ended" layout)."""
+    (cut at a sentence end in the "turns-ended" layout; its length told where `layout` says so)."""
     cut = shorten_to_sentence if layout.history_as == "turns-ended" else shorten
     turns = []
     for i, review in enumerate(past):
+        answer = cut(review.text, words_per_review)
         lines = [f"[Item Title]: {shorten(review.item_title, 40)}", f"[Output Review Rating]: {_rating(review.rating)}",
                  f"[Output Review Title]: {shorten(review.title, 30)}"]
+        if layout.tells_length(mode):
+            lines.append(_length_line(len(answer.removesuffix(" ...").split())))
         if layout.slots_beside:
             lines += _slot_lines(i, mode, numbered=False)
-        turns += [{"role": "user", "content": "\n".join(lines)},
-                  {"role": "assistant", "content": cut(review.text, words_per_review)}]
+        turns += [{"role": "user", "content": "\n".join(lines)}, {"role": "assistant", "content": answer}]
     return turns
 
 
@@ -235,8 +250,8 @@ def user_message(item: Item, rating: float, review_title: str, past: list[PastRe
         if layout.restate_item:
             lines.append(f"[Output Item Title]: {shorten(item.title, 40)}")
     lines += [f"[Output Review Rating]: {_rating(rating)}", f"[Output Review Title]: {shorten(review_title, 30)}"]
-    if mode.length_hint and length_words:
-        lines.append(f"[Output Review Length]: about {length_words} words")
+    if layout.tells_length(mode) and length_words:
+        lines.append(_length_line(length_words))
     if layout.slots_at_end and mode.uses_history:
         lines += [line for i in range(len(past)) for line in _slot_lines(i, mode, numbered=True)]
     return "\n".join(lines)
@@ -249,7 +264,8 @@ def chat_messages(item: Item, rating: float, review_title: str, past: list[PastR
     the request for the review to write."""
     turns = layout.turns(mode) and bool(past)
     earlier = _past_turns(past, mode, words_per_review, layout) if turns else []
-    return [{"role": "system", "content": system_message(mode, turns)}, *earlier,
+    told_length = layout.tells_length(mode) and bool(length_words)
+    return [{"role": "system", "content": system_message(mode, turns, told_length)}, *earlier,
             {"role": "user", "content": user_message(item, rating, review_title, past, mode, words_per_review,
                                                      length_words, layout)}]
 

@@ -57,18 +57,19 @@ class PersonalizationSettings:
     restate_item: bool = True        # name the product again after the past reviews (against drift; the shipped adapter's prompt)
     soft_tokens_at: str = "beside"   # each past review's soft tokens after it (the paper's), or all at the "end"
     history_as: str = "turns"        # past reviews as earlier answers of the chat (round 31), or "quoted" (the paper's)
+    tell_length: bool = False        # every request says its answer's length in words (round 35)
 
     def __post_init__(self) -> None:
         _check(self)
         if self.history_rule not in HISTORY_RULES:
             raise ValueError(f"history_rule must be one of {', '.join(HISTORY_RULES)}, got {self.history_rule!r}")
-        PromptLayout(self.restate_item, self.soft_tokens_at, self.history_as)  # raises on a bad value of any
+        self.layout  # raises on a bad value of any layout field
 
     @property
     def layout(self) -> PromptLayout:
         """Where the prompt puts the product, the soft tokens (the adapter must be trained on the same
         places) and the past reviews (quoted or as turns: chosen on validation users)."""
-        return PromptLayout(self.restate_item, self.soft_tokens_at, self.history_as)
+        return PromptLayout(self.restate_item, self.soft_tokens_at, self.history_as, self.tell_length)
 
 
 @dataclass

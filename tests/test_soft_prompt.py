@@ -156,6 +156,36 @@ def test_earlier_answers_can_end_at_a_sentence_end(smol_tokenizer):
         assert f"<|im_start|>assistant\n{answer}<|im_end|>" in smol_tokenizer.decode(prompt.ids), history_as
 
 
+def test_told_length_is_in_every_request_that_shows_the_past_reviews(smol_tokenizer):
+    """Round 35's option: each earlier request says its answer's length as shown (the words kept, not
+    " ..."), the last one the user's typical length; modes without the texts are unchanged, and the
+    length-told control tells the length whatever the option."""
+    long = PastReview("Capo", 3, "Ok", "Buzzes a little. Holds fine on the neck, though the spring is stiff and")
+    past = [PAST[0], long]
+    told = PromptLayout(history_as="turns", tell_length=True)
+    text = smol_tokenizer.decode(build_prompt(smol_tokenizer, Item("i", "Tuner"), 4, "Handy", past, get_mode("dep"),
+                                              words_per_review=6, length_words=42, layout=told).ids)
+    strap_request = text[text.index("[Item Title]: Guitar strap"):text.index("Soft leather")]
+    capo_request = text[text.index("[Item Title]: Capo"):text.index("Buzzes a little.")]
+    last_request = text[text.index("[Item Title]: Tuner"):]
+    assert "[Output Review Length]: about 6 words" in strap_request  # "Soft leather strap that holds well."
+    assert "[Output Review Length]: about 6 words" in capo_request  # six of its words shown, then " ..."
+    assert "[Output Review Length]: about 42 words" in last_request
+    assert "as long as [Output Review Length] says" in text
+    quoted = smol_tokenizer.decode(build_prompt(smol_tokenizer, Item("i", "Tuner"), 4, "Handy", past, get_mode("dep"),
+                                                length_words=42, layout=PromptLayout(tell_length=True)).ids)
+    assert quoted.count("[Output Review Length]: about") == 1 and "about 42 words" in quoted
+    for name, mode in MODES.items():
+        plain, with_option = (build_prompt(smol_tokenizer, Item("i", "Tuner"), 4, "Handy", past, mode, length_words=42,
+                                           layout=PromptLayout(history_as="turns", tell_length=flag)).ids
+                              for flag in (False, True))
+        assert (plain == with_option) == (not mode.texts), name
+        assert ("Length]" in smol_tokenizer.decode(plain)) == mode.length_hint, name
+    with pytest.raises(ValueError, match="tell_length must be true or false, got 'yes'"):
+        PersonalizationSettings(tell_length="yes")
+    assert PersonalizationSettings().tell_length is False
+
+
 def test_soft_tokens_in_both_places_write_each_token_twice(smol_tokenizer, tiny_llm):
     """Round 19's layout: the paper's slots beside the reviews, unchanged, and a numbered copy of each
     after the output title; one soft token per review fills both of its slots."""
