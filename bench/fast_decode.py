@@ -102,13 +102,15 @@ def prompt_setting(engine, name: str, values: list, n: int, new_tokens: int, rep
 
 
 def compared_setting(text: str) -> tuple[str, list]:
-    """`NAME=A,B` -> the PersonalizationSettings field and its values (whole numbers as int)."""
+    """`NAME=A,B` -> the PersonalizationSettings field and its values (whole numbers as int, true and
+    false as bool)."""
     from dep_engine import PersonalizationSettings
 
     name, _, values = text.partition("=")
     if name not in PersonalizationSettings.__dataclass_fields__ or "," not in values:
         raise SystemExit(f"--compare: expected NAME=A,B with NAME a personalization setting, got {text!r}")
-    return name, [int(v) if v.isdigit() else v for v in values.split(",")]
+    flags = {"true": True, "false": False}
+    return name, [int(v) if v.isdigit() else flags.get(v.lower(), v) for v in values.split(",")]
 
 
 def longest_dep_prompt(engine, n: int):
