@@ -42,7 +42,8 @@ HOW_IT_WORKS = """
    codes*); two small projectors map the codes to soft tokens in the LLM's embedding space.
 5. **Prompt.** Each past review is shown as the chat's earlier answer to a request for its own item, its his and
    diff soft tokens in that request; the product to review is the last request, and the frozen LLM writes the
-   answer (as earlier answers, not quoted, the person's reviews are read better and drift less to past items). The generic baseline uses the same prompt with the population's average his and diff vectors
+   answer (as earlier answers, not quoted, the person's reviews are read better and drift less to past items).
+   The generic baseline uses the same prompt with the population's average his and diff vectors
    (the *strength* slider moves between the two: 0 generic, 1 this user). Both prompts are decoded together in
    one batch with the same seed; neither may write "[" (the prompt's field labels open with one), and each is cut
    where it starts echoing a label or repeating itself.

@@ -147,9 +147,12 @@ class PromptIds:
         return self.his_positions[his:] + self.diff_positions[diff:]
 
 
+CUT_MARK = " ..."  # ends a text `shorten` cut
+
+
 def shorten(text: str, words: int) -> str:
     parts = text.split()
-    return text if len(parts) <= words else " ".join(parts[:words]) + " ..."
+    return text if len(parts) <= words else " ".join(parts[:words]) + CUT_MARK
 
 
 _SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s|$)")
@@ -222,7 +225,7 @@ def _past_turns(past: list[PastReview], mode: Mode, words_per_review: int,
         lines = [f"[Item Title]: {shorten(review.item_title, 40)}", f"[Output Review Rating]: {_rating(review.rating)}",
                  f"[Output Review Title]: {shorten(review.title, 30)}"]
         if layout.tells_length(mode):
-            lines.append(_length_line(len(answer.removesuffix(" ...").split())))
+            lines.append(_length_line(len(answer.removesuffix(CUT_MARK).split())))
         if layout.slots_beside:
             lines += _slot_lines(i, mode, numbered=False)
         turns += [{"role": "user", "content": "\n".join(lines)}, {"role": "assistant", "content": answer}]
