@@ -23,7 +23,7 @@ from .adapter import CONFIG_NAME, AdapterError, DEPAdapter, DEPAdapterConfig
 from .data import DataError, Dataset, Item, Review, Sample, by_user, load_dataset, parse_history, parse_rating, \
     profile_before
 from .embeddings import BUNDLED_ENCODER, Encoder, style_set
-from .generation import prompt_embeddings, stream
+from .generation import Output, prompt_embeddings, stream
 from .llm import BUNDLED_LLM, CPU_DECODE_DTYPES, LLM, load_llm
 from .paths import BUNDLED_ADAPTER, BUNDLED_DATA
 from .prompt import WORDS_PER_REVIEW, PastReview, PromptIds, PromptLayout, build_prompt, get_mode, readable_prompt, \
@@ -34,6 +34,10 @@ from .voice import VoiceCheck
 
 log = logging.getLogger(__name__)
 
+# what a result's notes say of each hygiene cut (`hygiene.Cleaned.reason`)
+_CUT_NOTES = {"scaffolding": "cut where the model began to write scaffolding",
+              "repetition": "cut where the model began to write repetition",
+              "token limit": "ended at its last full sentence: the {limit}-token limit came mid-sentence"}
 
 
 @dataclass
@@ -367,7 +371,7 @@ class DEPEngine:
         """Decode every prepared prompt in one batch; yield per-request Results with cleaned texts."""
         embeds = [e for p in prepared for e in p.embeds]
         start = time.perf_counter()
-        steps, first_token, raw, timings = 0, None, [""] * len(embeds), {}
+        steps, first_token, raw, timings = 0, None, [Output("")] * len(embeds), {}
         for raw in stream(self.llm, embeds, sampling):
             steps += 1
             elapsed = time.perf_counter() - start
@@ -385,16 +389,16 @@ class DEPEngine:
         yield final
 
     @staticmethod
-    def _results(prepared: list[Prepared], modes: list[list[str]], raw: list[str], timings: dict[str, float],
+    def _results(prepared: list[Prepared], modes: list[list[str]], raw: list[Output], timings: dict[str, float],
                  new_tokens: int, final: bool) -> list[Result]:
         results, row = [], 0
         for p, names in zip(prepared, modes):
-            cleaned = [hygiene.clean(text) for text in raw[row:row + len(names)]]
+            cleaned = [hygiene.clean(*output) for output in raw[row:row + len(names)]]
             row += len(names)
             notes = list(p.notes)
             if final:
-                notes += [f"{name}: cut where the model began to write {c.reason}" for name, c in zip(names, cleaned)
-                          if c.reason]
+                notes += [f"{name}: {_CUT_NOTES[c.reason].format(limit=new_tokens)}"
+                          for name, c in zip(names, cleaned) if c.reason]
             results.append(Result({n: c.text for n, c in zip(names, cleaned)}, p.context, notes,
                                   {**p.timings, **timings}, new_tokens, p.prompts))
         return results

@@ -8,7 +8,8 @@ reviewer's vectors; `@alpha=A` mixes them: generic + A * (user - generic). `@gui
 decoding step away from generic's next-token distribution on the same text (classifier-free guidance,
 `generation.guided_scores`; a shadow row in the batch, ONNX path only). `--split val` evaluates the validation users
 (for choices made before the test users are looked at), `test` (default) the test users.
-Every output goes through the same hygiene (`hygiene.clean`); the raw text and the cut are kept.
+Every output goes through the same hygiene (`hygiene.clean`); the raw text, whether it ran out of
+tokens, and the cut are kept.
 All methods of a group of users are decoded in one batch with one seed, so every method sees the
 same sampling noise. Generations are appended group by group to generations.jsonl, so an
 interrupted run resumes where it stopped.
@@ -139,10 +140,11 @@ def sample_contexts(engine: DEPEngine, store: ReviewStore, samples: list[Sample]
 
 
 def read_generations(path: Path) -> list[dict]:
-    """The records of a generations.jsonl; the raw text is the record, hygiene is applied as it stands now."""
+    """The records of a generations.jsonl; the raw text is the record, hygiene is applied as it stands now
+    (runs before round 36 did not record `ran_out`: their texts are read as not having run out)."""
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     for record in records:
-        cleaned = hygiene.clean(record.get("raw", record["text"]))
+        cleaned = hygiene.clean(record.get("raw", record["text"]), record.get("ran_out", False))
         record["text"], record["cut"] = cleaned.text, cleaned.reason
     return records
 
@@ -167,15 +169,16 @@ def generate_all(engine: DEPEngine, samples: list[Sample], contexts: list[Person
             for m, shadow in own_shadows.items():
                 guides.append(Guide(n * len(methods) + m, len(rows) + len(shadows), methods[m].guidance))
                 shadows.append(shadow)
-        raw = generate(engine.llm, rows + shadows, replace(settings.sampling, seed=settings.sampling.seed + group),
-                       guides)[:len(rows)]
-        cleaned = [hygiene.clean(text) for text in raw]
+        outputs = generate(engine.llm, rows + shadows, replace(settings.sampling, seed=settings.sampling.seed + group),
+                           guides)[:len(rows)]
+        cleaned = [hygiene.clean(*output) for output in outputs]
         seconds = (time.perf_counter() - started) / len(rows)
         records = [{"group": group, "user_id": sample.target.user_id, "item_id": sample.target.item_id,
-                    "method": method.name, "text": cleaned[n * len(methods) + m].text,
-                    "raw": raw[n * len(methods) + m], "cut": cleaned[n * len(methods) + m].reason,
+                    "method": method.name, "text": cleaned[row].text, "raw": outputs[row].text,
+                    "ran_out": outputs[row].ran_out, "cut": cleaned[row].reason,
                     "reference": sample.target.text, "seconds": seconds}
-                   for n, sample in enumerate(chunk) for m, method in enumerate(methods)]
+                   for n, sample in enumerate(chunk) for m, method in enumerate(methods)
+                   for row in [n * len(methods) + m]]
         with open(path, "a") as out:  # a whole group or nothing: resuming redoes a cut-off group
             out.write("".join(json.dumps(r) + "\n" for r in records))
         done += records

@@ -48,6 +48,21 @@ def prompt_embeddings(llm: LLM, prompt: PromptIds, his_tokens: torch.Tensor | No
     return embeds
 
 
+class Output(NamedTuple):
+    """A decoded text, and whether decoding reached the token limit before the text ended (no
+    end-of-text token, no stop): such a text likely stops mid-sentence (`hygiene.clean` ends it)."""
+    text: str
+    ran_out: bool = False
+
+
+def _outputs(tokenizer, ids: torch.Tensor, max_new_tokens: int) -> list[Output]:
+    """(B, steps) new token ids as Outputs; a row that ended has end-of-text or padding last."""
+    ended = {tokenizer.eos_token_id, tokenizer.pad_token_id}
+    full = ids.shape[1] >= max_new_tokens
+    return [Output(tokenizer.decode(row, skip_special_tokens=True).strip(), full and int(row[-1]) not in ended)
+            for row in ids]
+
+
 class Guide(NamedTuple):
     """Decode-time guidance of one batch row: `row` is steered away from `shadow`, the same prompt with the
     population-average reviewer's vectors, by `scale`; the shadow reads the row's tokens and is not a text."""
@@ -115,8 +130,8 @@ class _BatchStreamer(BaseStreamer):
     def end(self) -> None:
         self.queue.put(None)
 
-    def texts(self) -> list[str]:
-        return [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in self.ids]
+    def texts(self) -> list[Output]:
+        return [Output(self.tokenizer.decode(ids, skip_special_tokens=True).strip()) for ids in self.ids]
 
 
 class _StopWhenSet(StoppingCriteria):
@@ -238,7 +253,7 @@ def _prefill(llm: LLM, decoder: torch.nn.Module, batch: torch.Tensor, mask: torc
 
 def _generate(llm: LLM, embeds: Sequence[torch.Tensor], settings: SamplingSettings,
               streamer: _BatchStreamer | None = None, stop: threading.Event | None = None,
-              guides: Sequence[Guide] = ()) -> list[str]:
+              guides: Sequence[Guide] = ()) -> list[Output]:
     tokenizer = llm.tokenizer
     if (fast := llm.onnx_decoder()) is not None:  # the CPU default: ONNX Runtime (onnx_decode.py)
         with generation_lock, torch.inference_mode():
@@ -247,7 +262,7 @@ def _generate(llm: LLM, embeds: Sequence[torch.Tensor], settings: SamplingSettin
                                  logits_processors(llm), guides)
         if streamer is not None:
             streamer.end()
-        return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in output]
+        return _outputs(tokenizer, output, settings.max_new_tokens)
     if guides:
         raise ValueError("guidance toward the user runs on the CPU's ONNX Runtime path only (--cpu-backend onnx)")
     batch, mask = left_pad(embeds)
@@ -265,12 +280,12 @@ def _generate(llm: LLM, embeds: Sequence[torch.Tensor], settings: SamplingSettin
             top_p=settings.top_p if sample else None, top_k=None, pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id, streamer=streamer,
             stopping_criteria=criteria, logits_processor=logits_processors(llm))
-    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in output]
+    return _outputs(tokenizer, output, settings.max_new_tokens)
 
 
 def generate(llm: LLM, embeds: Sequence[torch.Tensor], settings: SamplingSettings,
-             guides: Sequence[Guide] = ()) -> list[str]:
-    """One text per prompt embedding; the same seed gives the same texts.
+             guides: Sequence[Guide] = ()) -> list[Output]:
+    """One Output per prompt embedding; the same seed gives the same texts.
 
     Each row stops once it reaches scaffolding or a loop; the texts are as decoded, so the
     caller applies `hygiene.clean` (and can count what it cut). `guides` (ONNX path): rows steered
@@ -278,8 +293,9 @@ def generate(llm: LLM, embeds: Sequence[torch.Tensor], settings: SamplingSetting
     return _generate(llm, embeds, settings, guides=guides)
 
 
-def stream(llm: LLM, embeds: Sequence[torch.Tensor], settings: SamplingSettings) -> Iterator[list[str]]:
-    """The texts so far after each decoding step; the last item equals `generate`'s result.
+def stream(llm: LLM, embeds: Sequence[torch.Tensor], settings: SamplingSettings) -> Iterator[list[Output]]:
+    """The texts so far after each decoding step; the last item equals `generate`'s result (only it
+    says which rows ran out of tokens).
 
     Closing the generator early (a user pressing Stop) ends decoding at the next step, which
     frees the model for the next request."""

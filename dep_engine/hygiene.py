@@ -1,5 +1,6 @@
 """Output hygiene, the same for every method: a review ends where the model starts writing the
-prompt's scaffolding (its field labels, template brackets such as "[User's Name]") or loops.
+prompt's scaffolding (its field labels, template brackets such as "[User's Name]") or loops, and a text
+that ran out of tokens ends at its last full sentence.
 
 A small model left alone often echoes "[Output Review Rating]: 5" or repeats "Great. Great. Great.";
 scoring such text against a real review credits whichever method loops less with "personalization".
@@ -10,6 +11,8 @@ broader, independent check used to report how many outputs still carry scaffoldi
     'Nice strings.'
     >>> clean("Great. Great. Great. Great.").text
     'Great.'
+    >>> clean("Nice strings. They stay in tune and the", ran_out=True).text
+    'Nice strings.'
 """
 from __future__ import annotations
 
@@ -30,12 +33,15 @@ _LEADING = re.compile(r"^\s*(?:\[[^\]\n]{1,40}\]\s*:?\s*|(?:Output Review \w+|Re
 _WORD = re.compile(r"\S+")
 _MAX_UNIT = 20  # words in the longest looping unit looked for
 _SENTENCE = re.compile(r"[^.!?\n]+[.!?]*")
+# where a sentence ends: its mark and any closing quote or bracket, before a space or the end; or a line break
+_SENTENCE_END = re.compile(r"[.!?\u2026]+[\"'\u201d\u2019)\]]*(?=\s|$)|\n")
+UNENDED_MARK = " ..."  # ends a text that ran out of tokens inside its first sentence
 
 
 @dataclass(frozen=True)
 class Cleaned:
     text: str
-    reason: str | None  # "scaffolding" or "repetition" when the text was cut, else None
+    reason: str | None  # "scaffolding", "repetition" or "token limit" when the text was cut, else None
 
 
 def _repeated_sentence(text: str) -> int | None:
@@ -101,13 +107,26 @@ def _strip_leading(text: str) -> str:
     return _LEADING.sub("", text)
 
 
-def clean(text: str) -> Cleaned:
-    """The text without leading field labels, cut at the first scaffolding or runaway repetition."""
+def end_at_sentence(text: str) -> str:
+    """`text` up to its last sentence end; with none, all of it and `UNENDED_MARK`."""
+    ends = [match.end() for match in _SENTENCE_END.finditer(text)]
+    if not ends:
+        return text + UNENDED_MARK
+    return text[:ends[-1]].rstrip()
+
+
+def clean(text: str, ran_out: bool = False) -> Cleaned:
+    """The text without leading field labels, cut at the first scaffolding or runaway repetition; if
+    decoding reached the token limit before the text ended (`ran_out`), ended at its last full sentence.
+
+    A text stopped mid-sentence by the limit reads as broken to a visitor whichever method wrote it."""
     body = _strip_leading(text)
-    cut = _cut(body)
-    if cut is None:
-        return Cleaned(body.strip(), None)
-    return Cleaned(body[:cut[0]].strip(), cut[1])
+    if (cut := _cut(body)) is not None:
+        return Cleaned(body[:cut[0]].strip(), cut[1])
+    body = body.strip()
+    if ran_out and (ended := end_at_sentence(body)) != body:
+        return Cleaned(ended, "token limit")
+    return Cleaned(body, None)
 
 
 def should_stop(text: str) -> bool:

@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 
+from dep_engine import hygiene
 from dep_engine.engine import DEPEngine, EngineConfig
 from dep_engine.data import DataError
 from dep_engine.evaluation import EvalSettings, evaluate, parse_method, pool_runs, summarize
@@ -97,7 +98,9 @@ def test_evaluation_reports_voice_hygiene_and_the_generic_baseline(tiny_engine, 
     assert "own_minus_shuffled" in voice["methods"]["dep"] and "minus_generic" in voice["methods"]["dep"]
     assert "vs_generic" in summary["methods"]["dep"]["metrics"]["rouge1"]
     records = [json.loads(line) for line in (tmp_path / "eval" / "generations.jsonl").read_text().splitlines()]
-    assert all({"raw", "cut", "text"} <= set(r) for r in records)
+    assert all({"raw", "ran_out", "cut", "text"} <= set(r) for r in records)
+    ran_out = [r for r in records if r["ran_out"]]  # 6 new tokens: most rows run out
+    assert ran_out and all(r["text"] == hygiene.clean(r["raw"], True).text for r in ran_out)
     from dep_engine.splits import validation_samples
 
     val_users = {s.target.user_id for s in validation_samples(tiny_engine.dataset.reviews)}

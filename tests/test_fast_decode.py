@@ -108,8 +108,8 @@ def test_soft_tokens_change_the_output_and_leave_the_baseline_alone(smol):
     # The baseline row never sees the soft tokens: bit for bit while the other row keeps its length.
     # (Beside a row of another length its logits move within the int8 noise, up to 0.4 here: attention
     # over another total length rounds differently, and int8 activations amplify that.)
-    assert base_1 == base_2 and base_1
-    assert text_a != text_b
+    assert base_1 == base_2 and base_1.text
+    assert text_a.text != text_b.text
     assert generate(smol, [base, dep_a], settings) == [base_1, text_a]  # same seed, same texts
 
 
@@ -202,10 +202,14 @@ def test_streaming_ends_as_generate_and_stops_when_closed(smol):
     settings = SamplingSettings(max_new_tokens=12, seed=2)
     steps = list(stream(smol, [base, dep], settings))
     assert steps[-1] == generate(smol, [base, dep], settings) and len(steps) >= 3
+    assert not any(output.ran_out for step in steps[:-1] for output in step)  # known only at the end
+    assert all(output.ran_out for output in generate(smol, [base, dep], SamplingSettings(max_new_tokens=3, seed=2)))
+    ended = generate(smol, [base, dep], SamplingSettings(max_new_tokens=200, seed=2))  # both end near 90 words
+    assert not any(output.ran_out for output in ended) and all(len(output.text.split()) > 20 for output in ended)
     partial = stream(smol, [base, dep], SamplingSettings(max_new_tokens=400, seed=2))
     next(partial)
     partial.close()  # must return at once, with the lock free for the next request
-    assert generate(smol, [base], SamplingSettings(max_new_tokens=2))
+    assert generate(smol, [base], SamplingSettings(max_new_tokens=2))[0].text
 
 
 @pytest.fixture(scope="module")

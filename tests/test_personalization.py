@@ -72,6 +72,21 @@ def test_hygiene_cuts_scaffolding_and_loops(raw, kept, reason):
     assert hygiene.flagged(raw) == (raw != kept)
 
 
+@pytest.mark.parametrize("raw, kept", [
+    ("Nice strings. They stay in tune and the", "Nice strings."),
+    ('Bright tone! I call it "the best." The low E', 'Bright tone! I call it "the best."'),
+    ("Solid case, fits my Strat\nThe latch is a bit", "Solid case, fits my Strat"),
+    ("It costs 3.5 dollars and holds", "It costs 3.5 dollars and holds ..."),  # no sentence end: marked
+    ("It works. Five stars.", "It works. Five stars."),  # it ran out exactly at its end: kept
+])
+def test_a_text_that_ran_out_of_tokens_ends_at_its_last_full_sentence(raw, kept):
+    cleaned = hygiene.clean(raw, ran_out=True)
+    assert cleaned.text == kept and cleaned.reason == (None if kept == raw else "token limit")
+    assert hygiene.clean(raw) == hygiene.Cleaned(raw, None)  # a text that ended by itself keeps its words
+    looped = hygiene.clean("Great. Great. Great. Great and", ran_out=True)
+    assert looped == hygiene.Cleaned("Great.", "repetition")  # scaffolding and loops are cut first
+
+
 def test_decoding_stops_the_rows_that_reached_scaffolding(tiny_engine):
     tokenizer = tiny_engine.llm.tokenizer
     rows = ["It sounds warm and clear. [Output Review Rating]: 5", "It sounds warm and clear and it stays in"]

@@ -258,8 +258,8 @@ def test_soft_tokens_change_the_output_and_leave_the_baseline_alone(tiny_llm, sm
     settings = SamplingSettings(temperature=1.0, top_p=1.0, max_new_tokens=12, seed=7)
     base_1, text_a = generate(tiny_llm, [base, dep_a], settings)
     base_2, text_b = generate(tiny_llm, [base, dep_b], settings)
-    assert base_1 == base_2 and base_1  # the baseline row never sees the soft tokens
-    assert text_a != text_b
+    assert base_1 == base_2 and base_1.text  # the baseline row never sees the soft tokens
+    assert text_a.text != text_b.text
     assert weights_checksum(tiny_llm.model) == before
 
 
@@ -273,6 +273,11 @@ def test_same_seed_same_text(tiny_engine):
     assert any("UNTRAINED" in note for note in first.notes)
     streamed = list(tiny_engine.stream(request, ("nonperso", "dep"), sampling=settings))
     assert streamed[-1].texts == first.texts and len(streamed) > 2
+    # a random model writes on to the limit: each text ends at a full sentence, or is marked as cut
+    ended = {note.split(":")[0] for note in first.notes if "ended at its last full sentence: the 8-token" in note}
+    assert ended == {"nonperso", "dep"}
+    assert all(text.rstrip("\"')]”’").endswith((".", "!", "?", "…")) or text.endswith(" ...")
+               for text in first.texts.values())
 
 
 def test_engine_context_and_codes(tiny_engine):
@@ -334,13 +339,14 @@ def test_prefill_handover_to_a_decoder_copy_matches_plain_decoding(tiny_llm, smo
               ("A long prompt about a guitar pedal that hums and a cable that crackles.", "Short one.")]
     greedy = SamplingSettings(temperature=0, max_new_tokens=12)
     plain = generate(tiny_llm, embeds, greedy)
+    assert all(output.ran_out for output in plain)  # a random model writes on to the limit
     handover = LLM(tiny_llm.model, tiny_llm.tokenizer, tiny_llm.name, tiny_llm.device, decode_dtype=torch.bfloat16)
     handover._decoder = copy.deepcopy(tiny_llm.model)  # float32: the handover alone, without bf16 rounding
     assert handover.decoder() is handover._decoder
     assert generate(handover, embeds, greedy) == plain
     bf16 = LLM(tiny_llm.model, tiny_llm.tokenizer, tiny_llm.name, tiny_llm.device, decode_dtype=torch.bfloat16)
     texts = generate(bf16, embeds, greedy)
-    assert bf16.decoder().dtype == torch.bfloat16 and all(texts) and tiny_llm.dtype == torch.float32
+    assert bf16.decoder().dtype == torch.bfloat16 and all(t.text for t in texts) and tiny_llm.dtype == torch.float32
 
 
 def test_a_row_cannot_end_before_its_review_has_a_word(smol_tokenizer):
