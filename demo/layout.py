@@ -101,6 +101,8 @@ def _settings_inputs(studio: Studio, ui: Components) -> None:
                               label="Compare with", elem_id="baseline_mode")
     ui["max_new_tokens"] = _slider("max_new_tokens", form.max_new_tokens, 1, "Max new tokens",
                                    info=studio.speed_hint(), elem_id="max_new_tokens")
+    ui["end_at_user_length"] = gr.Checkbox(form.end_at_user_length, label="End near the user's typical length",
+                                           info=texts.END_AT_USER_LENGTH_HELP, elem_id="end_at_user_length")
     with gr.Accordion("Advanced", open=False):
         ui["peer_temperature"] = _slider("peer_temperature", form.peer_temperature, 0.05,
                                          "Peer weighting temperature",

@@ -57,6 +57,7 @@ class Form:
     temperature: float = SamplingSettings.temperature
     top_p: float = SamplingSettings.top_p
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    end_at_user_length: bool = SamplingSettings.end_at_user_length  # both texts end near the user's length
     seed: int = SamplingSettings.seed
 
 
@@ -242,6 +243,7 @@ class Studio:
         sampling = SamplingSettings(temperature=_float(form.temperature, "temperature"),
                                     top_p=_float(form.top_p, "top_p"),
                                     max_new_tokens=_int(form.max_new_tokens, "max_new_tokens"),
+                                    end_at_user_length=_flag(form.end_at_user_length, "end_at_user_length"),
                                     seed=_int(form.seed, "seed"), time_budget_s=self.time_budget_s)
         return personalization, sampling
 
@@ -333,3 +335,10 @@ def _int(value: Any, name: str) -> int:
     if not math.isfinite(number) or number != int(number):
         raise DataError(f"{name}: {value!r} is not a whole number")
     return int(number)
+
+
+def _flag(value: Any, name: str) -> bool:
+    """A checkbox's value: true or false only (the string "false" must not read as true)."""
+    if isinstance(value, bool):
+        return value
+    raise DataError(f"{name}: {value!r} is not true or false")

@@ -46,7 +46,8 @@ HOW_IT_WORKS = """
    The generic baseline uses the same prompt with the population's average his and diff vectors
    (the *strength* slider moves between the two: 0 generic, 1 this user). Both prompts are decoded together in
    one batch with the same seed; neither may write "[" (the prompt's field labels open with one), and each is cut
-   where it starts echoing a label or repeating itself.
+   where it starts echoing a label or repeating itself; a text that reaches *max new tokens* mid-sentence ends
+   at its last full sentence.
 
 *Signals* picks the ablation: texts alone is RAG; his / diff / his + diff without texts use the embeddings only;
 all three is DEP. Texts with only one of the two embeddings has no mode in the method, so it is refused.
@@ -132,3 +133,7 @@ JS = """
   });
 }
 """
+
+END_AT_USER_LENGTH_HELP = ("Both reviews end at their first full sentence once they reach the median length of "
+                           "this user's past reviews. Nearer a real review's length and quicker; on validation "
+                           "users ROUGE-1 rose and METEOR fell (round 37), so it is off by default.")

@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 # what a result's notes say of each hygiene cut (`hygiene.Cleaned.reason`)
 _CUT_NOTES = {"scaffolding": "cut where the model began to write scaffolding",
               "repetition": "cut where the model began to write repetition",
-              "token limit": "ended at its last full sentence: the {limit}-token limit came mid-sentence"}
+              "token limit": "ended at its last full sentence: the {limit}-token limit came mid-sentence",
+              "length": "ended at its first sentence end from {words} words on (the user's typical length)"}
 
 
 @dataclass
@@ -88,6 +89,7 @@ class Prepared:
     embeds: list[torch.Tensor]       # one (L, H) input embedding per mode
     notes: list[str]
     timings: dict[str, float]
+    end_after_words: int | None = None  # every mode's text ends at a sentence end from here on (the user's length)
 
 
 @dataclass
@@ -335,7 +337,8 @@ class DEPEngine:
                          f"prompt puts them {personalization.soft_tokens_at!r}: pass the layout it was trained with")
         if not self.adapter_trained and any(get_mode(m).soft for m in modes):
             notes.append("the adapter is UNTRAINED: soft prompts are random projections, not personalization")
-        return Prepared(context, readable, embeds, notes, timings)
+        end_after = typical_length(request.profile) or None if sampling.end_at_user_length else None
+        return Prepared(context, readable, embeds, notes, timings, end_after)
 
     # ---- generation ----------------------------------------------------------------------
 
@@ -372,7 +375,8 @@ class DEPEngine:
         embeds = [e for p in prepared for e in p.embeds]
         start = time.perf_counter()
         steps, first_token, raw, timings = 0, None, [Output("")] * len(embeds), {}
-        for raw in stream(self.llm, embeds, sampling):
+        end_after = [p.end_after_words for p, names in zip(prepared, modes) for _ in names]
+        for raw in stream(self.llm, embeds, sampling, end_after):
             steps += 1
             elapsed = time.perf_counter() - start
             first_token = first_token if first_token is not None else elapsed
@@ -393,11 +397,11 @@ class DEPEngine:
                  new_tokens: int, final: bool) -> list[Result]:
         results, row = [], 0
         for p, names in zip(prepared, modes):
-            cleaned = [hygiene.clean(*output) for output in raw[row:row + len(names)]]
+            cleaned = [hygiene.clean(*output, p.end_after_words) for output in raw[row:row + len(names)]]
             row += len(names)
             notes = list(p.notes)
             if final:
-                notes += [f"{name}: {_CUT_NOTES[c.reason].format(limit=new_tokens)}"
+                notes += [f"{name}: {_CUT_NOTES[c.reason].format(limit=new_tokens, words=p.end_after_words)}"
                           for name, c in zip(names, cleaned) if c.reason]
             results.append(Result({n: c.text for n, c in zip(names, cleaned)}, p.context, notes,
                                   {**p.timings, **timings}, new_tokens, p.prompts))

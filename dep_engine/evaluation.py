@@ -32,7 +32,7 @@ from .data import DataError, Sample, by_user, load_dataset
 from .engine import DEPEngine, EngineConfig
 from .generation import Guide, generate
 from .llm import decoding, forward_setup
-from .prompt import get_mode
+from .prompt import get_mode, typical_length
 from .settings import PersonalizationSettings, SamplingSettings
 from .splits import derangement, held_out_targets, test_samples, validation_samples
 from .store import PersonalContext, ReviewStore
@@ -144,7 +144,8 @@ def read_generations(path: Path) -> list[dict]:
     (runs before round 36 did not record `ran_out`: their texts are read as not having run out)."""
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     for record in records:
-        cleaned = hygiene.clean(record.get("raw", record["text"]), record.get("ran_out", False))
+        cleaned = hygiene.clean(record.get("raw", record["text"]), record.get("ran_out", False),
+                                record.get("end_after_words"))
         record["text"], record["cut"] = cleaned.text, cleaned.reason
     return records
 
@@ -169,13 +170,16 @@ def generate_all(engine: DEPEngine, samples: list[Sample], contexts: list[Person
             for m, shadow in own_shadows.items():
                 guides.append(Guide(n * len(methods) + m, len(rows) + len(shadows), methods[m].guidance))
                 shadows.append(shadow)
+        lengths = [typical_length(list(sample.profile)) or None if settings.sampling.end_at_user_length else None
+                   for sample in chunk]
+        end_after = [lengths[n] for n in range(len(chunk)) for _ in methods]
         outputs = generate(engine.llm, rows + shadows, replace(settings.sampling, seed=settings.sampling.seed + group),
-                           guides)[:len(rows)]
-        cleaned = [hygiene.clean(*output) for output in outputs]
+                           guides, end_after + [end_after[guide.row] for guide in guides])[:len(rows)]
+        cleaned = [hygiene.clean(*output, words) for output, words in zip(outputs, end_after)]
         seconds = (time.perf_counter() - started) / len(rows)
         records = [{"group": group, "user_id": sample.target.user_id, "item_id": sample.target.item_id,
                     "method": method.name, "text": cleaned[row].text, "raw": outputs[row].text,
-                    "ran_out": outputs[row].ran_out, "cut": cleaned[row].reason,
+                    "ran_out": outputs[row].ran_out, "end_after_words": end_after[row], "cut": cleaned[row].reason,
                     "reference": sample.target.text, "seconds": seconds}
                    for n, sample in enumerate(chunk) for m, method in enumerate(methods)
                    for row in [n * len(methods) + m]]

@@ -144,21 +144,25 @@ class _StopWhenSet(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
-class _StopAtScaffolding(StoppingCriteria):
-    """Finishes each row once its text reaches scaffolding or a loop (`hygiene.should_stop`).
+class _StopWhereHygieneCuts(StoppingCriteria):
+    """Finishes each row once its text reaches scaffolding or a loop, or the sentence end after its
+    row's word target in `end_after` (`hygiene.should_stop`).
 
     Checked every `every` steps: a row decodes at most that many tokens past its cut (which
     `hygiene.clean` removes), while big evaluation batches skip most of the decoding and matching."""
 
-    def __init__(self, tokenizer, every: int = 4):
+    def __init__(self, tokenizer, end_after: Sequence[int | None] = (), every: int = 4):
         self.tokenizer = tokenizer
+        self.end_after = end_after
         self.every = every
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
         if input_ids.shape[1] % self.every:
             return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         texts = self.tokenizer.batch_decode(input_ids, skip_special_tokens=True)
-        return torch.tensor([hygiene.should_stop(t) for t in texts], dtype=torch.bool, device=input_ids.device)
+        targets = list(self.end_after) or [None] * len(texts)
+        return torch.tensor([hygiene.should_stop(t, words) for t, words in zip(texts, targets)], dtype=torch.bool,
+                            device=input_ids.device)
 
 
 class _StopAfter(StoppingCriteria):
@@ -221,9 +225,11 @@ def logits_processors(llm: LLM) -> LogitsProcessorList:
     return LogitsProcessorList([_no_brackets(llm.tokenizer), _NoEmptyReview(llm.tokenizer)])
 
 
-def stopping_criteria(llm: LLM, settings: SamplingSettings, stop: threading.Event | None) -> StoppingCriteriaList:
-    """What ends a row early: scaffolding or loops, the time budget, a reader that went away."""
-    criteria: list[StoppingCriteria] = [_StopAtScaffolding(llm.tokenizer)]
+def stopping_criteria(llm: LLM, settings: SamplingSettings, stop: threading.Event | None,
+                      end_after: Sequence[int | None] = ()) -> StoppingCriteriaList:
+    """What ends a row early: scaffolding or loops, a sentence end after the row's word target (`end_after`,
+    one per row or none), the time budget, a reader that went away."""
+    criteria: list[StoppingCriteria] = [_StopWhereHygieneCuts(llm.tokenizer, end_after)]
     if settings.time_budget_s is not None:
         criteria.append(_StopAfter(settings.time_budget_s))
     if stop is not None:
@@ -253,11 +259,12 @@ def _prefill(llm: LLM, decoder: torch.nn.Module, batch: torch.Tensor, mask: torc
 
 def _generate(llm: LLM, embeds: Sequence[torch.Tensor], settings: SamplingSettings,
               streamer: _BatchStreamer | None = None, stop: threading.Event | None = None,
-              guides: Sequence[Guide] = ()) -> list[Output]:
+              guides: Sequence[Guide] = (), end_after: Sequence[int | None] = ()) -> list[Output]:
     tokenizer = llm.tokenizer
     if (fast := llm.onnx_decoder()) is not None:  # the CPU default: ONNX Runtime (onnx_decode.py)
         with generation_lock, torch.inference_mode():
-            output = fast.decode(embeds, settings, stopping_criteria(llm, settings, stop), tokenizer.eos_token_id,
+            output = fast.decode(embeds, settings, stopping_criteria(llm, settings, stop, end_after),
+                                 tokenizer.eos_token_id,
                                  tokenizer.pad_token_id, streamer.put_step if streamer else None,
                                  logits_processors(llm), guides)
         if streamer is not None:
@@ -268,7 +275,7 @@ def _generate(llm: LLM, embeds: Sequence[torch.Tensor], settings: SamplingSettin
     batch, mask = left_pad(embeds)
     sample = settings.temperature > 0
     with generation_lock, torch.inference_mode():
-        criteria = stopping_criteria(llm, settings, stop)  # the time budget counts the prompt too, as on ONNX
+        criteria = stopping_criteria(llm, settings, stop, end_after)  # the time budget counts the prompt too
         torch.manual_seed(settings.seed)
         model, prefilled = llm.model, {}
         if batch.shape[1] > 1 and (decoder := llm.decoder()) is not None:
@@ -284,16 +291,18 @@ def _generate(llm: LLM, embeds: Sequence[torch.Tensor], settings: SamplingSettin
 
 
 def generate(llm: LLM, embeds: Sequence[torch.Tensor], settings: SamplingSettings,
-             guides: Sequence[Guide] = ()) -> list[Output]:
+             guides: Sequence[Guide] = (), end_after: Sequence[int | None] = ()) -> list[Output]:
     """One Output per prompt embedding; the same seed gives the same texts.
 
-    Each row stops once it reaches scaffolding or a loop; the texts are as decoded, so the
-    caller applies `hygiene.clean` (and can count what it cut). `guides` (ONNX path): rows steered
+    Each row stops once it reaches scaffolding or a loop, or with `end_after` (a word target per row,
+    or None) the first sentence end from its target on; the texts are as decoded, so the caller applies
+    `hygiene.clean` with the same targets (and can count what it cut). `guides` (ONNX path): rows steered
     away from shadow rows (`guided_scores`); a shadow's text is its row's."""
-    return _generate(llm, embeds, settings, guides=guides)
+    return _generate(llm, embeds, settings, guides=guides, end_after=end_after)
 
 
-def stream(llm: LLM, embeds: Sequence[torch.Tensor], settings: SamplingSettings) -> Iterator[list[Output]]:
+def stream(llm: LLM, embeds: Sequence[torch.Tensor], settings: SamplingSettings,
+           end_after: Sequence[int | None] = ()) -> Iterator[list[Output]]:
     """The texts so far after each decoding step; the last item equals `generate`'s result (only it
     says which rows ran out of tokens).
 
@@ -305,7 +314,7 @@ def stream(llm: LLM, embeds: Sequence[torch.Tensor], settings: SamplingSettings)
 
     def work() -> None:
         try:
-            result["texts"] = _generate(llm, embeds, settings, streamer, stop)
+            result["texts"] = _generate(llm, embeds, settings, streamer, stop, end_after=end_after)
         except BaseException as err:  # re-raised in the caller's thread
             result["error"] = err
             streamer.end()

@@ -4,7 +4,8 @@ that ran out of tokens ends at its last full sentence.
 
 A small model left alone often echoes "[Output Review Rating]: 5" or repeats "Great. Great. Great.";
 scoring such text against a real review credits whichever method loops less with "personalization".
-`clean` cuts a text there; `should_stop` tells the decoder that a row is done; `flagged` is a
+`clean` cuts a text there (and, asked, at the user's typical length); `should_stop` tells the decoder
+that a row is done; `flagged` is a
 broader, independent check used to report how many outputs still carry scaffolding or loops.
 
     >>> clean("[Review Text]: Nice strings. [Output Review Rating]: 5").text
@@ -41,7 +42,7 @@ UNENDED_MARK = " ..."  # ends a text that ran out of tokens inside its first sen
 @dataclass(frozen=True)
 class Cleaned:
     text: str
-    reason: str | None  # "scaffolding", "repetition" or "token limit" when the text was cut, else None
+    reason: str | None  # "scaffolding", "repetition", "length" or "token limit" when the text was cut, else None
 
 
 def _repeated_sentence(text: str) -> int | None:
@@ -115,23 +116,35 @@ def end_at_sentence(text: str) -> str:
     return text[:ends[-1]].rstrip()
 
 
-def clean(text: str, ran_out: bool = False) -> Cleaned:
-    """The text without leading field labels, cut at the first scaffolding or runaway repetition; if
-    decoding reached the token limit before the text ended (`ran_out`), ended at its last full sentence.
+def end_after(text: str, words: int) -> str:
+    """`text` up to its first sentence end at or after `words` words; all of it where there is none."""
+    for match in _SENTENCE_END.finditer(text):
+        if len(text[:match.end()].split()) >= words:
+            return text[:match.end()].rstrip()
+    return text
+
+
+def clean(text: str, ran_out: bool = False, end_after_words: int | None = None) -> Cleaned:
+    """The text without leading field labels, cut at the first scaffolding or runaway repetition;
+    with `end_after_words`, ended at its first sentence end from that many words on (`end_after`);
+    if decoding reached the token limit before the text ended (`ran_out`), ended at its last full sentence.
 
     A text stopped mid-sentence by the limit reads as broken to a visitor whichever method wrote it."""
     body = _strip_leading(text)
     if (cut := _cut(body)) is not None:
         return Cleaned(body[:cut[0]].strip(), cut[1])
     body = body.strip()
+    if end_after_words and (ended := end_after(body, end_after_words)) != body:
+        return Cleaned(ended, "length")
     if ran_out and (ended := end_at_sentence(body)) != body:
         return Cleaned(ended, "token limit")
     return Cleaned(body, None)
 
 
-def should_stop(text: str) -> bool:
-    """True once decoding more of this row can only be cut away."""
-    return _cut(_strip_leading(text)) is not None
+def should_stop(text: str, end_after_words: int | None = None) -> bool:
+    """True once decoding more of this row can only be cut away (`clean` with the same `end_after_words`)."""
+    body = _strip_leading(text)
+    return _cut(body) is not None or bool(end_after_words and end_after(body.strip(), end_after_words) != body.strip())
 
 
 def flagged(text: str) -> bool:

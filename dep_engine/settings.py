@@ -80,6 +80,10 @@ class SamplingSettings:
     max_new_tokens: int = 160
     seed: int = 0
     time_budget_s: float | None = None
+    # end each review at its first sentence end from the user's typical length on (the median of the past
+    # reviews, the same for every method); round 37: length ratio 1.8 -> 1.1, ROUGE-1 +0.006 to +0.013,
+    # METEOR -0.015 to -0.019 on validation, so an option, off by default
+    end_at_user_length: bool = False
 
     def __post_init__(self) -> None:
         _check(self)

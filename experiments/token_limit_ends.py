@@ -18,6 +18,7 @@ import json
 import sys
 from collections import defaultdict
 from pathlib import Path
+from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -42,25 +43,30 @@ def shares(records: list[dict]) -> dict[str, dict[str, float]]:
             for method, rows in by_method.items()}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run", help="an `evaluate` output folder made since round 36 (its records say ran_out)")
-    parser.add_argument("--out", required=True, help="where the copy without ran_out is written and scored")
-    args = parser.parse_args()
-    run, out = Path(args.run), Path(args.out)
+def rescore(run: Path, out: Path, edit: Callable[[dict], dict]) -> None:
+    """RUN's generations.jsonl with `edit` applied to every record, written to OUT and scored as `evaluate`
+    scores (RUN's settings; a complete run resumes without generating)."""
     lines = (run / "generations.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines if line.strip()]
-    if not any("ran_out" in r for r in records):
-        sys.exit(f"{run}: its generations.jsonl records no ran_out (a run from before round 36)")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "generations.jsonl").write_text("".join(
-        json.dumps({k: v for k, v in r.items() if k != "ran_out"}) + "\n" for r in records))
+    (out / "generations.jsonl").write_text("".join(json.dumps(edit(r)) + "\n" for r in records))
     ran = json.loads((run / "results.json").read_text())["settings"]
     settings = EvalSettings(methods=ran["methods"], out=str(out), limit=ran["limit"], seed=ran["seed"],
                             eval_reviews=ran["eval_reviews"], split=ran["split"],
                             personalization=PersonalizationSettings(**ran["personalization"]),
                             sampling=SamplingSettings(**ran["sampling"]))
     evaluate(EngineConfig(adapter=ran["adapter"], llm=ran["llm"], encoder=ran["encoder"]), settings)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", help="an `evaluate` output folder made since round 36 (its records say ran_out)")
+    parser.add_argument("--out", required=True, help="where the copy without ran_out is written and scored")
+    args = parser.parse_args()
+    run, out = Path(args.run), Path(args.out)
+    if "ran_out" not in (run / "generations.jsonl").read_text():
+        sys.exit(f"{run}: its generations.jsonl records no ran_out (a run from before round 36)")
+    rescore(run, out, lambda record: {k: v for k, v in record.items() if k != "ran_out"})
     ended, unended = shares(read_generations(run / "generations.jsonl")), shares(read_generations(out / "generations.jsonl"))
     print("\n| method | ran out of tokens | ending mid-sentence without the rule → with it |\n|---|---|---|")
     for method in ended:

@@ -72,6 +72,7 @@ CHANGES = {
     "temperature": ({}, 0.3, lambda c: c["sampling"].temperature),
     "top_p": ({}, 0.5, lambda c: c["sampling"].top_p),
     "max_new_tokens": ({}, 3, lambda c: c["sampling"].max_new_tokens),
+    "end_at_user_length": ({}, True, lambda c: c["sampling"].end_at_user_length),
     "seed": ({}, 7, lambda c: c["sampling"].seed),
 }
 

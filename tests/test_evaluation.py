@@ -108,6 +108,19 @@ def test_evaluation_reports_voice_hygiene_and_the_generic_baseline(tiny_engine, 
     assert "Voice measures" in (tmp_path / "eval" / "results.md").read_text()
 
 
+def test_evaluation_can_end_every_text_at_the_users_typical_length(tiny_engine, tmp_path):
+    from dep_engine.prompt import typical_length
+    from dep_engine.splits import validation_samples
+
+    settings = EvalSettings(methods=["generic", "dep"], out=str(tmp_path / "eval"), limit=2, batch_users=2, split="val",
+                            generate_only=True, sampling=SamplingSettings(max_new_tokens=6, end_at_user_length=True))
+    evaluate(EngineConfig(llm=TINY_LLM, adapter=None), settings, engine=tiny_engine)
+    records = [json.loads(line) for line in (tmp_path / "eval" / "generations.jsonl").read_text().splitlines()]
+    lengths = {s.target.user_id: typical_length(list(s.profile)) for s in validation_samples(tiny_engine.dataset.reviews)}
+    assert len(records) == 4 and all(r["end_after_words"] == lengths[r["user_id"]] > 0 for r in records)
+    assert all(r["text"] == hygiene.clean(r["raw"], r["ran_out"], r["end_after_words"]).text for r in records)
+
+
 def _draw(folder, own_hits: list[bool], users=("u0", "u1", "u2", "u3")) -> None:
     """A constructed run: dep copies the real review where own_hits says so, the shuffled control never."""
     records = []

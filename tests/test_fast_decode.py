@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, LogitsProcessorList, StoppingCriteriaList
 
-from dep_engine import onnx_model
+from dep_engine import hygiene, onnx_model
 from dep_engine.data import Item
 from dep_engine.generation import Guide, generate, prompt_embeddings, stream
 from dep_engine.llm import BUNDLED_LLM, bundled_gguf, load_llm, resolve_llm
@@ -206,6 +206,10 @@ def test_streaming_ends_as_generate_and_stops_when_closed(smol):
     assert all(output.ran_out for output in generate(smol, [base, dep], SamplingSettings(max_new_tokens=3, seed=2)))
     ended = generate(smol, [base, dep], SamplingSettings(max_new_tokens=200, seed=2))  # both end near 90 words
     assert not any(output.ran_out for output in ended) and all(len(output.text.split()) > 20 for output in ended)
+    # a word target per row: decoding stops at the first sentence end from it on, as hygiene cuts it afterwards
+    cut = generate(smol, [dep], SamplingSettings(max_new_tokens=200, seed=2), end_after=[12])[0]
+    assert cut.text.startswith(hygiene.end_after(ended[1].text, 12)) and len(cut.text) < len(ended[1].text)
+    assert hygiene.clean(cut.text, end_after_words=12).text == hygiene.end_after(ended[1].text, 12)
     partial = stream(smol, [base, dep], SamplingSettings(max_new_tokens=400, seed=2))
     next(partial)
     partial.close()  # must return at once, with the lock free for the next request

@@ -87,6 +87,17 @@ def test_a_text_that_ran_out_of_tokens_ends_at_its_last_full_sentence(raw, kept)
     assert looped == hygiene.Cleaned("Great.", "repetition")  # scaffolding and loops are cut first
 
 
+def test_a_text_can_end_at_the_users_typical_length():
+    text = "Nice strings. They stay in tune for weeks. The box is pretty. I would buy"
+    assert hygiene.end_after(text, 5) == "Nice strings. They stay in tune for weeks."  # the first end from 5 words on
+    assert hygiene.end_after(text, 2) == "Nice strings."
+    assert hygiene.end_after(text, 40) == text  # shorter than the target: all of it
+    assert hygiene.clean(text, ran_out=True, end_after_words=5) == hygiene.Cleaned(
+        "Nice strings. They stay in tune for weeks.", "length")
+    assert hygiene.clean(text, ran_out=True, end_after_words=40).reason == "token limit"  # then the limit's rule
+    assert hygiene.should_stop(text, 5) and not hygiene.should_stop(text, 40) and not hygiene.should_stop(text)
+
+
 def test_decoding_stops_the_rows_that_reached_scaffolding(tiny_engine):
     tokenizer = tiny_engine.llm.tokenizer
     rows = ["It sounds warm and clear. [Output Review Rating]: 5", "It sounds warm and clear and it stays in"]
