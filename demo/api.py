@@ -203,7 +203,8 @@ REVIEW_DOC = """Baseline and personalized reviews for a bundled user (`user_id`)
 bundled user and no product, their held-out latest review is the target and its real text the
 reference. `signals`: any of texts, his, diff (default all three = DEP). `baseline_mode`: generic
 (the same prompt with a population-average reviewer) or nonperso (the plain LLM). `strength`: 0 is
-the generic reviewer, 1 this user, up to 2 exaggerated."""
+the generic reviewer, 1 this user, up to 2 exaggerated. `end_at_user_length`: true ends both reviews at
+their first sentence end from the user's typical length on."""
 
 COMPARE_DOC = """Two bundled reviewers (`user_id`, `other_user_id`) write about the same product with
 the same settings and seed, decoded together. With no product given, it is `user_id`'s held-out

@@ -2,7 +2,8 @@
 
 All prompts of one request (baseline, DEP, ablations) are decoded together in one left-padded batch:
 on the CPU decoding is memory-bound, so a batch of two costs little more than one. A row stops
-early at scaffolding or a loop (`hygiene.should_stop`), and every row at the time budget.
+early at scaffolding or a loop, or (asked) at a sentence end from a word target (`hygiene.should_stop`),
+and every row at the time budget.
 """
 from __future__ import annotations
 

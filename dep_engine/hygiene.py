@@ -5,8 +5,8 @@ that ran out of tokens ends at its last full sentence.
 A small model left alone often echoes "[Output Review Rating]: 5" or repeats "Great. Great. Great.";
 scoring such text against a real review credits whichever method loops less with "personalization".
 `clean` cuts a text there (and, asked, at the user's typical length); `should_stop` tells the decoder
-that a row is done; `flagged` is a
-broader, independent check used to report how many outputs still carry scaffolding or loops.
+that a row is done; `flagged` is a broader, independent check used to report how many outputs still
+carry scaffolding or loops.
 
     >>> clean("[Review Text]: Nice strings. [Output Review Rating]: 5").text
     'Nice strings.'
