@@ -58,12 +58,18 @@ def rescore(run: Path, out: Path, edit: Callable[[dict], dict]) -> None:
     evaluate(EngineConfig(adapter=ran["adapter"], llm=ran["llm"], encoder=ran["encoder"]), settings)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run", help="an `evaluate` output folder made since round 36 (its records say ran_out)")
-    parser.add_argument("--out", required=True, help="where the copy without ran_out is written and scored")
+def run_and_out(doc: str, run_help: str, out_help: str) -> tuple[Path, Path]:
+    """The command line of a script that rescores one run: the run's folder and the copy's."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("run", help=run_help)
+    parser.add_argument("--out", required=True, help=out_help)
     args = parser.parse_args()
-    run, out = Path(args.run), Path(args.out)
+    return Path(args.run), Path(args.out)
+
+
+def main() -> None:
+    run, out = run_and_out(__doc__, "an `evaluate` output folder made since round 36 (its records say ran_out)",
+                           "where the copy without ran_out is written and scored")
     if "ran_out" not in (run / "generations.jsonl").read_text():
         sys.exit(f"{run}: its generations.jsonl records no ran_out (a run from before round 36)")
     rescore(run, out, lambda record: {k: v for k, v in record.items() if k != "ran_out"})

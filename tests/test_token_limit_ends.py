@@ -1,0 +1,24 @@
+"""experiments/token_limit_ends.py counts, per method, the texts that ran out and that end mid-sentence."""
+import importlib.util
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "experiments"))
+spec = importlib.util.spec_from_file_location("token_limit_ends", ROOT / "experiments" / "token_limit_ends.py")
+token_limit_ends = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(token_limit_ends)
+
+
+def test_a_text_is_mid_sentence_unless_it_ends_at_a_sentence_end():
+    assert not token_limit_ends.mid_sentence('It works. I call it "the best."')
+    assert not token_limit_ends.mid_sentence("Solid case\nFits my Strat!")
+    assert token_limit_ends.mid_sentence("It works and the")
+    assert token_limit_ends.mid_sentence("It costs 3.5 dollars and holds ...")  # the rule's mark: still cut
+
+
+def test_shares_per_method():
+    records = [{"method": "dep", "text": "Fine.", "ran_out": True}, {"method": "dep", "text": "Fine and", "ran_out": True},
+               {"method": "generic", "text": "Fine and"}, {"method": "generic", "text": "Good. Fine."}]
+    assert token_limit_ends.shares(records) == {"dep": {"ran_out": 1.0, "mid_sentence": 0.5},
+                                                "generic": {"ran_out": 0.0, "mid_sentence": 0.5}}
