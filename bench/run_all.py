@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ["differences", "overhead", "scale", "embedding", "generation", "fast_decode", "onnx_step", "startup"]
+ORDER = ["differences", "overhead", "scale", "embedding", "generation", "fast_decode", "onnx_step", "user_length",
+         "startup"]
 QUICK = {
     "differences": ["--cases", "10", "--repeats", "3"],
     "overhead": ["--requests", "100", "--generations", "1", "--no-app-request"],
@@ -26,6 +27,7 @@ QUICK = {
     "generation": ["--quick"],
     "fast_decode": ["--quick"],
     "onnx_step": ["--steps", "30"],
+    "user_length": ["--requests", "4"],
     "startup": ["--no-generation", "--warm-starts", "1"],
 }
 
