@@ -102,6 +102,12 @@ class Result:
     prompts: dict[str, str] = field(default_factory=dict)
 
 
+def end_after_words(profile: Sequence[Review], sampling: SamplingSettings) -> int | None:
+    """Where every text of a request ends with `sampling.end_at_user_length`: at the first sentence end
+    from the user's typical length on (None: no such end, or no past review to take it from)."""
+    return (typical_length(list(profile)) or None) if sampling.end_at_user_length else None
+
+
 def mix(user: np.ndarray, population: np.ndarray, strength: float) -> np.ndarray:
     """population + strength * (user - population): 0 is the generic reviewer, 1 exactly the user."""
     if strength == 1:
@@ -337,8 +343,7 @@ class DEPEngine:
                          f"prompt puts them {personalization.soft_tokens_at!r}: pass the layout it was trained with")
         if not self.adapter_trained and any(get_mode(m).soft for m in modes):
             notes.append("the adapter is UNTRAINED: soft prompts are random projections, not personalization")
-        end_after = typical_length(request.profile) or None if sampling.end_at_user_length else None
-        return Prepared(context, readable, embeds, notes, timings, end_after)
+        return Prepared(context, readable, embeds, notes, timings, end_after_words(request.profile, sampling))
 
     # ---- generation ----------------------------------------------------------------------
 

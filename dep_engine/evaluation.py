@@ -29,10 +29,10 @@ from tqdm.auto import tqdm
 
 from . import hygiene
 from .data import DataError, Sample, by_user, load_dataset
-from .engine import DEPEngine, EngineConfig
+from .engine import DEPEngine, EngineConfig, end_after_words
 from .generation import Guide, generate
 from .llm import decoding, forward_setup
-from .prompt import get_mode, typical_length
+from .prompt import get_mode
 from .settings import PersonalizationSettings, SamplingSettings
 from .splits import derangement, held_out_targets, test_samples, validation_samples
 from .store import PersonalContext, ReviewStore
@@ -170,9 +170,7 @@ def generate_all(engine: DEPEngine, samples: list[Sample], contexts: list[Person
             for m, shadow in own_shadows.items():
                 guides.append(Guide(n * len(methods) + m, len(rows) + len(shadows), methods[m].guidance))
                 shadows.append(shadow)
-        lengths = [typical_length(list(sample.profile)) or None if settings.sampling.end_at_user_length else None
-                   for sample in chunk]
-        end_after = [lengths[n] for n in range(len(chunk)) for _ in methods]
+        end_after = [end_after_words(sample.profile, settings.sampling) for sample in chunk for _ in methods]
         outputs = generate(engine.llm, rows + shadows, replace(settings.sampling, seed=settings.sampling.seed + group),
                            guides, end_after + [end_after[guide.row] for guide in guides])[:len(rows)]
         cleaned = [hygiene.clean(*output, words) for output, words in zip(outputs, end_after)]

@@ -20,6 +20,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from .prompt import CUT_MARK
+
 # a bracketed label or placeholder: "[Item Title]", "[User's Name]", "[Output Review Rating]"
 _BRACKET = re.compile(r"\[[#*]?[A-Za-z][\w' .:#/-]{0,40}\]")
 # the prompt's slot markers, the chat template's tokens, and a chat role alone on its line
@@ -36,7 +38,6 @@ _MAX_UNIT = 20  # words in the longest looping unit looked for
 _SENTENCE = re.compile(r"[^.!?\n]+[.!?]*")
 # where a sentence ends: its mark and any closing quote or bracket, before a space or the end; or a line break
 _SENTENCE_END = re.compile(r"[.!?\u2026]+[\"'\u201d\u2019)\]]*(?=\s|$)|\n")
-UNENDED_MARK = " ..."  # ends a text that ran out of tokens inside its first sentence
 
 
 @dataclass(frozen=True)
@@ -109,10 +110,10 @@ def _strip_leading(text: str) -> str:
 
 
 def end_at_sentence(text: str) -> str:
-    """`text` up to its last sentence end; with none, all of it and `UNENDED_MARK`."""
+    """`text` up to its last sentence end; with none, all of it and the cut mark (as a shortened past review)."""
     ends = [match.end() for match in _SENTENCE_END.finditer(text)]
     if not ends:
-        return text + UNENDED_MARK
+        return text + CUT_MARK
     return text[:ends[-1]].rstrip()
 
 
@@ -143,8 +144,7 @@ def clean(text: str, ran_out: bool = False, end_after_words: int | None = None) 
 
 def should_stop(text: str, end_after_words: int | None = None) -> bool:
     """True once decoding more of this row can only be cut away (`clean` with the same `end_after_words`)."""
-    body = _strip_leading(text)
-    return _cut(body) is not None or bool(end_after_words and end_after(body.strip(), end_after_words) != body.strip())
+    return clean(text, end_after_words=end_after_words).reason is not None
 
 
 def flagged(text: str) -> bool:

@@ -25,12 +25,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dep_engine import hygiene  # noqa: E402
 from dep_engine.engine import EngineConfig  # noqa: E402
 from dep_engine.evaluation import EvalSettings, evaluate, read_generations  # noqa: E402
+from dep_engine.prompt import CUT_MARK  # noqa: E402
 from dep_engine.settings import PersonalizationSettings, SamplingSettings  # noqa: E402
 
 
 def mid_sentence(text: str) -> bool:
     """True where the text does not end at a sentence end, or ends in the rule's mark for one that had none."""
-    return text.endswith(hygiene.UNENDED_MARK) or hygiene.end_at_sentence(text) != text
+    return text.endswith(CUT_MARK) or hygiene.end_at_sentence(text) != text
 
 
 def shares(records: list[dict]) -> dict[str, dict[str, float]]:
