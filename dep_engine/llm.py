@@ -228,9 +228,17 @@ def load_llm(name: str = BUNDLED_LLM, device: str | torch.device | None = None,
         return _loaded[key]
 
 
+def load_tokenizer(name: str = BUNDLED_LLM):
+    """The LLM's tokenizer alone (no weights loaded), from the same source `load_llm` reads."""
+    from transformers import AutoTokenizer
+
+    source, gguf_file = resolve_llm(name)
+    return AutoTokenizer.from_pretrained(source, **({"gguf_file": gguf_file} if gguf_file else {}))
+
+
 def _load(name: str, device: torch.device, dtype: torch.dtype, four_bit: bool,
           decode_dtype: torch.dtype | None) -> LLM:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     source, gguf_file = resolve_llm(name)
     kwargs: dict = {"dtype": dtype}
@@ -254,7 +262,7 @@ def _load(name: str, device: torch.device, dtype: torch.dtype, four_bit: bool,
     if model is None:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs).to(device)
     model.eval().requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(source, **({"gguf_file": gguf_file} if gguf_file else {}))
+    tokenizer = load_tokenizer(name)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if not getattr(tokenizer, "chat_template", None):

