@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .prompt import CUT_MARK
+from .prompt import CUT_MARK, SENTENCE_END
 
 # a bracketed label or placeholder: "[Item Title]", "[User's Name]", "[Output Review Rating]"
 _BRACKET = re.compile(r"\[[#*]?[A-Za-z][\w' .:#/-]{0,40}\]")
@@ -36,8 +36,6 @@ _LEADING = re.compile(r"^\s*(?:\[[^\]\n]{1,40}\]\s*:?\s*|(?:Output Review \w+|Re
 _WORD = re.compile(r"\S+")
 _MAX_UNIT = 20  # words in the longest looping unit looked for
 _SENTENCE = re.compile(r"[^.!?\n]+[.!?]*")
-# where a sentence ends: its mark and any closing quote or bracket, before a space or the end; or a line break
-_SENTENCE_END = re.compile(r"[.!?\u2026]+[\"'\u201d\u2019)\]]*(?=\s|$)|\n")
 
 
 @dataclass(frozen=True)
@@ -111,7 +109,7 @@ def _strip_leading(text: str) -> str:
 
 def end_at_sentence(text: str) -> str:
     """`text` up to its last sentence end; with none, all of it and the cut mark (as a shortened past review)."""
-    ends = [match.end() for match in _SENTENCE_END.finditer(text)]
+    ends = [match.end() for match in SENTENCE_END.finditer(text)]
     if not ends:
         return text + CUT_MARK
     return text[:ends[-1]].rstrip()
@@ -119,7 +117,7 @@ def end_at_sentence(text: str) -> str:
 
 def end_after(text: str, words: int) -> str:
     """`text` up to its first sentence end at or after `words` words; all of it where there is none."""
-    for match in _SENTENCE_END.finditer(text):
+    for match in SENTENCE_END.finditer(text):
         if len(text[:match.end()].split()) >= words:
             return text[:match.end()].rstrip()
     return text

@@ -155,7 +155,8 @@ def shorten(text: str, words: int) -> str:
     return text if len(parts) <= words else " ".join(parts[:words]) + CUT_MARK
 
 
-_SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s|$)")
+# A sentence end: a run of . ! ? or …, closing quotes or brackets after it, then a space or the end; or a line break
+SENTENCE_END = re.compile(r"[.!?\u2026]+[\"'\u201d\u2019)\]]*(?=\s|$)|\n")
 
 
 def shorten_to_sentence(text: str, words: int) -> str:
@@ -165,7 +166,7 @@ def shorten_to_sentence(text: str, words: int) -> str:
     if len(parts) <= words:
         return text
     kept = " ".join(parts[:words])
-    ends = [m.end() for m in _SENTENCE_END.finditer(kept)]
+    ends = [m.end() for m in SENTENCE_END.finditer(kept)]
     return kept[:ends[-1]] if ends else kept
 
 

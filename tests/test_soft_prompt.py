@@ -149,6 +149,9 @@ def test_earlier_answers_can_end_at_a_sentence_end(smol_tokenizer):
     assert shorten_to_sentence('He said "wow." Then more words follow', 4) == 'He said "wow."'
     assert shorten_to_sentence("no sentence ends here at all", 3) == "no sentence ends"
     assert shorten_to_sentence("Short one. Fits.", 5) == "Short one. Fits."
+    # the same sentence ends as hygiene's: an ellipsis, curly closing quotes
+    assert shorten_to_sentence("Great sound… Then the strap broke", 4) == "Great sound…"
+    assert shorten_to_sentence("He said “wow.” Then more words follow", 4) == "He said “wow.”"
     long = PastReview("Capo", 3, "Ok", "Buzzes a little. Holds fine on the neck, though the spring is stiff and")
     for history_as, answer in (("turns", "Buzzes a little. Holds fine on ..."), ("turns-ended", "Buzzes a little.")):
         prompt = build_prompt(smol_tokenizer, Item("i", "Tuner"), 4, "Handy", [long], get_mode("dep"), words_per_review=6,
