@@ -16,9 +16,9 @@ what the model takes from a person (on held-out users, many times what the hints
 person, **compare two reviewers** (below the outputs). The plain model without any history can be chosen
 instead under ③.
 *Honest note:* on 217 held-out users the two sides score about the same: ROUGE-1 0.221 personalized against
-0.219 generic, METEOR 0.193 against 0.192 (within noise), and an authorship test ranks either side's text first
+0.219 generic, METEOR 0.191 against 0.191 (within noise), and an authorship test ranks either side's text first
 for its author about one time in five (the real reviews one in three; chance one in twenty). With another
-person's hints the personalized side scores a little lower (ROUGE-1 −0.004, within noise). Measured without
+person's hints the personalized side scores a little lower (ROUGE-1 −0.003, within noise). Measured without
 sampling, the hints made a person's real review a little likelier than the average reviewer's in the paper's
 prompt (about 1.5 times over a 100-token review) and not measurably in this one, too little for one sampled text
 to show. The adapter's model card has every attempt; read the outputs as what the method does today.
@@ -94,8 +94,8 @@ VOICE_HEAD = ("**Whose voice is it?** Each text ranked against the past reviews 
               "{others} other bundled reviewers (1: closest to this reviewer's; by chance about {chance:.1f}), "
               "and whether it stays on the product:")
 VOICE_NOTE = ("<small>One text is one draw. On 217 held-out users (three draws), DEP's texts ranked their author "
-              "first 21% of the time, the generic reviewer's 22%, the real reviews 33%; 44-48% of either side's texts "
-              "drift to a past review's item (the adapter's model card, round 34).</small>")
+              "first 21% of the time, the generic reviewer's 22%, the real reviews 33%; 42-48% of either side's texts "
+              "drift to a past review's item (the adapter's model card, round 42).</small>")
 COMPARE_VOICE = ("\n\n**Whose voice is it?** Among {candidates} reviewers (the reviewer and {others} other bundled "
                  "ones), the first text ranks its reviewer **{first}** of {candidates}, the second **{second}** of "
                  "{candidates} (1: closest to that reviewer's past reviews; by chance about {chance:.1f}).")
