@@ -1,6 +1,7 @@
 """The DEP adapter: one sparse autoencoder shared by his and diff vectors, and a projector for each.
 
     SAE:        z = GELU(W_e x),  x_hat = GELU(W_d z)          d -> d/2 -> d
+                (or ReLU, or top-k: only the rho share of units, the largest, pass: sparse by construction)
     projectors: soft = W_2 GELU(W_1 z)                          d/2 -> H -> H
 
 With `end_projectors`, a second his and diff projector writes the copy of each slot that the "both"
@@ -20,6 +21,7 @@ which the `generic` mode and the personalization strength use in place of (or mi
 from __future__ import annotations
 
 import json
+from functools import partial
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -49,7 +51,7 @@ class DEPAdapterConfig:
     sparsity_target: float = 0.05   # rho of the KL penalty
     sparsity_weight: float = 1e-3   # KL weight inside the SAE loss
     sae_loss_weight: float = 100.0  # weight of (reconstruction + KL) beside the LM loss
-    sae_activation: str = "gelu"    # of the code: "gelu" (the paper) or "relu" (exact zeros: sparse in use)
+    sae_activation: str = "gelu"    # of the code: "gelu" (the paper), "relu" (exact zeros) or "topk" (`active_units` pass)
     token_norm: float | None = None  # if set, each soft token is rescaled to this norm
     style_features: bool | str = "none"  # style features beside the text embedding (`embeddings.STYLE_SETS`)
     end_projectors: bool = False    # a second projector pair for the slots' copies at the end ("both" layout)
@@ -61,16 +63,28 @@ class DEPAdapterConfig:
     def code_dim(self) -> int:
         return self.embedding_dim // 2
 
+    @property
+    def active_units(self) -> int:
+        """Code units a top-k code lets through: the sparsity target's share of them."""
+        return max(1, round(self.sparsity_target * self.code_dim))
 
-SAE_ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu}
+
+SAE_ACTIVATIONS = ("gelu", "relu", "topk")
+
+
+def top_k(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Each row's k largest entries (a negative one as zero), every other entry exactly zero: a code that
+    is sparse by construction, where a KL penalty on the mean lets every unit stay a little on."""
+    values, index = x.topk(k, dim=-1)
+    return torch.zeros_like(x).scatter(-1, index, F.relu(values))
 
 
 class SparseAutoencoder(nn.Module):
-    def __init__(self, dim: int, code_dim: int, activation: str = "gelu"):
+    def __init__(self, dim: int, code_dim: int, activation: str = "gelu", active_units: int = 1):
         super().__init__()
         self.encoder = nn.Linear(dim, code_dim)
         self.decoder = nn.Linear(code_dim, dim)
-        self.activation = SAE_ACTIVATIONS[activation]
+        self.activation = {"gelu": F.gelu, "relu": F.relu, "topk": partial(top_k, k=active_units)}[activation]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         code = self.activation(self.encoder(x))
@@ -99,7 +113,7 @@ class DEPAdapter(nn.Module):
         self.config = config
         if config.sae_activation not in SAE_ACTIVATIONS:
             raise AdapterError(f"sae_activation must be one of {', '.join(SAE_ACTIVATIONS)}, got {config.sae_activation!r}")
-        self.sae = SparseAutoencoder(config.embedding_dim, config.code_dim, config.sae_activation)
+        self.sae = SparseAutoencoder(config.embedding_dim, config.code_dim, config.sae_activation, config.active_units)
         self.his_projector = Projector(config.code_dim, config.hidden_size)
         self.diff_projector = Projector(config.code_dim, config.hidden_size)
         if config.end_projectors:

@@ -202,7 +202,8 @@ TRAIN_OPTIONS = (
     ("sparsity_target", float, "rho, the SAE's target mean activation"),
     ("sparsity_weight", float, "KL sparsity weight inside the SAE loss"),
     ("sae_loss_weight", float, "weight of the SAE loss beside the LM loss"),
-    ("sae_activation", str, "SAE code activation: gelu (the paper) or relu (exact zeros)"),
+    ("sae_activation", str, "SAE code activation: gelu (the paper), relu (exact zeros) or topk (only the "
+                       "sparsity target's share of units; a gelu or relu adapter can be fine-tuned into it)"),
     ("contrast_weight", float, "weight of the margin term rewarding own over another user's vectors"),
     ("contrast_margin", float, "nats per token own vectors should beat another user's by"),
     ("contrast_partner", str, "whose vectors the contrast uses: batch (a batch-mate), same-item (a reviewer of the "

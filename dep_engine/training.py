@@ -74,7 +74,7 @@ class TrainSettings:
     sparsity_target: float = 0.05
     sparsity_weight: float = 1e-3
     sae_loss_weight: float = 100.0
-    sae_activation: str = "gelu"       # "relu" gives exact zeros (a sparse code in use)
+    sae_activation: str = "gelu"       # "relu" gives exact zeros; "topk" lets the rho share of units through
     contrast_weight: float = 0.0       # weight of the own-vs-another-user's-vectors margin term
     contrast_margin: float = 0.1       # nats per token the own vectors should beat another user's by
     contrast_partner: str = "batch"    # "batch" (a batch-mate), "same-item" (same product) or "population"
@@ -391,7 +391,9 @@ def new_adapter(engine: DEPEngine, settings: TrainSettings, train_set: list[Prep
     if settings.init_from:  # fine-tuning: its weights, checked against this LLM, encoder and style features
         start = DEPAdapter.from_pretrained(settings.init_from, llm=config.llm, hidden_size=config.hidden_size,
                                            encoder=config.encoder, embedding_dim=config.embedding_dim)
-        if start.config.style_features != config.style_features or start.config.sae_activation != config.sae_activation:
+        sparsified = config.sae_activation == "topk"  # any trained code can be made sparse by construction
+        if start.config.style_features != config.style_features or (
+                start.config.sae_activation != config.sae_activation and not sparsified):
             raise ValueError(f"{settings.init_from}: trained with style features {start.config.style_features!r} and "
                              f"a {start.config.sae_activation} code, not {config.style_features!r} and {config.sae_activation}")
         for part in ("end_projectors", "deviation_projectors"):

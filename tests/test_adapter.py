@@ -20,6 +20,26 @@ def test_shapes_and_losses():
     assert out["sae_loss"].item() > 0
 
 
+
+def test_a_top_k_code_lets_only_the_sparsity_targets_share_of_units_through(tmp_path):
+    """Round 43's SAE: each vector's code has at most rho * code_dim nonzero units, the largest of the
+    GELU code's pre-activations, with gradients through them; it saves and loads as any adapter."""
+    adapter = make_adapter(sae_activation="topk", sparsity_target=0.25)
+    assert adapter.config.active_units == 4  # a quarter of 16 code units
+    x = torch.randn(6, 32, requires_grad=True)
+    code, _ = adapter.sae(x)
+    assert ((code != 0).sum(-1) <= 4).all() and (code >= 0).all()
+    pre = adapter.sae.encoder(x)
+    kept = code != 0
+    assert torch.equal(code[kept], pre[kept])  # the kept units pass unchanged
+    assert (pre.detach().masked_fill(kept, float("-inf")).amax(-1) <= pre.detach().masked_fill(~kept, float("inf")).amin(-1)).all()
+    adapter(x, x)["his_tokens"].sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    adapter.save_pretrained(tmp_path)
+    assert torch.equal(DEPAdapter.from_pretrained(tmp_path).sae(x)[0], code)
+    with pytest.raises(AdapterError, match="sae_activation must be one of gelu, relu, topk"):
+        make_adapter(sae_activation="top4")
+
 def test_end_projectors_start_as_copies_and_round_trip(tmp_path):
     """A second projector pair for the "both" layout's copies at the end: grown from an adapter, it writes
     the same tokens as the first pair until trained, and saves and loads as any adapter."""

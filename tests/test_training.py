@@ -100,6 +100,10 @@ def test_fine_tuning_starts_from_the_given_adapter(tiny_engine, tmp_path):
     DEPAdapter(other).save_pretrained(tmp_path / "other")
     with pytest.raises(ValueError, match="other"):
         new_adapter(tiny_engine, dataclasses.replace(settings, init_from=str(tmp_path / "other")), samples)
+    sparse = new_adapter(tiny_engine, dataclasses.replace(settings, init_from=str(tmp_path / "start"), sae_activation="topk"),
+                         samples)  # any trained code can be made sparse by construction (round 43)
+    assert sparse.config.sae_activation == "topk"
+    assert all(torch.equal(sparse.state_dict()[n].cpu(), start.state_dict()[n]) for n in learned)
 
 
 def test_same_item_contrast_takes_another_reviewer_of_the_product(tiny_engine, tmp_path):
