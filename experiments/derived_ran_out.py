@@ -27,9 +27,9 @@ from dep_engine.llm import load_tokenizer  # noqa: E402
 SLACK = 6  # chosen on 1,320 validation texts that record ran_out (rounds 36, 38, 41): none ends differently
 
 
-def derived_ran_out(tokenizer, raw: str, max_new_tokens: int, slack: int = SLACK) -> bool:
-    """Whether a text's decoding reached the token limit, read from its length in tokens."""
-    return len(tokenizer(raw, add_special_tokens=False).input_ids) >= max_new_tokens - slack
+def tokens_short(tokenizer, raw: str, max_new_tokens: int) -> int:
+    """How many tokens a text's raw form falls short of the limit; at SLACK or fewer it counts as run out."""
+    return max_new_tokens - len(tokenizer(raw, add_special_tokens=False).input_ids)
 
 
 def _settings(run: Path) -> dict:
@@ -47,7 +47,7 @@ def check(runs: list[Path]) -> None:
             record = json.loads(line)
             if "ran_out" not in record:
                 sys.exit(f"{run}: its records say no ran_out; --check needs runs made since round 36")
-            record["tokens_short"] = limit - len(tokenizer(record["raw"], add_special_tokens=False).input_ids)
+            record["tokens_short"] = tokens_short(tokenizer, record["raw"], limit)
             records.append(record)
     print(f"{len(records)} texts\n| slack | derived flag wrong | texts ended differently |\n|---|---|---|")
     for slack in range(0, 11):
@@ -64,13 +64,16 @@ def main() -> None:
     parser.add_argument("--check", action="store_true", help="measure the derived flag against recorded ones")
     args = parser.parse_args()
     if args.check:
-        return check(args.runs)
+        check(args.runs)
+        return
     if len(args.runs) != 1 or args.out is None:
         parser.error("give one run and --out (or --check with runs that record ran_out)")
     run = args.runs[0]
+    if '"ran_out"' in (run / "generations.jsonl").read_text():
+        sys.exit(f"{run}: its records say ran_out already (a run made since round 36): nothing to derive")
     settings = _settings(run)
     tokenizer, limit = load_tokenizer(settings["llm"]), settings["sampling"]["max_new_tokens"]
-    rescore(run, args.out, lambda record: {**record, "ran_out": derived_ran_out(tokenizer, record["raw"], limit)})
+    rescore(run, args.out, lambda record: {**record, "ran_out": tokens_short(tokenizer, record["raw"], limit) <= SLACK})
 
 
 if __name__ == "__main__":

@@ -29,14 +29,13 @@ derived = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(derived)
 
 
-def test_a_text_ran_out_when_its_token_count_reaches_the_limit_less_the_slack(smol_tokenizer):
-    """Round 42 reads older runs' texts as run out from their length in tokens (SmolLM2's real tokenizer)."""
+def test_a_texts_tokens_short_of_the_limit_are_counted_with_the_real_tokenizer(smol_tokenizer):
+    """Round 42 reads an older run's text as run out when it is at most SLACK tokens short of the limit."""
     def text(tokens: int) -> str:
         raw = "good" + " good" * (tokens - 1)
         assert len(smol_tokenizer(raw, add_special_tokens=False).input_ids) == tokens
         return raw
 
-    assert derived.derived_ran_out(smol_tokenizer, text(160), 160)
-    assert derived.derived_ran_out(smol_tokenizer, text(160 - derived.SLACK), 160)
-    assert not derived.derived_ran_out(smol_tokenizer, text(159 - derived.SLACK), 160)
-    assert not derived.derived_ran_out(smol_tokenizer, text(40), 160)
+    assert derived.tokens_short(smol_tokenizer, text(160), 160) == 0
+    assert derived.tokens_short(smol_tokenizer, text(160 - derived.SLACK), 160) == derived.SLACK  # counts as run out
+    assert derived.tokens_short(smol_tokenizer, text(40), 160) == 120
