@@ -17,9 +17,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from token_limit_ends import rescore  # noqa: E402
+from token_limit_ends import rescore, run_settings  # noqa: E402
 
 from dep_engine import hygiene  # noqa: E402
 from dep_engine.llm import load_tokenizer  # noqa: E402
@@ -32,17 +31,13 @@ def tokens_short(tokenizer, raw: str, max_new_tokens: int) -> int:
     return max_new_tokens - len(tokenizer(raw, add_special_tokens=False).input_ids)
 
 
-def _settings(run: Path) -> dict:
-    return json.loads((run / "results.json").read_text())["settings"]
-
-
 def check(runs: list[Path]) -> None:
     """Per slack, how often the derived flag differs from the recorded one, and how many texts the rule
     would then end differently (what matters: a text that ends at a sentence end reads the same either way)."""
-    tokenizer = load_tokenizer(_settings(runs[0])["llm"])
+    tokenizer = load_tokenizer(run_settings(runs[0])["llm"])
     records = []
     for run in runs:
-        limit = _settings(run)["sampling"]["max_new_tokens"]
+        limit = run_settings(run)["sampling"]["max_new_tokens"]
         for line in (run / "generations.jsonl").read_text().splitlines():
             record = json.loads(line)
             if "ran_out" not in record:
@@ -71,7 +66,7 @@ def main() -> None:
     run = args.runs[0]
     if '"ran_out"' in (run / "generations.jsonl").read_text():
         sys.exit(f"{run}: its records say ran_out already (a run made since round 36): nothing to derive")
-    settings = _settings(run)
+    settings = run_settings(run)
     tokenizer, limit = load_tokenizer(settings["llm"]), settings["sampling"]["max_new_tokens"]
     rescore(run, args.out, lambda record: {**record, "ran_out": tokens_short(tokenizer, record["raw"], limit) <= SLACK})
 

@@ -44,6 +44,11 @@ def shares(records: list[dict]) -> dict[str, dict[str, float]]:
             for method, rows in by_method.items()}
 
 
+def run_settings(run: Path) -> dict:
+    """The settings an `evaluate` run recorded in its results.json."""
+    return json.loads((run / "results.json").read_text())["settings"]
+
+
 def rescore(run: Path, out: Path, edit: Callable[[dict], dict]) -> None:
     """RUN's generations.jsonl with `edit` applied to every record, written to OUT and scored as `evaluate`
     scores (RUN's settings; a complete run resumes without generating)."""
@@ -51,7 +56,7 @@ def rescore(run: Path, out: Path, edit: Callable[[dict], dict]) -> None:
     records = [json.loads(line) for line in lines if line.strip()]
     out.mkdir(parents=True, exist_ok=True)
     (out / "generations.jsonl").write_text("".join(json.dumps(edit(r)) + "\n" for r in records))
-    ran = json.loads((run / "results.json").read_text())["settings"]
+    ran = run_settings(run)
     settings = EvalSettings(methods=ran["methods"], out=str(out), limit=ran["limit"], seed=ran["seed"],
                             eval_reviews=ran["eval_reviews"], split=ran["split"],
                             personalization=PersonalizationSettings(**ran["personalization"]),

@@ -9,7 +9,6 @@ past reviews its request had (the validation or test sample's profile), which hy
 """
 from __future__ import annotations
 
-import json
 import sys
 from collections import Counter
 from pathlib import Path
@@ -21,13 +20,13 @@ from dep_engine.evaluation import read_generations  # noqa: E402
 from dep_engine.paths import BUNDLED_DATA  # noqa: E402
 from dep_engine.prompt import typical_length  # noqa: E402
 from dep_engine.splits import test_samples, validation_samples  # noqa: E402
-from token_limit_ends import rescore, run_and_out  # noqa: E402
+from token_limit_ends import rescore, run_and_out, run_settings  # noqa: E402
 
 
 def main() -> None:
     run, out = run_and_out(__doc__, "an `evaluate` output folder of the bundled data's val or test users",
                            "where the copy is written and scored")
-    split = json.loads((run / "results.json").read_text())["settings"]["split"]
+    split = run_settings(run)["split"]
     reviews = load_dataset(str(BUNDLED_DATA)).reviews
     samples = validation_samples(reviews) if split == "val" else test_samples(reviews)
     lengths = {s.target.user_id: typical_length(list(s.profile)) for s in samples}
