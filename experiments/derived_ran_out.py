@@ -12,13 +12,12 @@ flag against runs that record it, and counts the texts the rule would end differ
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from token_limit_ends import rescore, run_settings  # noqa: E402
+from token_limit_ends import rescore, run_records, run_settings  # noqa: E402
 
 from dep_engine import hygiene  # noqa: E402
 from dep_engine.llm import load_tokenizer  # noqa: E402
@@ -31,6 +30,11 @@ def tokens_short(tokenizer, raw: str, max_new_tokens: int) -> int:
     return max_new_tokens - len(tokenizer(raw, add_special_tokens=False).input_ids)
 
 
+def counts_as_run_out(short: int, slack: int = SLACK) -> bool:
+    """The derived flag: a text at most `slack` tokens short of the limit ran out."""
+    return short <= slack
+
+
 def check(runs: list[Path]) -> None:
     """Per slack, how often the derived flag differs from the recorded one, and how many texts the rule
     would then end differently (what matters: a text that ends at a sentence end reads the same either way)."""
@@ -38,15 +42,14 @@ def check(runs: list[Path]) -> None:
     records = []
     for run in runs:
         limit = run_settings(run)["sampling"]["max_new_tokens"]
-        for line in (run / "generations.jsonl").read_text().splitlines():
-            record = json.loads(line)
+        for record in run_records(run):
             if "ran_out" not in record:
                 sys.exit(f"{run}: its records say no ran_out; --check needs runs made since round 36")
             record["tokens_short"] = tokens_short(tokenizer, record["raw"], limit)
             records.append(record)
     print(f"{len(records)} texts\n| slack | derived flag wrong | texts ended differently |\n|---|---|---|")
     for slack in range(0, 11):
-        wrong = [r for r in records if (r["tokens_short"] <= slack) != r["ran_out"]]
+        wrong = [r for r in records if counts_as_run_out(r["tokens_short"], slack) != r["ran_out"]]
         ended_differently = sum(hygiene.clean(r["raw"], True).text != hygiene.clean(r["raw"], False).text
                                 for r in wrong)
         print(f"| {slack} | {len(wrong)} | {ended_differently} |")
@@ -64,11 +67,11 @@ def main() -> None:
     if len(args.runs) != 1 or args.out is None:
         parser.error("give one run and --out (or --check with runs that record ran_out)")
     run = args.runs[0]
-    if '"ran_out"' in (run / "generations.jsonl").read_text():
+    if any("ran_out" in record for record in run_records(run)):
         sys.exit(f"{run}: its records say ran_out already (a run made since round 36): nothing to derive")
     settings = run_settings(run)
     tokenizer, limit = load_tokenizer(settings["llm"]), settings["sampling"]["max_new_tokens"]
-    rescore(run, args.out, lambda record: {**record, "ran_out": tokens_short(tokenizer, record["raw"], limit) <= SLACK})
+    rescore(run, args.out, lambda record: {**record, "ran_out": counts_as_run_out(tokens_short(tokenizer, record["raw"], limit))})
 
 
 if __name__ == "__main__":

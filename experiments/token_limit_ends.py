@@ -49,11 +49,15 @@ def run_settings(run: Path) -> dict:
     return json.loads((run / "results.json").read_text())["settings"]
 
 
+def run_records(run: Path) -> list[dict]:
+    """An `evaluate` run's generations.jsonl as recorded (no hygiene applied, unlike `read_generations`)."""
+    return [json.loads(line) for line in (run / "generations.jsonl").read_text().splitlines() if line.strip()]
+
+
 def rescore(run: Path, out: Path, edit: Callable[[dict], dict]) -> None:
     """RUN's generations.jsonl with `edit` applied to every record, written to OUT and scored as `evaluate`
     scores (RUN's settings; a complete run resumes without generating)."""
-    lines = (run / "generations.jsonl").read_text().splitlines()
-    records = [json.loads(line) for line in lines if line.strip()]
+    records = run_records(run)
     out.mkdir(parents=True, exist_ok=True)
     (out / "generations.jsonl").write_text("".join(json.dumps(edit(r)) + "\n" for r in records))
     ran = run_settings(run)

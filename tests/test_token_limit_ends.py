@@ -39,3 +39,6 @@ def test_a_texts_tokens_short_of_the_limit_are_counted_with_the_real_tokenizer(s
     assert derived.tokens_short(smol_tokenizer, text(160), 160) == 0
     assert derived.tokens_short(smol_tokenizer, text(160 - derived.SLACK), 160) == derived.SLACK  # counts as run out
     assert derived.tokens_short(smol_tokenizer, text(40), 160) == 120
+    assert derived.counts_as_run_out(0) and derived.counts_as_run_out(derived.SLACK)
+    assert not derived.counts_as_run_out(derived.SLACK + 1)
+    assert not derived.counts_as_run_out(120)
