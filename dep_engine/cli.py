@@ -365,7 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     lik.add_argument("--out", default=None, help="JSON file for the report (default: print only)")
     lik.set_defaults(func=cmd_likelihood)
 
-    pool = sub.add_parser("pool", help="summarize several evaluate runs of the same users (other --seed) together")
+    pool = sub.add_parser("pool", help="summarize several evaluate runs of the same users (other --seed) together: "
+                                       "metrics and voice measures averaged per user over the runs")
     pool.add_argument("runs", nargs="+", help="evaluate output folders (each with its generations.jsonl)")
     pool.add_argument("--out", default=None, help="folder for pooled.json and pooled.md (default: print only)")
     pool.set_defaults(func=cmd_pool)

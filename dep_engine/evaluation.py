@@ -270,7 +270,8 @@ def read_draws(folders: list[str]) -> tuple[list[list[dict]], list[Method]]:
 
 def pool_runs(folders: list[str], out: str | None = None, seed: int = 0) -> dict:
     """Several `evaluate` runs of the same users with other seeds (`--seed`), summarized together
-    (`summarize_draws`) over the methods every run has; with `out`, written to pooled.json and pooled.md."""
+    (`summarize_draws`, and `pool_voice` where every run kept its voice.jsonl) over the methods every
+    run has; with `out`, written to pooled.json and pooled.md."""
     draws, methods = read_draws(folders)
     summary = summarize_draws(draws, methods, seed)
     summary["runs"] = list(folders)
@@ -278,6 +279,10 @@ def pool_runs(folders: list[str], out: str | None = None, seed: int = 0) -> dict
     if len(everyone) > summary["users"]:  # --limit draws other users under another --seed
         print(f"NOTE: {len(everyone) - summary['users']} users are not in every run (or lack a method) and are left out")
     table = markdown_table(summary)
+    voice = pool_voice(folders, seed)
+    if voice:
+        summary["voice"] = voice
+        table += "\n\n" + pooled_voice_table(voice)
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / "pooled.json").write_text(json.dumps(summary, indent=2))
@@ -286,12 +291,31 @@ def pool_runs(folders: list[str], out: str | None = None, seed: int = 0) -> dict
     return summary
 
 
-def voice_and_hygiene(engine: DEPEngine, store: ReviewStore, samples: list[Sample], contexts: list[PersonalContext],
-                      records: list[dict], methods: list[Method], settings: EvalSettings) -> dict:
-    """Per method: the voice measures (`voice.py`) with own-minus-shuffled and versus-generic gaps,
-    and the share of outputs with scaffolding or loops before and after hygiene."""
-    from . import voice
+VOICE_MEASURES = ("top1", "reciprocal_rank", "own_words", "drifted")
+
+
+def voice_gaps(values: dict[str, dict[str, np.ndarray]], seed: int = 0) -> dict[str, dict[str, dict]]:
+    """Per method: its voice measures paired against its shuffled control and against generic (the
+    per-example values of every method in one order of examples)."""
     from .metrics import paired_bootstrap
+
+    gaps: dict[str, dict[str, dict]] = {}
+    for name in values:
+        if name.endswith("-shuffled") or name == "real review":
+            continue
+        for label, other in (("own_minus_shuffled", name + "-shuffled"), ("minus_generic", "generic")):
+            if other in values and other != name:
+                gaps.setdefault(name, {})[label] = {k: paired_bootstrap(values[name][k], values[other][k], seed=seed)
+                                                    for k in VOICE_MEASURES}
+    return gaps
+
+
+def voice_and_hygiene(engine: DEPEngine, store: ReviewStore, samples: list[Sample], contexts: list[PersonalContext],
+                      records: list[dict], methods: list[Method], settings: EvalSettings) -> tuple[dict, list[dict]]:
+    """Per method: the voice measures (`voice.py`) with own-minus-shuffled and versus-generic gaps,
+    and the share of outputs with scaffolding or loops before and after hygiene; and each text's voice
+    values (method, user), which `pool` averages per user over draws."""
+    from . import voice
 
     by_key = {(r["method"], r["user_id"]): r for r in records}
     keep = [n for n, s in enumerate(samples) if all((m.name, s.target.user_id) in by_key for m in methods)]
@@ -305,19 +329,69 @@ def voice_and_hygiene(engine: DEPEngine, store: ReviewStore, samples: list[Sampl
     values = {name: voice.per_sample(t, references, engine.encoder.encode(t), voices, profiles, candidates)
               for name, t in tqdm(texts.items(), desc="voice measures", leave=False)}
     out = {"n": len(samples), "candidates": voice.CANDIDATES, "chance": voice.chance(), "methods": {}}
-    measures = ("top1", "reciprocal_rank", "own_words", "drifted")
+    gaps = voice_gaps(values, settings.seed)
     for name in texts:
         entry = voice.summary(values[name], settings.seed)
         if name != "real review":
             raw = [by_key[(name, s.target.user_id)] for s in samples]
             entry["scaffolding_or_loops_before"] = float(np.mean([hygiene.flagged(r.get("raw", r["text"])) for r in raw]))
             entry["scaffolding_or_loops_after"] = float(np.mean([hygiene.flagged(r["text"]) for r in raw]))
-        for label, other in (("own_minus_shuffled", name + "-shuffled"), ("minus_generic", "generic")):
-            if other in values and name != other and not name.endswith("-shuffled") and name != "real review":
-                entry[label] = {k: paired_bootstrap(values[name][k], values[other][k], seed=settings.seed)
-                                for k in measures}
+        entry.update(gaps.get(name, {}))
+        out["methods"][name] = entry
+    rows = [{"method": name, "user_id": sample.target.user_id, **{k: float(values[name][k][n]) for k in VOICE_MEASURES}}
+            for name in texts for n, sample in enumerate(samples)]
+    return out, rows
+
+
+def pool_voice(folders: list[str], seed: int = 0) -> dict | None:
+    """The voice measures of several draws (each run's voice.jsonl), each user's values averaged over
+    the draws before the intervals, as `summarize_draws` does for the metrics; None if a run has none
+    (runs written before `evaluate` kept them)."""
+    from . import voice
+    from .metrics import mean_ci
+
+    paths = [Path(folder) / "voice.jsonl" for folder in folders]
+    if not all(path.exists() for path in paths):
+        return None
+    draws = [{(r["method"], r["user_id"]): r for r in map(json.loads, path.read_text().splitlines())} for path in paths]
+    names = [n for n in dict.fromkeys(m for m, _ in draws[0]) if all(any(m == n for m, _ in d) for d in draws[1:])]
+    users = sorted(set.intersection(*({u for m, u in d if m in names} for d in draws)))
+    users = [u for u in users if all((n, u) in d for n in names for d in draws)]
+    per_draw = {n: {k: np.array([[d[(n, u)][k] for u in users] for d in draws]) for k in VOICE_MEASURES} for n in names}
+    values = {n: {k: v.mean(axis=0) for k, v in measures.items()} for n, measures in per_draw.items()}
+    out = {"n": len(users), "draws": len(draws), "candidates": voice.CANDIDATES, "chance": voice.chance(), "methods": {}}
+    gaps = voice_gaps(values, seed)
+    for name in names:
+        entry = {}
+        for k in VOICE_MEASURES:
+            mean, low, high = mean_ci(values[name][k], seed=seed)
+            entry[k] = {"mean": mean, "low": low, "high": high}
+        entry["top1_per_draw"] = [float(x) for x in per_draw[name]["top1"].mean(axis=1)]
+        entry.update(gaps.get(name, {}))
         out["methods"][name] = entry
     return out
+
+
+def voice_gap_lines(methods: dict[str, dict]) -> list[str]:
+    lines = []
+    for name, e in methods.items():
+        for label in ("own_minus_shuffled", "minus_generic"):
+            if label in e:
+                gaps = ", ".join(f"{k} {v['mean_diff']:+.3f} [{v['low']:+.3f}, {v['high']:+.3f}]" for k, v in e[label].items())
+                lines.append(f"\n{name} {label.replace('_', ' ')}: {gaps}")
+    return lines
+
+
+def pooled_voice_table(voice: dict) -> str:
+    chance = voice["chance"]
+    lines = [f"Voice measures, each user's values averaged over {voice['draws']} draws (n = {voice['n']}; attribution "
+             f"among {voice['candidates']} candidates, chance top-1 {chance['top1']:.3f}, MRR {chance['reciprocal_rank']:.3f}):",
+             "", "| method | attribution top-1 | per draw | MRR | own words | drifted |", "|---|---|---|---|---|---|"]
+    for name, e in voice["methods"].items():
+        lines.append(f"| {name} | {e['top1']['mean']:.3f} [{e['top1']['low']:.3f}, {e['top1']['high']:.3f}] | "
+                     + " / ".join(f"{x:.3f}" for x in e["top1_per_draw"])
+                     + f" | {e['reciprocal_rank']['mean']:.3f} | {e['own_words']['mean']:.3f} | {e['drifted']['mean']:.3f} |")
+    return "\n".join(lines + voice_gap_lines(voice["methods"]))
 
 
 def voice_table(voice: dict) -> str:
@@ -335,12 +409,7 @@ def voice_table(voice: dict) -> str:
         lines.append(f"| {name} | {e['top1']['mean']:.3f} [{e['top1']['low']:.3f}, {e['top1']['high']:.3f}] | "
                      f"{e['reciprocal_rank']['mean']:.3f} | {split} | {e['own_words']['mean']:.3f} | {e['drifted']['mean']:.3f} | "
                      f"{e['length_ratio_median']:.2f} | {e['length_correlation']:+.2f} | {hyg} |")
-    for name, e in voice["methods"].items():
-        for label in ("own_minus_shuffled", "minus_generic"):
-            if label in e:
-                gaps = ", ".join(f"{k} {v['mean_diff']:+.3f} [{v['low']:+.3f}, {v['high']:+.3f}]" for k, v in e[label].items())
-                lines.append(f"\n{name} {label.replace('_', ' ')}: {gaps}")
-    return "\n".join(lines)
+    return "\n".join(lines + voice_gap_lines(voice["methods"]))
 
 
 def markdown_table(summary: dict) -> str:
@@ -398,7 +467,7 @@ def bar_chart(summary: dict, path: Path) -> None:
 
 
 def evaluate(config: EngineConfig, settings: EvalSettings, engine: DEPEngine | None = None) -> dict | None:
-    """Generate (or resume), score, and write results.json, generations.jsonl, results.md, results.png.
+    """Generate (or resume), score, and write results.json, generations.jsonl, voice.jsonl, results.md, results.png.
 
     `engine` may be passed ready-made; it must have been built from `config`."""
     methods = [parse_method(name, settings.personalization.k) for name in settings.methods]
@@ -417,7 +486,8 @@ def evaluate(config: EngineConfig, settings: EvalSettings, engine: DEPEngine | N
     if settings.generate_only:
         return None
     summary = summarize(records, methods, settings.seed)
-    summary["voice"] = voice_and_hygiene(engine, store, samples, contexts, records, methods, settings)
+    summary["voice"], voice_rows = voice_and_hygiene(engine, store, samples, contexts, records, methods, settings)
+    (out / "voice.jsonl").write_text("".join(json.dumps(row) + "\n" for row in voice_rows))
     summary["settings"] = {"methods": settings.methods, "limit": settings.limit, "seed": settings.seed,
                            "split": settings.split,
                            "eval_reviews": settings.eval_reviews, "adapter": config.adapter,

@@ -106,6 +106,11 @@ def test_evaluation_reports_voice_hygiene_and_the_generic_baseline(tiny_engine, 
     val_users = {s.target.user_id for s in validation_samples(tiny_engine.dataset.reviews)}
     assert {r["user_id"] for r in records} <= val_users
     assert "Voice measures" in (tmp_path / "eval" / "results.md").read_text()
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "voice.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 * (len(methods) + 1)  # every text and the real reviews
+    for name in ("dep", "real review"):
+        top1 = [r["top1"] for r in rows if r["method"] == name]
+        assert np.mean(top1) == pytest.approx(voice["methods"][name]["top1"]["mean"])
 
 
 def test_evaluation_can_end_every_text_at_the_users_typical_length(tiny_engine, tmp_path):
@@ -121,7 +126,7 @@ def test_evaluation_can_end_every_text_at_the_users_typical_length(tiny_engine, 
     assert all(r["text"] == hygiene.clean(r["raw"], r["ran_out"], r["end_after_words"]).text for r in records)
 
 
-def _draw(folder, own_hits: list[bool], users=("u0", "u1", "u2", "u3")) -> None:
+def _draw(folder, own_hits: list[bool], users=("u0", "u1", "u2", "u3"), voice: bool = True) -> None:
     """A constructed run: dep copies the real review where own_hits says so, the shuffled control never."""
     records = []
     for user, hit in zip(users, own_hits):
@@ -130,6 +135,11 @@ def _draw(folder, own_hits: list[bool], users=("u0", "u1", "u2", "u3")) -> None:
             records.append(dict(group=0, user_id=user, method=method, text=text, raw=text, reference=reference, seconds=1.0))
     folder.mkdir()
     (folder / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    if voice:  # the copy named its author, the cake recipe did not
+        rows = [dict(method=r["method"], user_id=r["user_id"], top1=float(r["text"] == r["reference"]),
+                     reciprocal_rank=1.0 if r["text"] == r["reference"] else 0.1, own_words=0.0, drifted=0.0)
+                for r in records]
+        (folder / "voice.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def test_pooled_draws_average_each_user_and_say_whether_gaps_repeat(tmp_path, capsys):
@@ -158,5 +168,13 @@ def test_pooled_draws_average_each_user_and_say_whether_gaps_repeat(tmp_path, ca
     # each user's two draws averaged: every user hit once, so the mean stays and the spread is gone
     assert gap(flipped) == pytest.approx(gap(one)) and width(flipped) == pytest.approx(0) and width(one) > 0.5
     assert "averaged over 2 draws" in (tmp_path / "pooled" / "pooled.md").read_text()
+    # the voice measures pooled the same way: per user over the draws, then the paired interval
+    top1_gap = flipped["voice"]["methods"]["dep"]["own_minus_shuffled"]["top1"]
+    assert top1_gap["mean_diff"] == pytest.approx(0.5) and top1_gap["high"] - top1_gap["low"] == pytest.approx(0)
+    assert repeated["voice"]["methods"]["dep"]["top1_per_draw"] == [0.5, 0.5] and repeated["voice"]["n"] == 4
+    assert flipped["voice"]["methods"]["dep"]["top1_per_draw"] == [0.5, 0.5]
+    assert "Voice measures, each user's values averaged over 2 draws" in (tmp_path / "pooled" / "pooled.md").read_text()
+    _draw(tmp_path / "unkept", [True, True, True, True], voice=False)  # a run from before voice.jsonl
+    assert "voice" not in pool_runs([str(tmp_path / "a"), str(tmp_path / "unkept")])
     with pytest.raises(DataError, match="missing"):
         pool_runs([str(tmp_path / "a"), str(tmp_path / "missing")])
