@@ -355,8 +355,7 @@ def pool_voice(folders: list[str], seed: int = 0) -> dict | None:
         return None
     draws = [{(r["method"], r["user_id"]): r for r in map(json.loads, path.read_text().splitlines())} for path in paths]
     names = [n for n in dict.fromkeys(m for m, _ in draws[0]) if all(any(m == n for m, _ in d) for d in draws[1:])]
-    users = sorted(set.intersection(*({u for m, u in d if m in names} for d in draws)))
-    users = [u for u in users if all((n, u) in d for n in names for d in draws)]
+    users = sorted(u for u in {u for _, u in draws[0]} if all((n, u) in d for n in names for d in draws))
     per_draw = {n: {k: np.array([[d[(n, u)][k] for u in users] for d in draws]) for k in VOICE_MEASURES} for n in names}
     values = {n: {k: v.mean(axis=0) for k, v in measures.items()} for n, measures in per_draw.items()}
     out = {"n": len(users), "draws": len(draws), "candidates": voice.CANDIDATES, "chance": voice.chance(), "methods": {}}

@@ -42,3 +42,29 @@ def test_a_texts_tokens_short_of_the_limit_are_counted_with_the_real_tokenizer(s
     assert derived.counts_as_run_out(0) and derived.counts_as_run_out(derived.SLACK)
     assert not derived.counts_as_run_out(derived.SLACK + 1)
     assert not derived.counts_as_run_out(120)
+
+
+spec = importlib.util.spec_from_file_location("voice_values", ROOT / "experiments" / "voice_values.py")
+voice_values = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(voice_values)
+
+
+def test_a_rescored_run_must_repeat_every_number_of_its_results_but_the_timings(tmp_path):
+    """Round 50 reads a rescored run only where its results.json repeats the run's."""
+    import json
+
+    def results(folder: str, **changes) -> Path:
+        summary = {"users": 3, "methods": {"dep": {"metrics": {"rouge1": {"mean": 0.2, "low": 0.1}},
+                                                    "seconds_per_generation": 1.5}},
+                   "settings": {"seed": 0, "adapter": "assets/adapter", "seconds": 100.0}}
+        summary["methods"]["dep"]["metrics"]["rouge1"].update(changes)
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "results.json").write_text(json.dumps(summary))
+        return tmp_path / folder
+
+    run = results("run")
+    timed_again = results("timed")
+    (timed_again / "results.json").write_text((timed_again / "results.json").read_text().replace("100.0", "7.0"))
+    assert voice_values.differences(run, timed_again) == []
+    assert voice_values.differences(run, results("moved", mean=0.2 + 1e-6)) == ["/methods/dep/metrics/rouge1/mean: 0.2 -> 0.200001"]
+    assert voice_values.differences(run, results("grown", high=0.3)) == ["/methods/dep/metrics/rouge1/high: None -> 0.3"]
