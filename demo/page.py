@@ -12,6 +12,8 @@ from .studio import Studio
 def build_demo(studio: Studio) -> gr.Blocks:
     with gr.Blocks(title=texts.TITLE, delete_cache=DELETE_CACHE) as demo:
         gr.Markdown(texts.INTRO)
+        with gr.Accordion("What the measurements say", open=False):
+            gr.Markdown(texts.MEASUREMENTS)
         if not studio.engine.adapter_trained:
             gr.Markdown(texts.UNTRAINED, elem_classes="dep-banner")
         with gr.Row(equal_height=False):

@@ -11,20 +11,27 @@ and writes the review text twice, side by side: as a **generic reviewer** would,
 shows the model a few of the person's past reviews, and next to each one two compact hints: ***his***, an embedding
 of what that review says, and ***diff***, an embedding of how it differs from what *other* people wrote about the
 same product. The generic reviewer gets the very same prompt, this person's past reviews included, with the
-average reviewer's hints, so what differs between the two is what the hints add. Those past reviews carry most of
-what the model takes from a person (on held-out users, many times what the hints add): to see the
-person, **compare two reviewers** (below the outputs). The plain model without any history can be chosen
-instead under ③.
-*Honest note:* on 217 held-out users the two sides score about the same: ROUGE-1 0.221 personalized against
-0.219 generic, METEOR 0.191 against 0.191 (within noise), and an authorship test ranks either side's text first
-for its author about one time in five (the real reviews one in three; chance one in twenty). With another
-person's hints the personalized side scores a little lower (ROUGE-1 −0.003, within noise). Measured without
-sampling, the hints made a person's real review a little likelier than the average reviewer's in the paper's
-prompt (about 1.5 times over a 100-token review) and not measurably in this one, too little for one sampled text
-to show. The adapter's model card has every attempt; read the outputs as what the method does today.
+average reviewer's hints, so what differs between the two is what the hints add.
+
+*Honest note:* on held-out users the two sides score about the same. The person reaches this model mostly
+through the past reviews, which both sides see; to see the person, **compare two reviewers** (below the outputs).
+The numbers are under *What the measurements say*.
 
 **How to use:** ① choose a bundled reviewer (or paste your own reviews) · ② their real, held-out review's product
 is filled in, so you can compare · ③ press **Generate**. Or click one of the examples at the bottom.
+"""
+
+MEASUREMENTS = """
+On 217 held-out users (three draws each): ROUGE-1 0.221 personalized against 0.219 generic, METEOR 0.191 against
+0.191 (within noise); the plain model without any history, selectable under ③, scores 0.167 and 0.142. An
+authorship test ranks either side's text first for its author among 20 reviewers about one time in five (the real
+reviews one in three; chance one in twenty). With another person's hints the personalized side scores a little
+lower (ROUGE-1 −0.003, within noise). The past reviews carry most of what the model takes from a person: in
+the likelihood of a user's real review, swapping in another person's past reviews costs about twenty times what
+swapping the hints for the average reviewer's does. Measured without sampling, the hints made a person's real
+review a little likelier than the average reviewer's in the paper's prompt (about 1.5 times over a 100-token
+review) and not measurably in this one, too little for one sampled text to show. The adapter's model card (`assets/adapter/README.md`) has every attempt;
+read the outputs as what the method does today.
 """
 
 UNTRAINED = """⚠️ **The DEP adapter in this build is untrained.** The *his* and *diff* hints are random projections,
@@ -111,6 +118,8 @@ CSS = """
 #status .dep-error { color: #b91c1c; }
 .dep-step { margin-top: 6px; }
 #baseline textarea, #personalized textarea { font-size: 15px; line-height: 1.45; }
+#baseline [data-testid="block-info"], #personalized [data-testid="block-info"] { margin-right: 36px; }
+#baseline .icon-button-wrapper, #personalized .icon-button-wrapper { z-index: 10; }
 footer { margin-top: 12px; }
 mark.dep-mark { background: #ddd6fe; color: #3b0764; border-radius: 3px; padding: 0 2px; }
 #terms-text p { margin: 0 0 10px 0; line-height: 1.5; }

@@ -138,6 +138,24 @@ def test_generate_is_on_the_first_screen(page):
     assert page.locator("#generate").bounding_box()["y"] + 40 <= 1000, "it stays in view while scrolling"
 
 
+def test_the_honest_note_is_short_and_its_numbers_open_below_it(page):
+    sync_api.expect(page.locator("body")).to_contain_text("Honest note")
+    numbers = page.get_by_text("On 217 held-out users")
+    sync_api.expect(numbers).to_be_hidden()  # the form starts on the first screen, the figures a click away
+    page.get_by_role("button", name="What the measurements say").click()
+    sync_api.expect(numbers).to_be_visible()
+    sync_api.expect(numbers).to_contain_text("ROUGE-1 0.221 personalized against 0.219 generic")
+
+
+def test_each_outputs_copy_button_can_be_clicked_past_its_long_label(page):
+    for output in ("baseline", "personalized"):
+        uncovered = page.evaluate("""id => { const button = document.querySelector(`#${id} button[aria-label=Copy]`);
+            const r = button.getBoundingClientRect();
+            const hit = document.elementFromPoint(r.x + r.width / 2, r.y + r.height / 2);
+            return !!hit && button.contains(hit); }""", output)
+        assert uncovered, f"the {output} label covers its copy button"
+
+
 def test_clicking_the_reviewer_picker_lets_one_type_a_search(page):
     box = page.locator("#user_id input")
     assert "reviews" in box.input_value(), "the picker shows the long label of the chosen reviewer"
