@@ -321,12 +321,11 @@ def voice_and_hygiene(engine: DEPEngine, store: ReviewStore, samples: list[Sampl
     keep = [n for n, s in enumerate(samples) if all((m.name, s.target.user_id) in by_key for m in methods)]
     samples, contexts = [samples[n] for n in keep], [contexts[n] for n in keep]
     profiles = voice.build_profiles(store, [s.profile for s in samples])
-    candidates = voice.candidate_sets(len(samples), seed=settings.seed)
     voices = voice.sample_voices(store, samples, contexts)
     references = [s.target.text for s in samples]
     texts = {m.name: [by_key[(m.name, s.target.user_id)]["text"] for s in samples] for m in methods}
     texts["real review"] = references
-    values = {name: voice.per_sample(t, references, engine.encoder.encode(t), voices, profiles, candidates)
+    values = {name: voice.per_sample(t, references, engine.encoder.encode(t), voices, profiles)
               for name, t in tqdm(texts.items(), desc="voice measures", leave=False)}
     out = {"n": len(samples), "candidates": voice.CANDIDATES, "chance": voice.chance(), "methods": {}}
     gaps = voice_gaps(values, settings.seed)
@@ -384,7 +383,8 @@ def voice_gap_lines(methods: dict[str, dict]) -> list[str]:
 def pooled_voice_table(voice: dict) -> str:
     chance = voice["chance"]
     lines = [f"Voice measures, each user's values averaged over {voice['draws']} draws (n = {voice['n']}; attribution "
-             f"among {voice['candidates']} candidates, chance top-1 {chance['top1']:.3f}, MRR {chance['reciprocal_rank']:.3f}):",
+             f"among {voice['candidates']} candidates, expected over every set of them; chance top-1 {chance['top1']:.3f}, "
+             f"MRR {chance['reciprocal_rank']:.3f}):",
              "", "| method | attribution top-1 | per draw | MRR | own words | drifted |", "|---|---|---|---|---|---|"]
     for name, e in voice["methods"].items():
         lines.append(f"| {name} | {e['top1']['mean']:.3f} [{e['top1']['low']:.3f}, {e['top1']['high']:.3f}] | "
@@ -395,8 +395,8 @@ def pooled_voice_table(voice: dict) -> str:
 
 def voice_table(voice: dict) -> str:
     chance = voice["chance"]
-    lines = [f"Voice measures (n = {voice['n']}; attribution among {voice['candidates']} candidates, chance top-1 "
-             f"{chance['top1']:.3f}, MRR {chance['reciprocal_rank']:.3f}):", "",
+    lines = [f"Voice measures (n = {voice['n']}; attribution among {voice['candidates']} candidates, expected over "
+             f"every set of them; chance top-1 {chance['top1']:.3f}, MRR {chance['reciprocal_rank']:.3f}):", "",
              "| method | attribution top-1 | MRR | top-1 on product / drifted (n) | own words | drifted | "
              "length ratio (median) | length corr. | scaffolding/loops before → after hygiene |",
              "|---|---|---|---|---|---|---|---|---|"]

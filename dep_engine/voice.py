@@ -2,10 +2,11 @@
 topic words and length): does the text sound like *this* person?
 
 - length: generated / real length ratio, and their correlation across users;
-- attribution: rank the true author among N candidate users (the same candidates for every
-  method) by how close the text is to each candidate's past reviews (MiniLM embedding plus
-  standardized voice features); top-1 accuracy and MRR, chance 1/N and H_N/N. The real reviews'
-  own score is the ceiling: how much voice the data holds for this measure;
+- attribution: rank the true author among N candidate users by how close the text is to each
+  candidate's past reviews (MiniLM embedding plus standardized voice features); top-1 accuracy and
+  MRR, chance 1/N and H_N/N, each as its exact expectation over every set of N - 1 other evaluated
+  users (the same candidates for every method: all of them; no candidate draw's noise). The real
+  reviews' own score is the ceiling: how much voice the data holds for this measure;
 - own words: the share of the user's distinctive terms (log-odds against peers, `terms.py`) that
   the output uses;
 - on-product: whether the output is closer to one of the past items in the prompt than to the
@@ -14,8 +15,8 @@ Per-example values go through the same paired bootstrap as the metrics (`metrics
 """
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
+from math import comb
 from typing import Sequence
 
 import numpy as np
@@ -69,12 +70,6 @@ def build_profiles(store: ReviewStore, histories: Sequence[Sequence[Review]],
     return Profiles(np.array(centroids), mean, std)
 
 
-def candidate_sets(n: int, size: int = CANDIDATES, seed: int = 0) -> list[list[int]]:
-    """For sample i: i and size-1 other samples' users, fixed by the seed (the same for every method)."""
-    rng = random.Random(seed)
-    return [[i] + rng.sample([j for j in range(n) if j != i], min(size, n) - 1) for i in range(n)]
-
-
 def attribution_ranks(text_embeddings: np.ndarray, texts: list[str], profiles: Profiles,
                       candidates: list[list[int]]) -> np.ndarray:
     """Rank (1 = first) of each text's true author (candidates[i][0]) among its candidates."""
@@ -84,6 +79,28 @@ def attribution_ranks(text_embeddings: np.ndarray, texts: list[str], profiles: P
         scores = profiles.centroids[group] @ vectors[i]
         ranks.append(1 + int((scores[1:] > scores[0]).sum()))
     return np.array(ranks)
+
+
+def attribution_chances(text_embeddings: np.ndarray, texts: list[str], profiles: Profiles,
+                        size: int = CANDIDATES) -> tuple[np.ndarray, np.ndarray]:
+    """Per text i (written by user i): its author's top-1 and reciprocal rank among `size` candidates,
+    the author and `size` - 1 of the other users, each the exact expectation over every such set.
+
+    If b of the other n - 1 users score above the author, the number of them in a set of k = size - 1
+    is hypergeometric: top-1 is P(none) = C(n - 1 - b, k) / C(n - 1, k), and the reciprocal rank
+    E[1 / (1 + drawn)]. Ties go to the author, as in `attribution_ranks`."""
+    vectors = _vectors(text_embeddings, _style(texts), profiles.mean, profiles.std)
+    scores = vectors @ profiles.centroids.T                     # (texts, users)
+    others = len(profiles.centroids) - 1
+    k = min(size, others + 1) - 1
+    beaten = (scores > np.diag(scores)[:, None]).sum(axis=1)
+    sets = comb(others, k)
+    top1, reciprocal = [], []
+    for b in beaten.tolist():
+        drawn = [comb(b, x) * comb(others - b, k - x) / sets for x in range(min(b, k) + 1)]
+        top1.append(drawn[0])
+        reciprocal.append(sum(p / (1 + x) for x, p in enumerate(drawn)))
+    return np.array(top1), np.array(reciprocal)
 
 
 def own_word_share(text: str, user_terms: list[str]) -> float:
@@ -158,14 +175,15 @@ def sample_voices(store: ReviewStore, samples: list[Sample], contexts: list[Pers
 
 
 def per_sample(texts: list[str], references: list[str], embeddings: np.ndarray, voices: list[SampleVoice],
-               profiles: Profiles, candidates: list[list[int]]) -> dict[str, np.ndarray]:
-    """Per-sample values of every voice measure for one method's texts (samples in one order)."""
-    ranks = attribution_ranks(embeddings, texts, profiles, candidates)
+                profiles: Profiles) -> dict[str, np.ndarray]:
+    """Per-sample values of every voice measure for one method's texts (samples in one order, sample i
+    written by profile i)."""
+    top1, reciprocal = attribution_chances(embeddings, texts, profiles)
     words = np.array([len(t.split()) for t in texts], dtype=float)
     real = np.array([len(r.split()) for r in references], dtype=float)
     return {
-        "top1": (ranks == 1).astype(float),
-        "reciprocal_rank": 1.0 / ranks,
+        "top1": top1,
+        "reciprocal_rank": reciprocal,
         "own_words": np.array([own_word_share(t, v.user_terms) for t, v in zip(texts, voices)]),
         "drifted": np.array([drifted(e, v.target_item, v.past_items) for e, v in zip(embeddings, voices)], float),
         "length_ratio": (words + 1) / (real + 1),

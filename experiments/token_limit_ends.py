@@ -68,12 +68,16 @@ def rescore(run: Path, out: Path, edit: Callable[[dict], dict]) -> None:
     evaluate(EngineConfig(adapter=ran["adapter"], llm=ran["llm"], encoder=ran["encoder"]), settings)
 
 
-def run_and_out(doc: str, run_help: str, out_help: str) -> tuple[Path, Path]:
+def run_and_out_parser(doc: str, run_help: str, out_help: str) -> argparse.ArgumentParser:
     """The command line of a script that rescores one run: the run's folder and the copy's."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("run", help=run_help)
     parser.add_argument("--out", required=True, help=out_help)
-    args = parser.parse_args()
+    return parser
+
+
+def run_and_out(doc: str, run_help: str, out_help: str) -> tuple[Path, Path]:
+    args = run_and_out_parser(doc, run_help, out_help).parse_args()
     return Path(args.run), Path(args.out)
 
 

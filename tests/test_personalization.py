@@ -126,13 +126,34 @@ def held_out_users(dataset):
 
 def test_attribution_finds_authors_of_their_own_words_and_sits_at_chance_on_one_text(store, encoder, held_out_users):
     profiles = voice.build_profiles(store, [s.profile for s in held_out_users])
-    candidates = voice.candidate_sets(len(held_out_users), seed=0)
     own = [s.profile[-1].text for s in held_out_users]  # a review each user really wrote
-    ranks = voice.attribution_ranks(encoder.encode(own), own, profiles, candidates)
-    assert (ranks == 1).mean() > 0.5  # chance is 0.05
+    top1, reciprocal = voice.attribution_chances(encoder.encode(own), own, profiles)
+    assert top1.mean() > 0.5 and reciprocal.mean() > top1.mean()  # chance is 0.05
+    # one text for everyone: each author's place among all users is a different one, so over every set of
+    # candidates the author is first exactly once in 20 (no draw's luck either way)
     same = ["These strings sound bright and stay in tune."] * len(held_out_users)
-    ranks = voice.attribution_ranks(encoder.encode(same), same, profiles, candidates)
-    assert abs((ranks == 1).mean() - 0.05) < 0.06 and abs((1 / ranks).mean() - voice.chance()["reciprocal_rank"]) < 0.08
+    top1, reciprocal = voice.attribution_chances(encoder.encode(same), same, profiles)
+    assert top1.mean() == pytest.approx(voice.chance()["top1"], abs=1e-9)
+    assert reciprocal.mean() == pytest.approx(voice.chance()["reciprocal_rank"], abs=1e-9)
+
+
+def test_attribution_is_the_one_draw_measure_averaged_over_every_candidate_set(store, encoder, held_out_users):
+    """The exact expectation agrees with drawing candidate sets at random, many times."""
+    import random
+
+    users = held_out_users[:40]
+    profiles = voice.build_profiles(store, [s.profile for s in users])
+    texts = [s.profile[-1].text for s in users]
+    embeddings = encoder.encode(texts)
+    top1, reciprocal = voice.attribution_chances(embeddings, texts, profiles, size=5)
+    rng = random.Random(0)
+    draws = 3000
+    sets = [[i] + rng.sample([j for j in range(len(users)) if j != i], 4) for i in range(len(users)) for _ in range(draws)]
+    ranks = voice.attribution_ranks(np.repeat(embeddings, draws, axis=0), [t for t in texts for _ in range(draws)],
+                                    profiles, sets).reshape(len(users), draws)
+    assert np.abs((ranks == 1).mean(axis=1) - top1).max() < 0.05
+    assert np.abs((1 / ranks).mean(axis=1) - reciprocal).max() < 0.05
+    assert 0.05 < top1.mean() < 0.95  # neither all first nor all last: the comparison has something to compare
 
 
 def test_voice_check_ranks_the_author_and_names_the_item_a_text_drifted_to(store, held_out_users):

@@ -68,3 +68,8 @@ def test_a_rescored_run_must_repeat_every_number_of_its_results_but_the_timings(
     assert voice_values.differences(run, timed_again) == []
     assert voice_values.differences(run, results("moved", mean=0.2 + 1e-6)) == ["/methods/dep/metrics/rouge1/mean: 0.2 -> 0.200001"]
     assert voice_values.differences(run, results("grown", high=0.3)) == ["/methods/dep/metrics/rouge1/high: None -> 0.3"]
+    attribution = results("attribution")  # round 52 measures attribution another way: the rest must repeat
+    (attribution / "results.json").write_text((attribution / "results.json").read_text().replace(
+        '"metrics"', '"voice": {"top1": {"mean": 0.3}}, "metrics"'))
+    assert voice_values.differences(run, attribution) == ["/methods/dep/voice/top1/mean: None -> 0.3"]
+    assert voice_values.differences(run, attribution, skip=voice_values.ATTRIBUTION) == []
