@@ -61,8 +61,8 @@ HOW_IT_WORKS = """
 *Signals* picks the ablation: texts alone is RAG; his / diff / his + diff without texts use the embeddings only;
 all three is DEP. Texts with only one of the two embeddings has no mode in the method, so it is refused.
 The metrics compare one sample against one real review: a single example is noisy, not a benchmark.
-*Whose voice is it?* measures each text as the evaluation does: the rank of this reviewer among 20 by the
-cosine between the text and each one's past reviews (MiniLM embedding plus voice features: length, sentence length,
+*Whose voice is it?* measures each text as the evaluation does: the rank of this reviewer among 20 (the
+evaluation averages over every set of 20) by the cosine between the text and each one's past reviews (MiniLM embedding plus voice features: length, sentence length,
 punctuation, first person, capitals, vocabulary, openings), and drift: closer to a past review's item than to
 the product.
 """
