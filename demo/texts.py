@@ -30,8 +30,8 @@ lower (ROUGE-1 −0.003, within noise). The past reviews carry most of what the 
 the likelihood of a user's real review, swapping in another person's past reviews costs about twenty times what
 swapping the hints for the average reviewer's does. Measured without sampling, the hints made a person's real
 review a little likelier than the average reviewer's in the paper's prompt (about 1.5 times over a 100-token
-review) and not measurably in this one, too little for one sampled text to show. The adapter's model card (`assets/adapter/README.md`) has every attempt;
-read the outputs as what the method does today.
+review) and not measurably in this one, too little for one sampled text to show. The adapter's model card
+(`assets/adapter/README.md`) has every attempt; read the outputs as what the method does today.
 """
 
 UNTRAINED = """⚠️ **The DEP adapter in this build is untrained.** The *his* and *diff* hints are random projections,
@@ -62,9 +62,9 @@ HOW_IT_WORKS = """
 all three is DEP. Texts with only one of the two embeddings has no mode in the method, so it is refused.
 The metrics compare one sample against one real review: a single example is noisy, not a benchmark.
 *Whose voice is it?* measures each text as the evaluation does: the rank of this reviewer among 20 (the
-evaluation averages over every set of 20) by the cosine between the text and each one's past reviews (MiniLM embedding plus voice features: length, sentence length,
-punctuation, first person, capitals, vocabulary, openings), and drift: closer to a past review's item than to
-the product.
+evaluation averages over every set of 20) by the cosine between the text and each one's past reviews (MiniLM
+embedding plus voice features: length, sentence length, punctuation, first person, capitals, vocabulary,
+openings), and drift: closer to a past review's item than to the product.
 """
 
 API_HELP = """

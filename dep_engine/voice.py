@@ -175,7 +175,7 @@ def sample_voices(store: ReviewStore, samples: list[Sample], contexts: list[Pers
 
 
 def per_sample(texts: list[str], references: list[str], embeddings: np.ndarray, voices: list[SampleVoice],
-                profiles: Profiles) -> dict[str, np.ndarray]:
+               profiles: Profiles) -> dict[str, np.ndarray]:
     """Per-sample values of every voice measure for one method's texts (samples in one order, sample i
     written by profile i)."""
     top1, reciprocal = attribution_chances(embeddings, texts, profiles)
