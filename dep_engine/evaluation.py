@@ -292,6 +292,9 @@ def pool_runs(folders: list[str], out: str | None = None, seed: int = 0) -> dict
 
 
 VOICE_MEASURES = ("top1", "reciprocal_rank", "own_words", "drifted")
+# How voice.jsonl's attribution was measured: its expectation over every candidate set (since round 52);
+# rows without the field are from before, one candidate draw each, and do not pool with these.
+ATTRIBUTION_FORM = "expected over candidate sets"
 
 
 def voice_gaps(values: dict[str, dict[str, np.ndarray]], seed: int = 0) -> dict[str, dict[str, dict]]:
@@ -337,7 +340,8 @@ def voice_and_hygiene(engine: DEPEngine, store: ReviewStore, samples: list[Sampl
             entry["scaffolding_or_loops_after"] = float(np.mean([hygiene.flagged(r["text"]) for r in raw]))
         entry.update(gaps.get(name, {}))
         out["methods"][name] = entry
-    rows = [{"method": name, "user_id": sample.target.user_id, **{k: float(values[name][k][n]) for k in VOICE_MEASURES}}
+    rows = [{"method": name, "user_id": sample.target.user_id, "attribution": ATTRIBUTION_FORM,
+             **{k: float(values[name][k][n]) for k in VOICE_MEASURES}}
             for name in texts for n, sample in enumerate(samples)]
     return out, rows
 
@@ -353,6 +357,12 @@ def pool_voice(folders: list[str], seed: int = 0) -> dict | None:
     if not all(path.exists() for path in paths):
         return None
     draws = [{(r["method"], r["user_id"]): r for r in map(json.loads, path.read_text().splitlines())} for path in paths]
+    forms = {str(path.parent): {r.get("attribution") or "one candidate draw" for r in draw.values()}
+             for path, draw in zip(paths, draws)}
+    if len(set().union(*forms.values())) > 1:
+        raise DataError("the runs measured attribution in different ways, which do not pool: "
+                        + "; ".join(f"{run}: {', '.join(sorted(form))}" for run, form in forms.items())
+                        + " (rescore the older runs: experiments/voice_values.py --attribution-changed)")
     names = [n for n in dict.fromkeys(m for m, _ in draws[0]) if all(any(m == n for m, _ in d) for d in draws[1:])]
     users = sorted(u for u in {u for _, u in draws[0]} if all((n, u) in d for n in names for d in draws))
     per_draw = {n: {k: np.array([[d[(n, u)][k] for u in users] for d in draws]) for k in VOICE_MEASURES} for n in names}

@@ -7,7 +7,7 @@ import pytest
 from dep_engine import hygiene
 from dep_engine.engine import DEPEngine, EngineConfig
 from dep_engine.data import DataError
-from dep_engine.evaluation import EvalSettings, evaluate, parse_method, pool_runs, summarize
+from dep_engine.evaluation import ATTRIBUTION_FORM, EvalSettings, evaluate, parse_method, pool_runs, summarize
 from dep_engine.settings import SamplingSettings
 
 from conftest import TINY_LLM
@@ -108,6 +108,7 @@ def test_evaluation_reports_voice_hygiene_and_the_generic_baseline(tiny_engine, 
     assert "Voice measures" in (tmp_path / "eval" / "results.md").read_text()
     rows = [json.loads(line) for line in (tmp_path / "eval" / "voice.jsonl").read_text().splitlines()]
     assert len(rows) == 4 * (len(methods) + 1)  # every text and the real reviews
+    assert {r["attribution"] for r in rows} == {ATTRIBUTION_FORM}
     for name in ("dep", "real review"):
         top1 = [r["top1"] for r in rows if r["method"] == name]
         assert np.mean(top1) == pytest.approx(voice["methods"][name]["top1"]["mean"])
@@ -126,7 +127,8 @@ def test_evaluation_can_end_every_text_at_the_users_typical_length(tiny_engine, 
     assert all(r["text"] == hygiene.clean(r["raw"], r["ran_out"], r["end_after_words"]).text for r in records)
 
 
-def _draw(folder, own_hits: list[bool], users=("u0", "u1", "u2", "u3"), voice: bool = True) -> None:
+def _draw(folder, own_hits: list[bool], users=("u0", "u1", "u2", "u3"), voice: bool = True,
+          attribution: str = ATTRIBUTION_FORM) -> None:
     """A constructed run: dep copies the real review where own_hits says so, the shuffled control never."""
     records = []
     for user, hit in zip(users, own_hits):
@@ -137,8 +139,8 @@ def _draw(folder, own_hits: list[bool], users=("u0", "u1", "u2", "u3"), voice: b
     (folder / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     if voice:  # the copy named its author, the cake recipe did not
         rows = [dict(method=r["method"], user_id=r["user_id"], top1=float(r["text"] == r["reference"]),
-                     reciprocal_rank=1.0 if r["text"] == r["reference"] else 0.1, own_words=0.0, drifted=0.0)
-                for r in records]
+                     reciprocal_rank=1.0 if r["text"] == r["reference"] else 0.1, own_words=0.0, drifted=0.0,
+                     **({"attribution": attribution} if attribution else {})) for r in records]
         (folder / "voice.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
@@ -176,5 +178,8 @@ def test_pooled_draws_average_each_user_and_say_whether_gaps_repeat(tmp_path, ca
     assert "Voice measures, each user's values averaged over 2 draws" in (tmp_path / "pooled" / "pooled.md").read_text()
     _draw(tmp_path / "unkept", [True, True, True, True], voice=False)  # a run from before voice.jsonl
     assert "voice" not in pool_runs([str(tmp_path / "a"), str(tmp_path / "unkept")])
+    _draw(tmp_path / "one-draw", [True, True, True, True], attribution=None)  # attribution measured before round 52
+    with pytest.raises(DataError, match="one-draw: one candidate draw"):
+        pool_runs([str(tmp_path / "a"), str(tmp_path / "one-draw")])
     with pytest.raises(DataError, match="missing"):
         pool_runs([str(tmp_path / "a"), str(tmp_path / "missing")])
