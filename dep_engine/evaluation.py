@@ -330,7 +330,8 @@ def voice_and_hygiene(engine: DEPEngine, store: ReviewStore, samples: list[Sampl
     texts["real review"] = references
     values = {name: voice.per_sample(t, references, engine.encoder.encode(t), voices, profiles)
               for name, t in tqdm(texts.items(), desc="voice measures", leave=False)}
-    out = {"n": len(samples), "candidates": voice.CANDIDATES, "chance": voice.chance(), "methods": {}}
+    out = {"n": len(samples), "candidates": voice.CANDIDATES, "attribution": ATTRIBUTION_FORM, "chance": voice.chance(),
+           "methods": {}}
     gaps = voice_gaps(values, settings.seed)
     for name in texts:
         entry = voice.summary(values[name], settings.seed)
@@ -359,7 +360,8 @@ def pool_voice(folders: list[str], seed: int = 0) -> dict | None:
     draws = [{(r["method"], r["user_id"]): r for r in map(json.loads, path.read_text().splitlines())} for path in paths]
     forms = {str(path.parent): {r.get("attribution") or "one candidate draw" for r in draw.values()}
              for path, draw in zip(paths, draws)}
-    if len(set().union(*forms.values())) > 1:
+    (form, *others) = set().union(*forms.values())
+    if others:
         raise DataError("the runs measured attribution in different ways, which do not pool: "
                         + "; ".join(f"{run}: {', '.join(sorted(form))}" for run, form in forms.items())
                         + " (rescore the older runs: experiments/voice_values.py --attribution-changed)")
@@ -367,7 +369,8 @@ def pool_voice(folders: list[str], seed: int = 0) -> dict | None:
     users = sorted(u for u in {u for _, u in draws[0]} if all((n, u) in d for n in names for d in draws))
     per_draw = {n: {k: np.array([[d[(n, u)][k] for u in users] for d in draws]) for k in VOICE_MEASURES} for n in names}
     values = {n: {k: v.mean(axis=0) for k, v in measures.items()} for n, measures in per_draw.items()}
-    out = {"n": len(users), "draws": len(draws), "candidates": voice.CANDIDATES, "chance": voice.chance(), "methods": {}}
+    out = {"n": len(users), "draws": len(draws), "candidates": voice.CANDIDATES, "attribution": form,
+           "chance": voice.chance(), "methods": {}}
     gaps = voice_gaps(values, seed)
     for name in names:
         entry = {}

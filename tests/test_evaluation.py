@@ -108,7 +108,7 @@ def test_evaluation_reports_voice_hygiene_and_the_generic_baseline(tiny_engine, 
     assert "Voice measures" in (tmp_path / "eval" / "results.md").read_text()
     rows = [json.loads(line) for line in (tmp_path / "eval" / "voice.jsonl").read_text().splitlines()]
     assert len(rows) == 4 * (len(methods) + 1)  # every text and the real reviews
-    assert {r["attribution"] for r in rows} == {ATTRIBUTION_FORM}
+    assert {r["attribution"] for r in rows} == {ATTRIBUTION_FORM} and voice["attribution"] == ATTRIBUTION_FORM
     for name in ("dep", "real review"):
         top1 = [r["top1"] for r in rows if r["method"] == name]
         assert np.mean(top1) == pytest.approx(voice["methods"][name]["top1"]["mean"])
