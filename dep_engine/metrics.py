@@ -16,22 +16,40 @@ Differences between two systems are judged with a paired bootstrap over examples
 """
 from __future__ import annotations
 
+import threading
 from functools import lru_cache
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import numpy as np
 
 METRICS = ("rouge1", "rougeL", "meteor", "bleu")
 
+T = TypeVar("T")
+_loading = threading.Lock()
+_reading_wordnet = threading.Lock()  # nltk's WordNet reader seeks in shared files: one lookup at a time
 
-@lru_cache(maxsize=1)
+
+def _loaded_once(load: Callable[[], T]) -> Callable[[], T]:
+    """`load`, run once and one thread at a time. nltk imported from two threads at once (the app warms
+    the metrics in the background while a first request may score) fails on its circular imports, and
+    stays broken for the rest of the process: its half-imported submodules are left behind."""
+    cached = lru_cache(maxsize=1)(load)
+
+    def get() -> T:
+        with _loading:
+            return cached()
+
+    return get
+
+
+@_loaded_once
 def _rouge() -> Any:
     from rouge_score import rouge_scorer
 
     return rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
 
 
-@lru_cache(maxsize=1)
+@_loaded_once
 def _wordnet() -> Any:
     """nltk's WordNet reader on the folder that `ensure_wordnet` builds, loaded once (about 2 s).
 
@@ -59,21 +77,29 @@ def _wordnet() -> Any:
         return EnglishWordNet(nltk.data.find("corpora/wordnet"), None)
 
 
+@_loaded_once
+def _nltk_functions() -> tuple[Callable, Callable]:
+    from nltk.tokenize import wordpunct_tokenize
+    from nltk.translate.meteor_score import meteor_score
+
+    return wordpunct_tokenize, meteor_score
+
+
 def tokenize(text: str) -> list[str]:
     """METEOR's tokens: lower-cased `wordpunct_tokenize` (no model needed, unlike `word_tokenize`)."""
-    from nltk.tokenize import wordpunct_tokenize
-
+    wordpunct_tokenize, _ = _nltk_functions()
     return wordpunct_tokenize(text.lower())
 
 
 def meteor(hyp: str, ref: str) -> float:
     """nltk's METEOR of one hypothesis against one reference; 0 when either has no tokens."""
-    from nltk.translate.meteor_score import meteor_score
-
     hyp_tokens, ref_tokens = tokenize(hyp), tokenize(ref)
     if not hyp_tokens or not ref_tokens:
         return 0.0
-    return float(meteor_score([ref_tokens], hyp_tokens, wordnet=_wordnet()))
+    _, meteor_score = _nltk_functions()
+    wordnet = _wordnet()
+    with _reading_wordnet:
+        return float(meteor_score([ref_tokens], hyp_tokens, wordnet=wordnet))
 
 
 def score(hyp: str, ref: str) -> dict[str, float]:

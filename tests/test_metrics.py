@@ -9,6 +9,8 @@ import gzip
 import math
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -203,6 +205,49 @@ def test_empty_hypothesis_scores_zero(wn):
         metrics.score_many(["a"], ["a", "b"])
     with pytest.raises(ValueError):
         metrics.corpus_bleu(["a"], [])
+
+
+TWO_THREADS = """
+import importlib.abc, sys, threading, time
+
+class SlowNltk(importlib.abc.MetaPathFinder):  # widens the window in which nltk is half-imported
+    def find_spec(self, name, path, target=None):
+        if name == "nltk.collocations":
+            time.sleep(1.0)
+
+sys.meta_path.insert(0, SlowNltk())
+from dep_engine import metrics
+
+pairs = [("the strings sound bright and the neck feels fast", "bright tone, quick neck and good strings"),
+         ("a sturdy stand that holds my bass", "solid stand, it carries the heavy guitar well"),
+         ("cheap cable that crackles", "the cord is noisy and inexpensive")] * 40
+results, errors = {}, []
+
+def work(name, measure):
+    try:
+        results[name] = [measure(h, r) for h, r in pairs]
+    except Exception as err:
+        errors.append(repr(err)[:200])
+
+threads = [threading.Thread(target=work, args=("score", metrics.score)),   # imports rouge-score, then nltk
+           threading.Thread(target=work, args=("meteor", metrics.meteor))]  # imports nltk's METEOR first
+threads[0].start(); time.sleep(0.5); threads[1].start()
+for thread in threads:
+    thread.join()
+assert not errors, errors
+alone = [metrics.score(h, r) for h, r in pairs]
+assert results["score"] == alone and results["meteor"] == [s["meteor"] for s in alone]
+print("meteor", alone[0]["meteor"])
+"""
+
+
+def test_two_threads_can_score_at_once(wn):
+    # The app warms the metrics in a background thread while a first request may score, and Gradio runs
+    # different events in parallel. Unguarded, nltk's import failed on its circular imports (and stayed
+    # broken for the process), and its WordNet reader, which seeks in shared files, misread lines.
+    run = subprocess.run([sys.executable, "-c", TWO_THREADS], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert 0 < float(run.stdout.split()[-1]) < 1
 
 
 # ---------------------------------------------------------------- bootstrap
