@@ -1,5 +1,8 @@
 """Example histories for the demo's one-click examples. The reviews are written for the demo
 (not real Amazon reviews); their items are real catalog items, so their peers can be found."""
+from __future__ import annotations
+
+from typing import Mapping
 
 CSV_GUITARIST = """item_title,rating,review_title,review_text
 Snark SN1 Guitar Tuner,5,Fast and accurate,"I tune by ear most of the time, but on stage this little clip-on is faster than me. The display is bright enough for a dark bar and it grabs the note quickly, even on the low E. Battery has lasted months."
@@ -44,5 +47,14 @@ PASTED = [
     ["paste", JSONL_2023, "B0009G1E0K", "Protec Guitar Strap with Leather Ends and Pick Pocket, Black", "", 2,
      "Not for heavy basses", ""],
 ]
+
+
+def pasted(catalog: Mapping[str, object]) -> list[list]:
+    """The pasted-history examples, each product picked from the catalog only where the catalog holds it
+    (another pool's catalog lacks these musical-instruments ids; the typed title stands alone then)."""
+    item_id = PASTED_FIELDS.index("item_id")
+    return [[value if n != item_id or value in catalog else None for n, value in enumerate(row)] for row in PASTED]
+
+
 PASTED_LABELS = ["A guitarist's CSV → a clip-on tuner", "Amazon 2014 JSONL → a new product",
                  "Amazon 2023 JSONL, a critical reviewer → a strap"]

@@ -39,7 +39,7 @@ def _history_inputs(studio: Studio, ui: Components) -> None:
                             elem_id="source")
     with gr.Group(visible=True) as ui["bundled_group"]:
         ui["user_id"] = gr.Dropdown(studio.user_choices, value=default_user, label="Bundled reviewer",
-                                    info=f"{len(studio.user_ids):,} Amazon reviewers of musical instruments, "
+                                    info=f"{len(studio.user_ids):,} {studio.pool_name}, "
                                          "most reviews first; type to search", elem_id="user_id")
         ui["user_info"] = gr.Markdown(studio.user_summary(default_user), padding=True)
         with gr.Accordion("Their reviews, oldest first", open=False):
@@ -197,5 +197,5 @@ def build_examples(studio: Studio, ui: Components) -> None:
                         inputs=[ui[n] for n in ("source", "user_id", "k", "history_rule", "signals")],
                         label="Bundled reviewers", example_labels=[studio.user_label(u) for u in studio.example_users])
         with gr.Column():
-            gr.Examples(examples.PASTED, label="Pasted histories", example_labels=examples.PASTED_LABELS,
+            gr.Examples(examples.pasted(studio.items), label="Pasted histories", example_labels=examples.PASTED_LABELS,
                         inputs=[ui[n] for n in examples.PASTED_FIELDS])

@@ -15,6 +15,7 @@ import typing
 from collections import Counter
 from dataclasses import dataclass, fields, replace
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Iterator
 
 import pandas as pd
@@ -24,7 +25,7 @@ from dep_engine import metrics, parse_history
 from dep_engine.data import clean_text
 from dep_engine.prompt import shorten
 
-from . import evidence
+from . import evidence, texts
 from .gpu import on_gpu
 from .inputs import BASELINES, check_size, mode_for, parse_rating_input, table_message, table_to_text
 
@@ -109,6 +110,8 @@ class Studio:
                                       key=lambda c: c[0].lower())
         self.background = evidence.term_counts(r.text for r in engine.dataset.reviews)
         self.example_users = self._pick_example_users()
+        folder = Path(engine.config.data)
+        self.pool_name = texts.POOLS.get(folder.name, f"reviewers in {folder.name}")
         self.metrics_note = ""
         threading.Thread(target=self._warm_metrics, daemon=True).start()
 

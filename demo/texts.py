@@ -1,6 +1,9 @@
 """The page's words and styles, kept apart from the code that places them."""
 
 TITLE = "DEP Studio: personalized review generation"
+# Who the reviewers of each bundled pool are, by its folder's name; another pool is named by its folder.
+POOLS = {"amazon-mi-2014": "Amazon reviewers of musical instruments",
+         "amazon-gift-cards-2018": "Amazon reviewers of gift cards"}
 
 INTRO = """
 # DEP Studio · reviews in a person's own voice
@@ -73,11 +76,11 @@ API_HELP = """
 from gradio_client import Client
 client = Client("http://127.0.0.1:7860/")
 client.predict(limit=5, api_name="/users")                     # bundled users
-out = client.predict(user_id="ADH0O8UVJOT10", max_new_tokens=60, api_name="/review")
+out = client.predict(user_id="{user}", max_new_tokens=60, api_name="/review")
 out["baseline"], out["personalized"], out["metrics"], out["voice_check"], out["prompt"]
 client.predict(history=open("assets/examples/my_reviews.csv").read(), item_title="Snark SN-5 Tuner",
                rating=4, review_title="Handy", strength=1.5, api_name="/review")
-client.predict(user_id="ADH0O8UVJOT10", other_user_id="A2EZWZ8MBEDOLN", api_name="/compare")
+client.predict(user_id="{user}", other_user_id="{other}", api_name="/compare")
 ```
 """
 

@@ -6,6 +6,7 @@ test-output/app-browser.png (and in pytest's tmp_path).
 """
 from __future__ import annotations
 
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -258,3 +259,53 @@ def test_compare_two_reviewers_side_by_side(page):
     assert "Whose voice is it?" in status and status.count(" of 20") == 2
     first, second = (page.locator(f"#{side} textarea").input_value() for side in ("first-review", "second-review"))
     assert first.strip() and second.strip()
+
+
+GIFT_CARDS = "assets/data/amazon-gift-cards-2018"
+
+
+@pytest.fixture(scope="module")
+def gift_cards_url():
+    """A second app on the second bundled domain (`python app.py --data ...`), for this module only."""
+    from app_server import launch, stop_process
+
+    OUTPUT.mkdir(exist_ok=True)
+    process, url = launch(OUTPUT / "app-server-gift-cards.log", args=("--data", GIFT_CARDS))
+    yield url
+    stop_process(process)
+
+
+def test_another_domain_is_served_as_itself(browser, gift_cards_url):
+    from dep_engine.data import by_user, load_dataset
+
+    data = load_dataset(GIFT_CARDS)
+    users = by_user(data.reviews)
+    ranked = sorted(users, key=lambda u: (-len(users[u]), u))
+    most, second = ranked[:2]
+    described = next(u for u in ranked if data.items[users[u][-1].item_id].description)  # 145 of 148 items
+    page = browser.new_page(viewport={"width": 1440, "height": 1000})
+    page.set_default_timeout(30_000)
+    page.goto(gift_cards_url)
+    page.wait_for_selector("#generate")
+    # the picker names this pool, and the Python example uses its reviewers
+    sync_api.expect(page.locator("#user_id")).to_contain_text(f"{len(users)} Amazon reviewers of gift cards")
+    assert "musical instruments" not in page.locator("body").inner_text()
+    sync_api.expect(page.get_by_text("Use it from Python").locator("..")).to_contain_text(
+        f'user_id="{most}", other_user_id="{second}"')
+    # the pasted examples' products are not in this catalog: each still fills the form, with no error
+    for label in ("A guitarist's CSV → a clip-on tuner", "Amazon 2023 JSONL, a critical reviewer → a strap"):
+        page.get_by_text(label).click()
+        sync_api.expect(page.locator("#history textarea")).not_to_have_value("", timeout=15_000)
+        sync_api.expect(page.locator("#item_title textarea")).not_to_have_value("")
+        page.wait_for_timeout(1_000)
+        assert not page.locator(".toast-body").count(), page.locator(".toast-body").all_inner_texts()
+    # a bundled reviewer's product comes with its catalog description, and the prompt shows it
+    page.get_by_label("A bundled reviewer").check()
+    choose_user(page, described)
+    sync_api.expect(page.locator("#item_description textarea")).not_to_have_value("", timeout=15_000)
+    set_tokens(page, 8)
+    generate_and_wait(page)
+    page.get_by_role("tab", name="Prompt").click()
+    sync_api.expect(page.locator("#prompt textarea")).to_have_value(re.compile(r"\[Item Description\]: \w"))
+    page.screenshot(path=str(OUTPUT / "app-browser-gift-cards.png"), full_page=False)
+    page.close()
