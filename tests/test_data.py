@@ -57,6 +57,16 @@ def test_bundled_data_loads_with_titles(dataset):
     assert not any("&quot;" in item.title for item in dataset.items.values())
 
 
+def test_second_bundled_domain_loads_with_descriptions_and_splits():
+    gift_cards = load_dataset("assets/data/amazon-gift-cards-2018")
+    assert len(gift_cards.reviews) == 2959 and len(gift_cards.items) == 148
+    assert len({r.user_id for r in gift_cards.reviews}) == 457
+    assert sum(bool(item.description) for item in gift_cards.items.values()) == 145
+    assert all(r.item_id in gift_cards.items for r in gift_cards.reviews)
+    # the same hash rule holds out users here: none of them trained the adapter
+    assert len(splits.test_samples(gift_cards.reviews)) == 84 and len(validation_samples(gift_cards.reviews)) == 51
+
+
 def test_chronological_split_is_per_user_and_ordered(dataset):
     samples = chronological_split(dataset.reviews)
     by_split = {}
