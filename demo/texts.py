@@ -33,7 +33,9 @@ lower (ROUGE-1 −0.003, within noise). The past reviews carry most of what the 
 the likelihood of a user's real review, swapping in another person's past reviews costs about twenty times what
 swapping the hints for the average reviewer's does. Measured without sampling, the hints made a person's real
 review a little likelier than the average reviewer's in the paper's prompt (about 1.5 times over a 100-token
-review) and not measurably in this one, too little for one sampled text to show. The adapter's model card
+review) and not measurably in this one, too little for one sampled text to show. On 84 users of the bundled
+gift-card pool, a domain the adapter never saw (two draws), the picture is the same: ROUGE-1 0.107 personalized,
+0.099 generic, 0.093 with another person's hints, all within noise. The adapter's model card
 (`assets/adapter/README.md`) has every attempt; read the outputs as what the method does today.
 """
 
