@@ -11,6 +11,7 @@ from pathlib import Path
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 BUNDLED_DATA = ASSETS / "data" / "amazon-mi-2014"
+BUNDLED_GIFT_CARDS = ASSETS / "data" / "amazon-gift-cards-2018"  # a second domain, for checks
 BUNDLED_ADAPTER = ASSETS / "adapter"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -14,7 +14,10 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from app_server import OUTPUT, app_url  # noqa: E402
+from app_server import OUTPUT, app_url, launch, stop_process  # noqa: E402
+
+from dep_engine.data import by_user, load_dataset  # noqa: E402
+from dep_engine.paths import BUNDLED_GIFT_CARDS  # noqa: E402
 
 sync_api = pytest.importorskip("playwright.sync_api")
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -261,24 +264,17 @@ def test_compare_two_reviewers_side_by_side(page):
     assert first.strip() and second.strip()
 
 
-GIFT_CARDS = "assets/data/amazon-gift-cards-2018"
-
-
 @pytest.fixture(scope="module")
 def gift_cards_url():
     """A second app on the second bundled domain (`python app.py --data ...`), for this module only."""
-    from app_server import launch, stop_process
-
     OUTPUT.mkdir(exist_ok=True)
-    process, url = launch(OUTPUT / "app-server-gift-cards.log", args=("--data", GIFT_CARDS))
+    process, url = launch(OUTPUT / "app-server-gift-cards.log", args=("--data", str(BUNDLED_GIFT_CARDS)))
     yield url
     stop_process(process)
 
 
 def test_another_domain_is_served_as_itself(browser, gift_cards_url):
-    from dep_engine.data import by_user, load_dataset
-
-    data = load_dataset(GIFT_CARDS)
+    data = load_dataset(BUNDLED_GIFT_CARDS)
     users = by_user(data.reviews)
     ranked = sorted(users, key=lambda u: (-len(users[u]), u))
     most, second = ranked[:2]

@@ -5,6 +5,7 @@ import pytest
 
 from dep_engine.data import (DataError, chronological_split, load_dataset, parse_history, read_items, read_reviews)
 from dep_engine import splits
+from dep_engine.paths import BUNDLED_GIFT_CARDS
 from dep_engine.splits import derangement, training_samples, user_group, validation_samples
 
 R2014 = {"reviewerID": "U1", "asin": "A1", "overall": 4.0, "summary": "Nice &amp; cheap",
@@ -58,7 +59,7 @@ def test_bundled_data_loads_with_titles(dataset):
 
 
 def test_second_bundled_domain_loads_with_descriptions_and_splits():
-    gift_cards = load_dataset("assets/data/amazon-gift-cards-2018")
+    gift_cards = load_dataset(BUNDLED_GIFT_CARDS)
     assert len(gift_cards.reviews) == 2959 and len(gift_cards.items) == 148
     assert len({r.user_id for r in gift_cards.reviews}) == 457
     assert sum(bool(item.description) for item in gift_cards.items.values()) == 145
