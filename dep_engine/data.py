@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import hashlib
 import html
 import io
 import json
@@ -268,6 +269,14 @@ def deduplicate(reviews: Iterable[Review]) -> list[Review]:
         if key not in latest or review.timestamp >= latest[key].timestamp:
             latest[key] = review
     return list(latest.values())
+
+
+def data_fingerprint(reviews: Iterable[Review]) -> str:
+    """A short hash of a set of reviews, whatever their order: adapters record their training pool's."""
+    digest = hashlib.sha256()
+    for r in sorted(reviews, key=lambda r: (r.user_id, r.item_id, r.timestamp)):
+        digest.update(f"{r.user_id}\t{r.item_id}\t{r.timestamp}\t{r.rating}\t{r.title}\t{r.text}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 def by_user(reviews: Iterable[Review]) -> dict[str, list[Review]]:

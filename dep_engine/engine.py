@@ -20,8 +20,8 @@ import torch
 
 from . import hygiene, voice
 from .adapter import CONFIG_NAME, AdapterError, DEPAdapter, DEPAdapterConfig
-from .data import DataError, Dataset, Item, Review, Sample, by_user, load_dataset, parse_history, parse_rating, \
-    profile_before
+from .data import DataError, Dataset, Item, Review, Sample, by_user, data_fingerprint, load_dataset, parse_history, \
+    parse_rating, profile_before
 from .embeddings import BUNDLED_ENCODER, Encoder, style_set
 from .generation import Output, prompt_embeddings, stream
 from .llm import BUNDLED_LLM, CPU_DECODE_DTYPES, LLM, load_llm
@@ -170,6 +170,13 @@ class DEPEngine:
     @property
     def adapter_trained(self) -> bool:
         return self.adapter.config.trained
+
+    @cached_property
+    def population_from_another_pool(self) -> bool:
+        """Whether the generic reviewer, the average of the adapter's training samples, was drawn from other
+        reviews than the pool served (the adapter records its pool's fingerprint; older ones do not)."""
+        trained_on = self.adapter.config.training.get("data_fingerprint")
+        return bool(trained_on) and trained_on != data_fingerprint(self.dataset.reviews)
 
     @property
     def trained_soft_tokens_at(self) -> str:
@@ -341,6 +348,11 @@ class DEPEngine:
                 and any(get_mode(m).soft for m in modes)):
             notes.append(f"the adapter was trained with its soft tokens {self.trained_soft_tokens_at!r} and this "
                          f"prompt puts them {personalization.soft_tokens_at!r}: pass the layout it was trained with")
+        uses_population = any(get_mode(m).population or (get_mode(m).soft and personalization.strength != 1)
+                              for m in modes)  # generic, or a strength that mixes the user with the average
+        if self.adapter_trained and uses_population and self.population_from_another_pool:
+            notes.append("the generic reviewer is the average of the reviewers the adapter was trained on, "
+                         "another pool than this one")
         if not self.adapter_trained and any(get_mode(m).soft for m in modes):
             notes.append("the adapter is UNTRAINED: soft prompts are random projections, not personalization")
         return Prepared(context, readable, embeds, notes, timings, end_after_words(request.profile, sampling))

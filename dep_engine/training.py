@@ -24,7 +24,6 @@ it stores the population-average reviewer (mean his and diff vectors of the trai
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import random
@@ -41,7 +40,7 @@ from tqdm.auto import tqdm
 
 from .adapter import DEPAdapter, DEPAdapterConfig, active_fraction
 from .atomic import atomic_write
-from .data import Review, Sample
+from .data import Review, Sample, data_fingerprint
 from .engine import DEPEngine
 from .generation import guidance, prompt_embeddings
 from .llm import autocast_to, forward_setup, forward_with_cache
@@ -120,13 +119,6 @@ class Prepared:
     user_id: str
     mode: str = field(default="")
     item_id: str = field(default="")
-
-
-def data_fingerprint(reviews: list[Review]) -> str:
-    digest = hashlib.sha256()
-    for r in sorted(reviews, key=lambda r: (r.user_id, r.item_id, r.timestamp)):
-        digest.update(f"{r.user_id}\t{r.item_id}\t{r.timestamp}\t{r.rating}\t{r.title}\t{r.text}\n".encode())
-    return digest.hexdigest()[:16]
 
 
 def prepare(engine: DEPEngine, samples: list[Sample], settings: TrainSettings, desc: str,

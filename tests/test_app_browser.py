@@ -82,6 +82,7 @@ def test_pick_a_user_generate_and_screenshot(page, tmp_path):
     set_tokens(page, 16)
     generate_and_wait(page)
     assert page.locator("#real textarea").input_value().strip(), "the real review is shown for comparison"
+    assert "another pool" not in page.locator("#status").inner_text()  # the adapter's own pool
     sync_api.expect(page.locator("#metrics")).to_contain_text("ROUGE-1")
     sync_api.expect(page.locator("#voice")).to_contain_text("Whose voice is it?")
     sync_api.expect(page.locator("#voice")).to_contain_text("of 20")
@@ -301,6 +302,9 @@ def test_another_domain_is_served_as_itself(browser, gift_cards_url):
     sync_api.expect(page.locator("#item_description textarea")).not_to_have_value("", timeout=15_000)
     set_tokens(page, 8)
     generate_and_wait(page)
+    # generic's average reviewer is the musical-instruments training pool's: the status says so
+    sync_api.expect(page.locator("#status")).to_contain_text("the generic reviewer is the average of the reviewers "
+                                                             "the adapter was trained on, another pool than this one")
     page.get_by_role("tab", name="Prompt").click()
     sync_api.expect(page.locator("#prompt textarea")).to_have_value(re.compile(r"\[Item Description\]: \w"))
     page.screenshot(path=str(OUTPUT / "app-browser-gift-cards.png"), full_page=False)
