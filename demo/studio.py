@@ -113,6 +113,7 @@ class Studio:
         folder = Path(engine.config.data)
         self.pool_name = texts.POOLS.get(folder.name, f"reviewers in {folder.name}")
         self.metrics_note = ""
+        self._import_metrics()  # here, not in the thread below: `metrics.import_libraries` says why
         threading.Thread(target=self._warm_metrics, daemon=True).start()
 
     # ---- users and items ----
@@ -283,6 +284,12 @@ class Studio:
 
     # ---- metrics ----
 
+    def _import_metrics(self) -> None:
+        try:
+            metrics.import_libraries()
+        except Exception as err:  # noqa: BLE001 - scoring is a side panel; the reviews still show
+            self._metrics_failed(err)
+
     def _warm_metrics(self) -> None:
         """Loads WordNet for METEOR and the voice check's scale in the background, so the first request
         does not wait."""
@@ -303,9 +310,12 @@ class Studio:
         try:
             return metrics.score(hypothesis, reference)
         except Exception as err:  # noqa: BLE001 - scoring is a side panel; the reviews still show
-            self.metrics_note = f"Metrics are unavailable here ({type(err).__name__}: {err})."
-            log.info("metrics: %s", self.metrics_note)
+            self._metrics_failed(err)
             return None
+
+    def _metrics_failed(self, err: Exception) -> None:
+        self.metrics_note = f"Metrics are unavailable here ({type(err).__name__}: {err})."
+        log.info("metrics: %s", self.metrics_note)
 
 
 def describe_error(err: BaseException) -> str:

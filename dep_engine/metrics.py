@@ -30,9 +30,9 @@ _reading_wordnet = threading.Lock()  # nltk's WordNet reader seeks in shared fil
 
 
 def _loaded_once(load: Callable[[], T]) -> Callable[[], T]:
-    """`load`, run once and one thread at a time. nltk imported from two threads at once (the app warms
-    the metrics in the background while a first request may score) fails on its circular imports, and
-    stays broken for the rest of the process: its half-imported submodules are left behind."""
+    """`load`, run once and one thread at a time. nltk imported from two threads at once fails on its
+    circular imports, and stays broken for the rest of the process: its half-imported submodules are
+    left behind. (Imports of other libraries in other threads can break it too: see `import_libraries`.)"""
     cached = lru_cache(maxsize=1)(load)
 
     def get() -> T:
@@ -83,6 +83,23 @@ def _nltk_functions() -> tuple[Callable, Callable]:
     from nltk.translate.meteor_score import meteor_score
 
     return wordpunct_tokenize, meteor_score
+
+
+def import_libraries() -> None:
+    """Imports every library the metrics use, in the calling thread (1-2 s, once per process).
+
+    Call it before other threads may import anything, as the app does on start before it loads WordNet
+    in the background. nltk imports scikit-learn, SciPy and pandas; when another thread imports parts
+    of those at the same moment (sentence-transformers imports `sklearn.metrics`), Python's escape from
+    an import deadlock hands one thread a half-made module, and nltk stays broken for the process.
+    """
+    import nltk.corpus.reader.wordnet  # noqa: F401 - what `_wordnet` reads with
+    import sacrebleu.tokenizers.tokenizer_13a  # noqa: F401 - BLEU's tokenizer, otherwise imported on first use
+
+    from . import wordnet  # noqa: F401
+
+    _rouge()
+    _nltk_functions()
 
 
 def tokenize(text: str) -> list[str]:

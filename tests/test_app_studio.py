@@ -2,6 +2,9 @@
 every form field reaches the engine, and the page's generate event takes exactly the form's fields."""
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
@@ -115,3 +118,40 @@ def test_compare_two_reviewers_same_product_and_seed(studio):
     assert all(r["voice_check"]["candidates"] == 20 and 1 <= r["voice_check"]["rank"] <= 20 for r in out["reviews"])
     again = api.compare(studio, other_user_id=second, user_id=first, max_new_tokens=3, seed=5)
     assert again["reviews"] == out["reviews"]
+
+
+WARM_UP_IMPORTS = """
+import json, sys, threading
+
+sys.path.insert(0, "tests")
+from conftest import make_tiny_llm  # noqa: E402
+from dep_engine.engine import DEPEngine, EngineConfig  # noqa: E402
+from dep_engine.llm import load_tokenizer  # noqa: E402
+from demo.studio import Studio  # noqa: E402
+
+imported_by = {}
+sys.addaudithook(lambda event, args: event == "import" and imported_by.setdefault(
+    threading.current_thread().name, []).append(args[0]))
+engine = DEPEngine(EngineConfig(llm="tiny-random-llama", adapter=None), progress=False,
+                   llm=make_tiny_llm(load_tokenizer()))
+studio = Studio(engine)
+for thread in threading.enumerate():
+    if "_warm_metrics" in thread.name:
+        thread.join()
+print(sorted({m for m in imported_by.get("MainThread", []) if m.split(".")[0] in ("nltk", "sklearn", "scipy")})[:3])
+print(sorted({m for name, mods in imported_by.items() if name != "MainThread" for m in mods}))
+print(json.dumps(studio.score("the strings sound bright", "the strings sound bright")))
+"""
+
+
+def test_the_metrics_warm_up_imports_nothing_in_its_thread():
+    # The warm-up thread used to import nltk, which imports scikit-learn and SciPy, while the main thread
+    # imported sentence-transformers (which imports sklearn.metrics): one of them could be handed a
+    # half-made module, leaving nltk broken for the whole process (it failed CI that way). Now the
+    # Studio imports the metrics' libraries itself; its thread only reads WordNet and computes.
+    run = subprocess.run([sys.executable, "-c", WARM_UP_IMPORTS], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    main_imports, thread_imports, scores = run.stdout.strip().splitlines()[-3:]
+    assert main_imports != "[]"  # the libraries were imported, in the thread that built the Studio
+    assert thread_imports == "[]"
+    assert json.loads(scores)["rouge1"] == 1.0 and json.loads(scores)["meteor"] > 0.9  # and they work
