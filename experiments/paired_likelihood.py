@@ -9,8 +9,8 @@ and each share (one condition's loss minus another's, per sample) in each report
 default the own condition is `own` and the one share is the vectors' (population minus own).
 
     python experiments/paired_likelihood.py runs/round29/k8-w120.json --against runs/round29/k4-w120.json
-    python experiments/paired_likelihood.py assets/adapter/round30/whose-rag-turns.json \
-        --against assets/adapter/round30/whose-rag-quoted.json --own own_texts_population \
+    python experiments/paired_likelihood.py experiments/results/round30/whose-rag-turns.json \
+        --against experiments/results/round30/whose-rag-quoted.json --own own_texts_population \
         --share texts_share=other_texts_population-own_texts_population \
         --share own_texts_over_none=no_history-own_texts_population \
         --share other_texts_over_none=no_history-other_texts_population

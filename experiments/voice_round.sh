@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU round behind assets/adapter/README.md ("What was tried", round 3): train every variant at
+# The GPU round behind experiments/README.md ("What was tried", round 3): train every variant at
 # once on one GPU, read each one's likelihood control (and his-oracle) on the validation users, then
 # generate for the validation users (to choose) and the test users (to report the chosen one once).
 # Metrics and the voice measures are computed afterwards on a CPU from the generations (the same
