@@ -173,7 +173,7 @@ def convert(src: str | Path, out: str | Path, encoder: str = PAPER_ENCODER, over
     Written into a staging folder beside `out` and moved into place whole."""
     folder = resolve_source(src)
     out = Path(out).expanduser()
-    if out.exists() and any(out.iterdir()) and not overwrite:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise PaperCheckpointError(f"{out}: exists and is not empty (pass overwrite=True / --overwrite)")
     config = _read_config(folder)
     files = _weight_files(folder)
@@ -282,7 +282,8 @@ def cached_folder(src: str | Path, cache_dir: str | Path | None = None) -> Path:
     return Path(cache_dir or default_cache_dir()) / "paper" / f"{slug}-{digest.hexdigest()[:12]}"
 
 
-def convert_cached(src: str | Path = PAPER_CHECKPOINT, cache_dir: str | Path | None = None) -> PaperCheckpoint:
+def convert_cached(src: str | Path = PAPER_CHECKPOINT, cache_dir: str | Path | None = None,
+                   encoder: str = PAPER_ENCODER) -> PaperCheckpoint:
     """`src` converted once into the cache, as the bundled GGUF is de-quantized once; later calls reuse it."""
     out = cached_folder(src, cache_dir)
     if (out / MANIFEST).is_file():
@@ -290,7 +291,7 @@ def convert_cached(src: str | Path = PAPER_CHECKPOINT, cache_dir: str | Path | N
             return load(out)
         except PaperCheckpointError as err:
             log.warning("cached conversion %s is damaged (%s); converting again", out, err)
-    return convert(src, out, overwrite=True)
+    return convert(src, out, encoder=encoder, overwrite=True)
 
 
 # ---- command line ----------------------------------------------------------------------------------
@@ -312,14 +313,11 @@ def add_command(subparsers) -> argparse.ArgumentParser:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    try:
-        if args.out:
-            result = convert(args.src, args.out, encoder=args.encoder, overwrite=args.overwrite)
-        else:
-            result = convert_cached(args.src)
-    except PaperCheckpointError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    """The command's work; a PaperCheckpointError (a ValueError) propagates, as dep_engine.cli's main expects."""
+    if args.out:
+        result = convert(args.src, args.out, encoder=args.encoder, overwrite=args.overwrite)
+    else:
+        result = convert_cached(args.src, encoder=args.encoder)
     print(f"adapter: {result.folder}\nLLM:     {result.llm_dir}\nencoder: {result.encoder}")
     return 0
 
@@ -328,7 +326,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dep_engine.paper_checkpoint")
     add_command(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except PaperCheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover
