@@ -37,8 +37,10 @@ def review(studio: Studio, **arguments: Any) -> dict:
 
 
 def _source(arguments: dict) -> str:
+    """A history given (even empty or blank: it is then refused as empty) makes it a pasted one; an empty
+    text beside a user id is a client filling every field."""
     history = arguments.get("history")
-    return "paste" if isinstance(history, str) and history.strip() else "bundled"
+    return "paste" if isinstance(history, str) and (history or not arguments.get("user_id")) else "bundled"
 
 
 def review_form(studio: Studio, **arguments: Any) -> Form:
@@ -57,7 +59,7 @@ def review_form(studio: Studio, **arguments: Any) -> Form:
         if item is None:
             raise ValueError(f"item_id {form.item_id!r} is not in the catalog; give item_title instead")
         form.item_title, form.item_description = item.title, form.item_description or item.description
-    if form.history and form.history.strip():
+    if _source(arguments) == "paste":
         form.source = "paste"
         return form
     if not form.user_id:
@@ -100,7 +102,7 @@ def review_json(studio: Studio, job: Job, result, reference: str | None) -> dict
         voice_check=_voice_json(studio.voice_check(job, result), job),
         timings={name: round(seconds, 3) for name, seconds in result.timings.items()}, new_tokens=result.new_tokens,
         tokens_per_second=round(result.timings.get("tokens_per_second", 0.0), 2) or None,
-        notes=list(result.notes), adapter_trained=studio.engine.adapter_trained)
+        notes=job.notes + list(result.notes), adapter_trained=studio.engine.adapter_trained)
 
 
 def _voice_json(checks: dict, job: Job) -> dict | None:
@@ -174,9 +176,10 @@ def _endpoint(studio: Studio, call: Callable[..., dict], names: list[str], doc: 
               first: tuple[str, type, Any] | None = None) -> Callable[..., dict]:
     """An endpoint with one keyword argument per named field of `Form`, typed and defaulted as there
     (after `first`, an argument of its own); errors come back as one clear message."""
-    defaults = Form()
-    parameters = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=getattr(defaults, name),
-                                    annotation=FORM_TYPES[name]) for name in names]
+    defaults = dict(vars(Form()), history=None)  # None: no history given; "": an empty one
+    parameters = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=defaults[name],
+                                    annotation=FORM_TYPES[name] | None if defaults[name] is None else FORM_TYPES[name])
+                  for name in names]
     if first:
         parameters.insert(0, inspect.Parameter(first[0], inspect.Parameter.POSITIONAL_OR_KEYWORD, default=first[2],
                                                annotation=first[1]))

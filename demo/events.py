@@ -9,7 +9,7 @@ import gradio as gr
 from dep_engine import DataError, parse_history
 
 from . import render, texts
-from .inputs import MODE_TITLES, check_size, mode_for, mode_hint, read_upload
+from .inputs import MODE_TITLES, check_encoding, check_size, mode_for, mode_hint, read_upload
 from .layout import OUTPUTS, Components
 from .sharing import LLM_QUEUE, RequestLog, forget_upload
 from .studio import FORM_FIELDS, Form, Studio, describe_error
@@ -25,6 +25,8 @@ def wire(demo: gr.Blocks, studio: Studio, ui: Components) -> None:
     _wire_product(studio, ui)
     ui["signals"].change(on_signals, ui["signals"], [ui["signals_hint"], ui["personalized"]], queue=False, **QUIET)
     ui["sae_tab"].select(lambda figure: figure, ui["sae_figure"], ui["sae"], queue=False, **QUIET)
+    ui["peers_tab"].select(lambda table: gr.skip() if table is None else table, ui["peers_table"], ui["peers"],
+                           queue=False, **QUIET)
     _wire_generate(studio, ui)
     _wire_compare(studio, ui)
 
@@ -63,6 +65,9 @@ def _wire_product(studio: Studio, ui: Components) -> None:
         return [None, "", "", gr.skip(), "", ""]  # the rating alone says nothing about the old reviewer
 
     ui["source"].input(on_source, [ui["source"], ui["user_id"]], product, **QUIET)
+    # the last run's outputs, real review and metrics belong to the history just left
+    ui["source"].input(lambda: {ui[name]: value for name, value in render.cleared().items()}, None,
+                       [ui[n] for n in OUTPUTS], **QUIET)
 
     def on_catalog(item_id: str | None, source: str, user_id: str | None) -> list:
         item = studio.items.get(item_id or "")
@@ -101,6 +106,7 @@ def history_status(studio: Studio, text: str | None) -> str:
         return ""
     try:
         check_size(text)
+        check_encoding(text)
         reviews, items = parse_history(text, user_id="you")
     except DataError as err:
         return f"✖ {err}"

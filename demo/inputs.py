@@ -90,6 +90,9 @@ def read_upload(path: str | Path | None) -> str:
             raise DataError(f"upload {name}: a broken gzip file ({err})") from None
         if len(raw) > MAX_HISTORY_CHARS:
             raise DataError(f"upload {name}: unpacked, it is more than {MAX_HISTORY_CHARS / 1e6:.0f} MB")
+    if (encoding := _wide_encoding(raw)) is not None:
+        raise DataError(f"upload {name}: this text's encoding is {encoding}, not UTF-8; save it as UTF-8 "
+                        "(in most editors: Save as, Encoding) and upload it again")
     if b"\x00" in raw[:65536]:
         raise DataError(f"upload {name}: this is not a text file (it holds binary data); "
                         "upload JSONL, JSON or CSV")
@@ -98,6 +101,27 @@ def read_upload(path: str | Path | None) -> str:
     except UnicodeDecodeError as err:
         raise DataError(f"upload {name}: not UTF-8 text (byte {err.start} cannot be decoded); "
                         "upload JSONL, JSON or CSV saved as UTF-8") from None
+
+
+def _wide_encoding(raw: bytes) -> str | None:
+    """UTF-16 or UTF-32 text, by its byte-order mark or by the zero bytes of its ASCII characters."""
+    if raw[:4] in (b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff"):
+        return "UTF-32"
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return "UTF-16"
+    head = raw[:512]
+    if len(head) >= 8 and max(head[0::2].count(0), head[1::2].count(0)) >= 0.4 * len(head):
+        return "UTF-16"
+    return None
+
+
+def check_encoding(text: str) -> None:
+    """Refuses text read with the wrong encoding: full of U+FFFD (bytes that were not UTF-8) or of zero
+    characters (UTF-16 read as UTF-8), which would otherwise be refused for its CSV columns."""
+    unreadable = text.count("\ufffd") + text.count("\x00")
+    if unreadable >= 3 and unreadable >= 0.01 * len(text):
+        raise DataError(f"history: {unreadable} characters could not be read (shown as \ufffd or zero): the text "
+                        "was decoded with the wrong encoding (UTF-16 or another); paste or upload it as UTF-8")
 
 
 def check_size(text: str) -> None:

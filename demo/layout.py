@@ -10,12 +10,13 @@ from . import evidence, examples, texts
 from dep_engine import BOUNDS
 
 from .inputs import BASELINES, MODE_TITLES, SIGNALS, TABLE_HEADERS, mode_hint
+from .render import TIMINGS_EMPTY
 from .studio import ALL_SIGNALS, Form, Studio
 
 Components = dict[str, gr.components.Component]
 
 OUTPUTS = ("status", "baseline", "personalized", "voice", "compare_group", "real", "metrics", "selected", "peers",
-           "sae", "sae_figure", "terms", "terms_text", "prompt", "timings")
+           "peers_table", "sae", "sae_figure", "terms", "terms_text", "prompt", "timings")
 
 
 def build_inputs(studio: Studio) -> Components:
@@ -147,12 +148,13 @@ def build_evidence() -> Components:
             gr.Markdown(texts.PAST_REVIEWS_HELP, padding=True)
             ui["selected"] = gr.Dataframe(pd.DataFrame(columns=evidence.SELECTED_HEADERS), interactive=False,
                                           wrap=True, max_height=2000, elem_id="selected",
-                                          column_widths=["5%", "22%", "6%", "16%", "12%", "9%", "30%"])
-        with gr.Tab("Peers"):
+                                          column_widths=["5%", "22%", "6%", "16%", "13%", "9%", "29%"])
+        with gr.Tab("Peers") as ui["peers_tab"]:
             gr.Markdown(texts.PEERS_HELP, padding=True)
             ui["peers"] = gr.Dataframe(pd.DataFrame(columns=evidence.PEER_HEADERS), interactive=False, wrap=True,
                                        max_height=600, elem_id="peers",
-                                       column_widths=["5%", "20%", "17%", "8%", "9%", "41%"])
+                                       column_widths=["5%", "20%", "17%", "8%", "10%", "40%"])
+            ui["peers_table"] = gr.State()  # the latest rows: a table updated in a hidden tab shows none
         with gr.Tab("SAE codes") as ui["sae_tab"]:
             gr.Markdown(texts.SAE_HELP, padding=True, elem_id="sae-help")
             ui["sae"] = gr.Plot(show_label=False, elem_id="sae-plot")
@@ -165,7 +167,7 @@ def build_evidence() -> Components:
             ui["prompt"] = gr.Textbox(show_label=False, lines=14, max_lines=30, interactive=False, buttons=["copy"],
                                       placeholder="The personalized prompt appears here.", elem_id="prompt")
         with gr.Tab("Timings"):
-            ui["timings"] = gr.Markdown("Run a generation to see the time of each stage.", padding=True)
+            ui["timings"] = gr.Markdown(TIMINGS_EMPTY, padding=True)
     return ui
 
 

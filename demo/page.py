@@ -2,6 +2,8 @@
 and the named API endpoints (demo/api.py)."""
 from __future__ import annotations
 
+import os
+
 import gradio as gr
 
 from . import api, events, layout, texts
@@ -26,11 +28,37 @@ def build_demo(studio: Studio) -> gr.Blocks:
         layout.build_examples(studio, ui)
         with gr.Row():
             gr.Markdown(texts.HOW_IT_WORKS)
-            first, second = (studio.user_ids * 2)[:2]  # the pool's most prolific reviewers
-            gr.Markdown(texts.API_HELP.format(user=first, other=second))
+            api_example = gr.Markdown(api_help(studio, local_url()))
+
+        def show_api_help(request: gr.Request) -> str:
+            return api_help(studio, page_url(request))
+
+        demo.load(show_api_help, None, api_example, queue=False, api_visibility="private", show_progress="hidden")
         events.wire(demo, studio, ui)
         api.register(studio)
     return demo
+
+
+def api_help(studio: Studio, url: str) -> str:
+    """The Python example, with the pool's most prolific reviewers and this server's address."""
+    first, second = (studio.user_ids * 2)[:2]
+    return texts.API_HELP.format(user=first, other=second).replace("http://127.0.0.1:7860/", url)
+
+
+def local_url() -> str:
+    """The address app.py binds (its GRADIO_SERVER_NAME / GRADIO_SERVER_PORT), until a page load says better."""
+    host = os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1"
+    host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    return f"http://{host}:{os.environ.get('GRADIO_SERVER_PORT') or 7860}/"
+
+
+def page_url(request: gr.Request) -> str:
+    """The address the visitor's browser used (through a proxy: the proxy's), which gradio_client can use too."""
+    host = request.headers.get("x-forwarded-host") or request.headers.get("host")
+    if not host:
+        return local_url()
+    scheme = (request.headers.get("x-forwarded-proto") or getattr(request.url, "scheme", "http") or "http").split(",")[0]
+    return f"{scheme}://{host}/"
 
 
 def theme() -> gr.themes.Base:

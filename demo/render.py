@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 from typing import Any
 
+import gradio as gr
 import pandas as pd
 
 from dep_engine.prompt import shorten
@@ -12,6 +13,9 @@ from dep_engine.prompt import shorten
 from . import evidence, texts
 from .inputs import mode_name
 from .studio import Job, Studio
+
+
+TIMINGS_EMPTY = "Run a generation to see the time of each stage."
 
 
 def error_markdown(message: str) -> str:
@@ -26,13 +30,13 @@ def notes_markdown(notes: list[str]) -> str:
 
 def working_status(job: Job, result) -> str:
     return (f"Working: writing… {result.new_tokens} of at most {job.sampling.max_new_tokens} tokens · "
-            f"{result.timings.get('tokens_per_second', 0.0):.1f} tokens/s per output" + notes_markdown(result.notes))
+            f"{result.timings.get('tokens_per_second', 0.0):.1f} tokens/s per output" + notes_markdown(job.notes + result.notes))
 
 
 def done_status(job: Job, result) -> str:
     return (f"✓ Done: {result.new_tokens} tokens in {result.timings.get('generation', 0):.1f} s "
             f"({result.timings.get('tokens_per_second', 0.0):.1f} tokens/s per output) for {job.who}."
-            + notes_markdown(result.notes))
+            + notes_markdown(job.notes + result.notes))
 
 
 def timings_panel(studio: Studio, result) -> str:
@@ -74,17 +78,28 @@ def compare_voice(jobs: list[Job], checks: list[dict]) -> str:
                                       others=candidates - 1, chance=(candidates + 1) / 2)
 
 
+def cleared() -> dict[str, Any]:
+    """Every output of a generation as before the first one: what a page shows once the history changes."""
+    return dict(status=texts.READY, baseline="", personalized="", voice="", compare_group=gr.update(visible=False),
+                real="", metrics="", selected=pd.DataFrame(columns=evidence.SELECTED_HEADERS),
+                peers=pd.DataFrame(columns=evidence.PEER_HEADERS), peers_table=None, sae=None, sae_figure=None,
+                terms=texts.TERMS_HELP,
+                terms_text="", prompt="", timings=TIMINGS_EMPTY)
+
+
 def evidence_panels(studio: Studio, context) -> dict[str, Any]:
     """The evidence tabs of one generation: past reviews used, peers, SAE codes, distinctive words."""
     if not context.selected:
         empty = "No past review was used, so there is nothing to explain." + notes_markdown(context.notes)
+        peers = pd.DataFrame(columns=evidence.PEER_HEADERS)
         return dict(selected=pd.DataFrame(columns=evidence.SELECTED_HEADERS),
-                    peers=pd.DataFrame(columns=evidence.PEER_HEADERS), sae=None, sae_figure=None, terms=empty,
+                    peers=peers, peers_table=peers, sae=None, sae_figure=None, terms=empty,
                     terms_text="")
     mine, theirs = studio.terms(context)
     figure = studio.sae_figure(context)
+    peers = pd.DataFrame(evidence.peer_rows(context), columns=evidence.PEER_HEADERS)
     return dict(selected=pd.DataFrame(evidence.selected_rows(context), columns=evidence.SELECTED_HEADERS),
-                peers=pd.DataFrame(evidence.peer_rows(context), columns=evidence.PEER_HEADERS),
+                peers=peers, peers_table=peers,
                 sae=figure, sae_figure=figure, terms=_terms_markdown(context, mine, theirs),
                 terms_text=_marked_reviews(context, {t.term for t in mine}))
 

@@ -13,7 +13,7 @@ import threading
 import traceback
 import typing
 from collections import Counter
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
@@ -27,7 +27,7 @@ from dep_engine.prompt import shorten
 
 from . import evidence, texts
 from .gpu import on_gpu
-from .inputs import BASELINES, check_size, mode_for, parse_rating_input, table_message, table_to_text
+from .inputs import BASELINES, check_encoding, check_size, mode_for, parse_rating_input, table_message, table_to_text
 
 log = logging.getLogger("dep_studio.app")
 
@@ -78,6 +78,7 @@ class Job:
     sampling: SamplingSettings
     who: str                            # "bundled user X (41 earlier reviews)", "your history (3 reviews)"
 
+    notes: list[str] = field(default_factory=list)  # what the page and the API say beside the engine's notes
 
 ENGINE: dict[str, DEPEngine] = {}  # this process's engine, kept out of the GPU function's arguments
 
@@ -209,7 +210,7 @@ class Studio:
             request = Request(profile=reviews, item=item, rating=rating, review_title=title, extra_items=items)
             who = f"your history ({len(reviews)} reviews)"
         request.validate()
-        return Job(request, form.baseline_mode, mode, personalization, sampling, who)
+        return Job(request, form.baseline_mode, mode, personalization, sampling, who, repeated_note(request.profile))
 
     def _pasted_history(self, form: Form) -> tuple[list, dict] | None:
         """(reviews, their items) of a pasted or typed history, checked first so that its errors come
@@ -218,6 +219,7 @@ class Studio:
             check_size(form.history or "")
             return parse_history(form.history or "", user_id="you")
         if form.source == "table":
+            check_encoding(form.history or "")
             try:
                 return parse_history(table_to_text(form.table), user_id="you")
             except DataError as err:
@@ -320,6 +322,16 @@ class Studio:
 
 def describe_error(err: BaseException) -> str:
     """The message a person sees: the engine's own wording for bad input, a short line otherwise."""
+def repeated_note(profile: list) -> list[str]:
+    """A note when past reviews repeat one another's text: the engine uses each text once (`ReviewStore.select`)."""
+    counts = Counter(" ".join(r.text.lower().split()) for r in profile)
+    repeats = {text: n for text, n in counts.items() if n > 1}
+    if not repeats:
+        return []
+    texts_ = "1 text" if len(repeats) == 1 else f"{len(repeats)} texts"
+    return [f"{sum(repeats.values())} past reviews are copies of {texts_}: each text is used once"]
+
+
     if isinstance(err, (DataError, ValueError)):
         return str(err)
     # the traceback without the message: a message can quote what the visitor typed
