@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-step set-up on a machine with Python 3.11 and pip. `bash setup.sh` installs what the demo
 # needs; `bash setup.sh --dev` also installs what the tests need (pytest, Playwright with Debian's
-# chromium, WordNet for METEOR). Safe to run again: installed pieces are skipped quickly.
+# chromium, WordNet for METEOR, and vLLM in its own .venv-vllm/ for the vLLM backend's tests). Safe to run
+# again: installed pieces are skipped quickly.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
@@ -29,4 +30,14 @@ if [[ "${1:-}" == "--dev" ]]; then
     $SUDO apt-get install -y -q chromium wordnet-base wordnet-sense-index >/dev/null
   fi
   $PY -m dep_engine.wordnet  # builds nltk_data/ from Debian's WordNet, for METEOR
+  # vLLM, for the vLLM backend's tests, in its own environment (its pins would downgrade the project's
+  # transformers and fastapi): .venv-vllm/, about 3 GB and 2.5 minutes once; redone when
+  # requirements-vllm.txt changes.
+  if ! cmp -s requirements-vllm.txt .venv-vllm/requirements-vllm.txt; then
+    rm -rf .venv-vllm
+    $PY -m venv .venv-vllm
+    .venv-vllm/bin/python -m pip install -q -r requirements-vllm.txt
+    .venv-vllm/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+    cp requirements-vllm.txt .venv-vllm/requirements-vllm.txt
+  fi
 fi
