@@ -30,7 +30,7 @@ WITHHELD = "▇▇▇"  # no "[": hygiene cuts a text at the first bracket
 # Entries of the list that are ordinary words in product reviews (gear, hardware, plain complaints).
 # With the whole list, 7.8% of the bundled pool's 9,025 real reviews were flagged, mostly for "knob",
 # "screw", "strip", "muff" (a fuzz pedal), "pot" (a potentiometer), "fat" (a tone) and mild complaints
-# ("crap", "sucks", "hell"); without these, 0.4% (README, "Content safety").
+# ("crap", "sucks", "hell"); without these, 0.5% (README, "Content safety").
 ALLOWED = frozenset("""
     knob nob screw screwed screwing strip muff pot fat flange organ lube stroke fingering wedgie hump woody
     slope whiz maxi pawn puss kill drunk slave naked junky trashy niggle snatch lust lusting erect
@@ -87,7 +87,14 @@ class WordMask(LogitsProcessor):
     prefix of a listed word to the tokens that are the rest of it (any split, so any tokenization of
     the prefix is caught), `bare` holds the tokens that are a whole word (banned where the text so far
     ends at a word boundary), `always` the tokens that hold a whole word after a space or mark of their
-    own (" slut"). A step costs, per row, one join of its last tokens' texts and a few dict look-ups."""
+    own (" slut"). A step costs, per row, one join of its last tokens' texts and a few dict look-ups.
+
+    Only a banned token the model gives at least `MIN_P` is masked: masking moves the top-p nucleus and so the
+    sampling noise of every later step, and the ~100 tokens banned everywhere (" ass", " Nazi") hold 1e-4 to
+    6e-4 of the mass at a review's start, so masking them all changed every text of a run; a listed word drawn
+    below `MIN_P` (most such tokens begin other words: " Ass" + "ign") is withheld after decoding."""
+
+    MIN_P = 1e-3
 
     def __init__(self, tokenizer, words: tuple[str, ...] | None = None):
         words = words if words is not None else listed_words()
@@ -121,8 +128,10 @@ class WordMask(LogitsProcessor):
         return out
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        probs = scores.float().softmax(-1)
         for row, ids in enumerate(input_ids.tolist()):
-            scores[row, torch.cat(self.banned(ids)).to(scores.device)] = -float("inf")
+            banned = torch.cat(self.banned(ids)).to(scores.device)
+            scores[row, banned[probs[row, banned] >= self.MIN_P]] = -float("inf")
         return scores
 
 

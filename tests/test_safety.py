@@ -126,5 +126,7 @@ def test_evaluate_with_the_filter_on_writes_no_listed_word(bundled_engine, tmp_p
     assert results["settings"]["sampling"]["content_filter"] is True
 
     control = _evaluate(bundled_engine, tmp_path / "off", False, generate_only=True)
-    assert any(set(w.lower() for w in safety.find(r["text"])) & set(COMMON) for r in control), \
-        "without the filter the model writes the common words: the run above could have failed"
+    written = sum(len(safety.find(r["text"])) for r in control)
+    assert written >= 5, "without the filter the model writes the common words: the run above could have failed"
+    drawn = sum(len(safety.find(r["raw"])) for r in records)  # what the mask let through to the check after it
+    assert drawn <= written / 4, f"the mask kept {written - drawn} of {written} listed words out of decoding"
