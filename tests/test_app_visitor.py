@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -87,14 +88,27 @@ def _log_lines() -> list[str]:
 
 @pytest.mark.parametrize("history", ["", "   \n\t  "], ids=["empty", "whitespace"])
 def test_an_empty_history_is_called_empty_and_logged_as_pasted(client, history):
-    before = len(_log_lines())
+    started = datetime.now().replace(microsecond=0)
     with pytest.raises(AppError) as caught:
         client.predict(history=history, item_title="A tuner", rating=4, max_new_tokens=TOKENS, api_name="/review")
     assert "history: it is empty" in str(caught.value)
     deadline = time.monotonic() + 10
-    while not (lines := [line for line in _log_lines()[before:] if "api: source=" in line]) and time.monotonic() < deadline:
+    while not (lines := _api_lines_since(started)) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert lines and "source=paste" in lines[-1] and "error=DataError" in lines[-1], lines
+
+
+def _api_lines_since(started: datetime) -> list[str]:
+    """The server log's /review lines (one per request, `sharing.RequestLog`) written from `started` on."""
+    lines = []
+    for line in _log_lines():
+        try:
+            when = datetime.strptime(line[:19], "%Y-%m-%d %H:%M:%S")
+        except ValueError:
+            continue
+        if when >= started and "dep_studio.requests: api: source=" in line:
+            lines.append(line)
+    return lines
 
 
 def test_text_of_another_encoding_is_refused_for_its_encoding(client):
