@@ -77,8 +77,8 @@ class Job:
     personalization: PersonalizationSettings
     sampling: SamplingSettings
     who: str                            # "bundled user X (41 earlier reviews)", "your history (3 reviews)"
-
     notes: list[str] = field(default_factory=list)  # what the page and the API say beside the engine's notes
+
 
 ENGINE: dict[str, DEPEngine] = {}  # this process's engine, kept out of the GPU function's arguments
 
@@ -217,9 +217,9 @@ class Studio:
         first; None for a bundled user."""
         if form.source == "paste":
             check_size(form.history or "")
+            check_encoding(form.history or "")
             return parse_history(form.history or "", user_id="you")
         if form.source == "table":
-            check_encoding(form.history or "")
             try:
                 return parse_history(table_to_text(form.table), user_id="you")
             except DataError as err:
@@ -320,8 +320,6 @@ class Studio:
         log.info("metrics: %s", self.metrics_note)
 
 
-def describe_error(err: BaseException) -> str:
-    """The message a person sees: the engine's own wording for bad input, a short line otherwise."""
 def repeated_note(profile: list) -> list[str]:
     """A note when past reviews repeat one another's text: the engine uses each text once (`ReviewStore.select`)."""
     counts = Counter(" ".join(r.text.lower().split()) for r in profile)
@@ -332,6 +330,8 @@ def repeated_note(profile: list) -> list[str]:
     return [f"{sum(repeats.values())} past reviews are copies of {texts_}: each text is used once"]
 
 
+def describe_error(err: BaseException) -> str:
+    """The message a person sees: the engine's own wording for bad input, a short line otherwise."""
     if isinstance(err, (DataError, ValueError)):
         return str(err)
     # the traceback without the message: a message can quote what the visitor typed
