@@ -45,7 +45,9 @@ from demo import texts  # noqa: E402
 from demo.page import build_demo, theme  # noqa: E402
 from demo.sharing import MAX_PENDING, share_fairly  # noqa: E402
 from demo.studio import DEFAULT_TIME_BUDGET_S, Studio  # noqa: E402
-from dep_engine import AdapterError, DataError, DEPEngine, EngineConfig  # noqa: E402
+from dep_engine import AdapterError, DataError, EngineConfig  # noqa: E402
+from dep_engine.cli import add_options, engine_config  # noqa: E402
+from dep_engine.paper_engine import build_engine  # noqa: E402
 
 log = logging.getLogger("dep_studio.app")
 
@@ -70,10 +72,8 @@ def ensure_bundled_models() -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="DEP Studio demo (Gradio)")
-    parser.add_argument("--data", default=EngineConfig.data, help="reviews file or folder (default: bundled)")
-    parser.add_argument("--adapter", default=EngineConfig.adapter, help="trained DEP adapter folder")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    parser.add_argument("--no-4bit", action="store_true", help="on CUDA, load the LLM in bf16 instead of 4-bit NF4")
+    add_options(parser, EngineConfig, "models and data",
+                only=("data", "adapter", "device", "four_bit", "preset", "paper_encoder", "allow_cpu"))
     parser.add_argument("--time-budget", type=float, default=DEFAULT_TIME_BUDGET_S, metavar="SECONDS",
                         help="decoding of one generation stops after this long, keeping what was written")
     parser.add_argument("--max-pending", type=int, default=MAX_PENDING, metavar="N",
@@ -90,11 +90,9 @@ def main(argv: list[str] | None = None) -> None:
     if ON_SPACE:
         ensure_bundled_models()
     log.info("loading the engine (data, encoder, LLM, adapter)…")
-    config = EngineConfig(data=args.data, adapter=args.adapter, device=args.device,
-                          four_bit=False if args.no_4bit else None)
     try:
-        engine = DEPEngine(config, progress=False)
-    except (DataError, AdapterError) as err:  # a bad --data or --adapter: one line, not a traceback
+        engine = build_engine(engine_config(args), progress=False)
+    except (DataError, AdapterError, ValueError) as err:  # a bad --data, --adapter or preset: one line, no traceback
         raise SystemExit(f"error: {err}") from None
     demo = build_demo(Studio(engine, time_budget_s=args.time_budget))
     log.info("ready in %.0f s (adapter trained: %s)", time.perf_counter() - began, engine.adapter_trained)

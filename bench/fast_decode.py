@@ -163,7 +163,8 @@ def bf16_greedy(old, embeds, greedy_tokens: int):
     """The PyTorch path's greedy tokens: fp32 prompt, cache handed to the bf16 copy (as the engine does)."""
     import torch
 
-    from dep_engine.generation import _prefill, left_pad
+    from dep_engine.generation import _prefill
+    from dep_engine.soft_prompt import left_pad
 
     decoder = old.decoder()
     batch, mask = left_pad([embeds])
@@ -178,6 +179,7 @@ def quality(fast_paths: dict, old, embeds_list, greedy_tokens: int) -> list[list
     import torch
     from transformers import StoppingCriteriaList
 
+    from dep_engine.onnx_decode import decoder_for
     from dep_engine.settings import SamplingSettings
 
     settings = SamplingSettings(temperature=0.0, max_new_tokens=greedy_tokens)
@@ -188,7 +190,7 @@ def quality(fast_paths: dict, old, embeds_list, greedy_tokens: int) -> list[list
             ref = old.model.generate(inputs_embeds=embeds[None], max_new_tokens=greedy_tokens, do_sample=False,
                                      min_new_tokens=greedy_tokens, pad_token_id=old.tokenizer.pad_token_id)[0]
         row = [len(embeds)]
-        for decoder in (llm.onnx_decoder() for llm in fast_paths.values()):
+        for decoder in (decoder_for(llm) for llm in fast_paths.values()):
             error = (torch.from_numpy(decoder.first_logits([embeds])[0]) - ref_logits).abs()
             fast = decoder.decode([embeds], settings, StoppingCriteriaList(), -1, -1)[0]
             row += [f"{float(error.max()):.2f} / {float(error.mean()):.3f}",

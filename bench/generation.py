@@ -270,7 +270,7 @@ def main() -> None:
     import torch
 
     from dep_engine import DEPEngine
-    from dep_engine.generation import prompt_embeddings
+    from dep_engine.soft_prompt import prompt_embeddings
     from dep_engine.llm import load_llm
 
     _common.header("bench/generation.py -- decoding with soft prompts, and against the memory-bandwidth limit",

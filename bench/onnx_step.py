@@ -29,10 +29,11 @@ def decoder_and_cache(context: int):
     import torch
 
     from dep_engine.llm import load_llm, resolve_llm
+    from dep_engine.onnx_decode import decoder_for
     from dep_engine.onnx_model import converted_folder
 
     llm = load_llm(device="cpu")
-    decoder = llm.onnx_decoder()
+    decoder = decoder_for(llm)
     folder = converted_folder(resolve_llm(llm.name)[0], kv_cache=llm.onnx_kv_cache)
     ids = torch.randint(0, len(llm.tokenizer) - 1, (2, context), generator=torch.Generator().manual_seed(0))
     return decoder, folder, [llm.embed(row).detach() for row in ids]

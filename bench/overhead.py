@@ -55,7 +55,7 @@ def full_generation(engine, request, personalization, sampling, new_tokens, n_th
     engine's generate arguments (min_new_tokens forces the length, so every run decodes as much)."""
     import torch
 
-    from dep_engine.generation import left_pad
+    from dep_engine.soft_prompt import left_pad
 
     llm = engine.llm
     cpu = time.process_time()

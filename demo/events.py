@@ -194,7 +194,7 @@ def _generate(studio: Studio, form: Form, record: RequestLog) -> Iterator[dict[s
         yield dict(status=render.error_markdown("the engine returned nothing"))
         return
     final = dict(timings=render.timings_panel(studio, result), status=render.done_status(job, result),
-                 voice=render.voice_panel(job, studio.voice_check(job, result)),
+                 voice=render.voice_panel(job, studio.voice_check(job, result), studio.measurements.voice_note),
                  max_new_tokens=gr.update(info=studio.speed_hint()))
     if reference:
         final["metrics"] = render.metrics_panel(studio, job, result, reference)

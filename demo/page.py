@@ -6,6 +6,8 @@ import os
 
 import gradio as gr
 
+from dep_engine.choices import Preset
+
 from . import api, events, layout, texts
 from .sharing import DELETE_CACHE
 from .studio import Studio
@@ -15,9 +17,12 @@ def build_demo(studio: Studio) -> gr.Blocks:
     with gr.Blocks(title=texts.TITLE, delete_cache=DELETE_CACHE) as demo:
         gr.Markdown(texts.INTRO)
         with gr.Accordion("What the measurements say", open=False):
-            gr.Markdown(texts.MEASUREMENTS)
+            gr.Markdown(studio.measurements.summary)
         if not studio.engine.adapter_trained:
             gr.Markdown(texts.UNTRAINED, elem_classes="dep-banner")
+        if studio.engine.config.preset == Preset.PAPER:
+            gr.Markdown(texts.PAPER_PRESET.format(llm=studio.engine.config.llm, adapter=studio.engine.config.adapter),
+                        elem_classes="dep-banner")
         with gr.Row(equal_height=False):
             with gr.Column(scale=5, min_width=380):
                 ui = layout.build_inputs(studio)

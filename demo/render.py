@@ -53,7 +53,7 @@ def metrics_panel(studio: Studio, job: Job, result, reference: str) -> str:
                                                           "not a benchmark.")
 
 
-def voice_panel(job: Job, checks: dict) -> str:
+def voice_panel(job: Job, checks: dict, note: str = "") -> str:
     """Each output's author rank among bundled reviewers and its drift, as `evaluate` measures them."""
     if not checks:
         return ""
@@ -65,7 +65,7 @@ def voice_panel(job: Job, checks: dict) -> str:
                  f"drifted toward *{html.escape(shorten(check.drifted_to, 10), quote=False)}* (a past review's item)")
         rows.append(f"| {mode_name(mode)} | **{check.rank}** of {check.candidates} | {about} |")
     head = texts.VOICE_HEAD.format(others=candidates - 1, chance=(candidates + 1) / 2)
-    return head + "\n\n" + "\n".join(rows) + "\n\n" + texts.VOICE_NOTE
+    return head + "\n\n" + "\n".join(rows) + "\n\n" + note
 
 
 def compare_voice(jobs: list[Job], checks: list[dict]) -> str:

@@ -22,12 +22,14 @@ import pandas as pd
 
 from dep_engine import DataError, DEPEngine, Item, PersonalizationSettings, Request, Result, SamplingSettings
 from dep_engine import metrics, parse_history
+from dep_engine.choices import Preset
 from dep_engine.data import clean_text
 from dep_engine.prompt import shorten
 
 from . import evidence, texts
 from .gpu import on_gpu
 from .inputs import BASELINES, check_encoding, check_size, mode_for, parse_rating_input, table_message, table_to_text
+from .measurements import Measurements
 
 log = logging.getLogger("dep_studio.app")
 
@@ -110,6 +112,7 @@ class Studio:
         self.catalog_choices = sorted(((item.title or item_id, item_id) for item_id, item in self.items.items()),
                                       key=lambda c: c[0].lower())
         self.background = evidence.term_counts(r.text for r in engine.dataset.reviews)
+        self.measurements = Measurements.of_adapter(engine.config.adapter)
         self.example_users = self._pick_example_users()
         folder = Path(engine.config.data)
         self.pool_name = texts.POOLS.get(folder.name, f"reviewers in {folder.name}")
@@ -210,7 +213,12 @@ class Studio:
             request = Request(profile=reviews, item=item, rating=rating, review_title=title, extra_items=items)
             who = f"your history ({len(reviews)} reviews)"
         request.validate()
-        return Job(request, form.baseline_mode, mode, personalization, sampling, who, repeated_note(request.profile))
+        notes = repeated_note(request.profile)
+        baseline = form.baseline_mode
+        if self.engine.config.preset == Preset.PAPER and (mode, baseline) != ("dep", "nonperso"):
+            notes.append(texts.PAPER_MODES_NOTE)  # the authors' checkpoint writes these two (`paper_engine`)
+            mode, baseline = "dep", "nonperso"
+        return Job(request, baseline, mode, personalization, sampling, who, notes)
 
     def _pasted_history(self, form: Form) -> tuple[list, dict] | None:
         """(reviews, their items) of a pasted or typed history, checked first so that its errors come

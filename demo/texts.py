@@ -10,7 +10,7 @@ INTRO = """
 
 A small language model (SmolLM2-135M) is given a **product**, the **star rating** and the **title** of a review,
 and writes the review text twice, side by side: as a **generic reviewer** would, and **personalized with DEP**
-(*difference-aware embedding-based personalization*, [Zhu et al. 2025](https://arxiv.org/abs/2507.20849)). DEP
+(*difference-aware embedding-based personalization*, [Qiu et al. 2025](https://arxiv.org/abs/2507.20849)). DEP
 shows the model a few of the person's past reviews, and next to each one two compact hints: ***his***, an embedding
 of what that review says, and ***diff***, an embedding of how it differs from what *other* people wrote about the
 same product. The generic reviewer gets the very same prompt, this person's past reviews included, with the
@@ -24,20 +24,28 @@ The numbers are under *What the measurements say*.
 is filled in, so you can compare · ③ press **Generate**. Or click one of the examples at the bottom.
 """
 
+# Filled from the adapter's shipped evaluation (demo/measurements.py).
 MEASUREMENTS = """
-On 217 held-out users (three draws each): ROUGE-1 0.221 personalized against 0.219 generic, METEOR 0.191 against
-0.191 (within noise); the plain model without any history, selectable under ③, scores 0.167 and 0.142. An
-authorship test ranks either side's text first for its author among 20 reviewers about one time in five (the real
-reviews one in three; chance one in twenty). With another person's hints the personalized side scores a little
-lower (ROUGE-1 −0.003, within noise). The past reviews carry most of what the model takes from a person: in
-the likelihood of a user's real review, swapping in another person's past reviews costs about twenty times what
-swapping the hints for the average reviewer's does. Measured without sampling, the hints made a person's real
-review a little likelier than the average reviewer's in the paper's prompt (about 1.5 times over a 100-token
-review) and not measurably in this one, too little for one sampled text to show. On 84 users of the bundled
-gift-card pool, a domain the adapter never saw (two draws), the picture is the same: ROUGE-1 0.107 personalized,
-0.099 generic, 0.093 with another person's hints, all within noise. The adapter's model card
-(`assets/adapter/README.md`) has every attempt; read the outputs as what the method does today.
+On {users} held-out users ({draws}): ROUGE-1 {dep_rouge:.3f} personalized against {generic_rouge:.3f} generic, METEOR
+{dep_meteor:.3f} against {generic_meteor:.3f}; the plain model without any history, selectable under ③, scores
+{plain_rouge:.3f} and {plain_meteor:.3f}. An authorship test ranks a personalized text first for its author among 20
+reviewers {dep_top1:.0%} of the time, a generic one {generic_top1:.0%} (the real reviews {real_top1:.0%}; chance 5%).
+With another person's hints the personalized side's ROUGE-1 changes by {shuffled_gap:+.3f}. The past reviews carry
+most of what this small model takes from a person; the hints add too little for one sampled text to show. The
+adapter's model card (`assets/adapter/README.md`) reports the evaluation, and `experiments/README.md` every
+attempt; read the outputs as what the method does today.
 """
+
+PAPER_PRESET = """**The paper preset:** the authors' released DEP checkpoint, `{llm}` with their SAE and projectors
+(`{adapter}`), each request built exactly as their code builds it (BGE-M3 vectors, their history, peers, prompt and
+marker tokens: `docs/paper-preset.md`). It writes DEP beside the plain LLM; K, the signals, the strength and the
+generic comparison belong to this project's adapter and do not apply."""
+
+PAPER_MODES_NOTE = ("the paper preset writes DEP (texts, his and diff) beside the plain LLM: the chosen signals "
+                    "and comparison do not apply to the authors' checkpoint")
+
+NO_MEASUREMENTS = """No evaluation ships with this adapter. `python -m dep_engine evaluate --adapter FOLDER` measures
+it on held-out users (and `pool` averages several draws); put the output in `FOLDER/evaluation/` to show it here."""
 
 UNTRAINED = """⚠️ **The DEP adapter in this build is untrained.** The *his* and *diff* hints are random projections,
 so today the personalized output differs from the baseline through the past-review texts (and noise) only.
@@ -105,9 +113,10 @@ SIGNALS_HELP = ("*his*: an embedding (a vector of numbers standing for the meani
 VOICE_HEAD = ("**Whose voice is it?** Each text ranked against the past reviews of this reviewer and of "
               "{others} other bundled reviewers (1: closest to this reviewer's; by chance about {chance:.1f}), "
               "and whether it stays on the product:")
-VOICE_NOTE = ("<small>One text is one draw. On 217 held-out users (three draws), DEP's texts ranked their author "
-              "first 21% of the time, the generic reviewer's 22%, the real reviews 33%; 42-48% of either side's texts "
-              "drift to a past review's item (the adapter's model card, round 42).</small>")
+VOICE_NOTE = ("<small>One text is one draw. On {users} held-out users ({draws}), DEP's texts ranked their author "
+              "first {dep_top1:.0%} of the time, the generic reviewer's {generic_top1:.0%}, the real reviews "
+              "{real_top1:.0%}; {drift_low:.0%}-{drift_high:.0%} of either side's texts drift to a past review's item "
+              "(the adapter's model card).</small>")
 COMPARE_VOICE = ("\n\n**Whose voice is it?** Among {candidates} reviewers (the reviewer and {others} other bundled "
                  "ones), the first text ranks its reviewer **{first}** of {candidates}, the second **{second}** of "
                  "{candidates} (1: closest to that reviewer's past reviews; by chance about {chance:.1f}).")
@@ -152,4 +161,4 @@ JS = """
 
 END_AT_USER_LENGTH_HELP = ("Both reviews end at their first full sentence once they reach the median length of "
                            "this user's past reviews. Nearer a real review's length and quicker; on validation "
-                           "users ROUGE-1 rose and METEOR fell (round 37), so it is off by default.")
+                           "users ROUGE-1 rose and METEOR fell, so it is off by default.")

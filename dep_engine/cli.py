@@ -1,108 +1,72 @@
-"""Command line: `python -m dep_engine generate | users | train | evaluate | likelihood | pool`."""
+"""Command line: `python -m dep_engine generate | users | train | evaluate | likelihood | pool |
+convert-paper-checkpoint | vllm-server`."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import enum
 import logging
-import math
 import sys
 import textwrap
+import types
+import typing
 from pathlib import Path
 
 from .adapter import AdapterError
+from .choices import Preset
 from .data import DataError, Item, parse_history
-from .embeddings import STYLE_SETS
+from . import paper_checkpoint, vllm_backend
 from .engine import BUNDLED_ADAPTER, BUNDLED_DATA, EngineConfig, Request
-from .settings import HISTORY_RULES, PersonalizationSettings, SamplingSettings
+from .prompt import MODES, get_mode
+from .settings import PersonalizationSettings, SamplingSettings
 from .training import TrainSettings
-from .llm import CPU_BACKENDS, CPU_DECODE_DTYPES, CPU_PREFILLS
-from .onnx_model import KV_CACHES
-from .prompt import HISTORY_PLACES, MODES, SOFT_TOKEN_PLACES, get_mode
 
 
-def _engine_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("models and data")
-    group.add_argument("--data", default=str(BUNDLED_DATA), help="reviews file or folder with the pool and its metadata")
-    group.add_argument("--encoder", default=EngineConfig.encoder, help="sentence-transformers id or folder")
-    group.add_argument("--llm", default=EngineConfig.llm, help="Hugging Face causal LM id, folder or .gguf file")
-    group.add_argument("--adapter", default=str(BUNDLED_ADAPTER), help="trained DEP adapter folder")
-    group.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    group.add_argument("--no-4bit", action="store_true", help="on CUDA, load the LLM in bf16 instead of 4-bit NF4")
-    group.add_argument("--cpu-decode", choices=tuple(CPU_DECODE_DTYPES), default=EngineConfig.cpu_decode,
-                       help="with --cpu-backend torch, decode in this dtype after an fp32 prompt (bfloat16: ~1.5x faster)")
-    group.add_argument("--cpu-backend", choices=CPU_BACKENDS, default=EngineConfig.cpu_backend,
-                       help="on the CPU, generate with ONNX Runtime (int8 weights, converted once) or PyTorch")
-    group.add_argument("--cpu-kv-cache", choices=KV_CACHES, default=EngineConfig.cpu_kv_cache,
-                       help="with ONNX Runtime, keep the KV cache in int8 (faster on long prompts) or float32")
-    group.add_argument("--cpu-prefill", choices=CPU_PREFILLS, default=EngineConfig.cpu_prefill,
-                       help="on the CPU, read prompts (and run training's forward passes) in bfloat16 (faster on "
-                            "CPUs with AMX or AVX512-BF16, slower without) or float32; auto: bfloat16 where the CPU "
-                            "has either")
-    group.add_argument("--style-features", choices=STYLE_SETS + ("on", "off"), default=None,
-                       help="features appended to review vectors: rating-length, voice (also sentence length, "
-                            "punctuation, first person, capitals, vocabulary, openings) or none; on = rating-length; "
-                            "default: as the adapter was trained")
+def add_options(parser: argparse.ArgumentParser, settings: type, title: str, only: tuple[str, ...] = (),
+                skip: tuple[str, ...] = ()) -> None:
+    """One option per field of a settings dataclass (`--field-name`), its help and choices taken from the
+    field: the dataclass is the one place a knob is described. Booleans get `--x/--no-x`, enums their
+    values as choices, tuples a comma-separated list. `only`/`skip` pick fields by name."""
+    hints = typing.get_type_hints(settings)
+    group = parser.add_argument_group(title)
+    for f in dataclasses.fields(settings):
+        if (only and f.name not in only) or f.name in skip or "help" not in f.metadata:
+            continue
+        kind = hints[f.name]
+        if isinstance(kind, types.UnionType):  # `X | None`: an option of type X
+            kind = next(t for t in typing.get_args(kind) if t is not type(None))
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        name = "--" + f.metadata.get("option", f.name.replace("_", "-"))
+        extra: dict = {}
+        if kind is bool:
+            extra["action"] = argparse.BooleanOptionalAction
+        elif isinstance(kind, type) and issubclass(kind, enum.Enum):
+            extra["choices"] = [member.value for member in kind]
+        elif typing.get_origin(kind) is tuple:
+            extra["type"] = lambda text: tuple(part.strip() for part in text.split(","))
+            default = ",".join(default)
+        else:
+            extra["type"] = kind
+        shown = "" if default is None or kind is bool else f" (default: {default})"
+        group.add_argument(name, dest=f.name, default=default, help=f.metadata["help"] + shown, **extra)
 
 
-def _personalization_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("personalization")
-    group.add_argument("--k", type=int, default=PersonalizationSettings.k, help="past reviews used")
-    group.add_argument("--history-rule", choices=HISTORY_RULES, default=PersonalizationSettings.history_rule,
-                       help="relevant: the past reviews closest to the product; recent: the newest (the paper's rule)")
-    group.add_argument("--strength", type=float, default=PersonalizationSettings.strength,
-                       help="personalization strength alpha: 0 the generic reviewer, 1 this user, 2 exaggerated")
-    group.add_argument("--peer-temperature", type=float, default=PersonalizationSettings.peer_temperature,
-                       help="softmax temperature of the peer weights: lower puts more weight on the nearest peers")
-    group.add_argument("--words-per-review", type=int, default=PersonalizationSettings.words_per_review,
-                       help="words of each past review's text put in the prompt")
-    group.add_argument("--restate-item", action=argparse.BooleanOptionalAction,
-                       default=PersonalizationSettings.restate_item,
-                       help="name the product again after the past reviews, so the review is about it, not them "
-                            "(the shipped adapter was trained with it)")
-    group.add_argument("--soft-tokens-at", choices=SOFT_TOKEN_PLACES, default=PersonalizationSettings.soft_tokens_at,
-                       help="beside: each past review's soft tokens after it (the paper's prompt); end: all of them "
-                            "right before the answer. The adapter must have been trained with the same")
-    group.add_argument("--history-as", choices=HISTORY_PLACES, default=PersonalizationSettings.history_as,
-                       help="quoted: the past reviews listed in the request (the paper's prompt); turns: each one "
-                            "an earlier answer of the chat, to a request for its own item; turns-ended: those "
-                            "answers end at a sentence end, not cut with ' ...'")
-    group.add_argument("--tell-length", action=argparse.BooleanOptionalAction,
-                       default=PersonalizationSettings.tell_length,
-                       help="every request that shows the past reviews says its answer's length in words: an "
-                            "earlier answer its own, the review to write the user's typical length")
-
-
-def _sampling_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("sampling")
-    group.add_argument("--temperature", type=float, default=SamplingSettings.temperature,
-                       help="sampling temperature (0: greedy)")
-    group.add_argument("--top-p", type=float, default=SamplingSettings.top_p, help="nucleus sampling mass")
-    group.add_argument("--max-new-tokens", type=int, default=SamplingSettings.max_new_tokens,
-                       help="longest review written, in tokens")
-    group.add_argument("--seed", type=int, default=SamplingSettings.seed, help="sampling seed (same seed, same text)")
-    group.add_argument("--end-at-user-length", action=argparse.BooleanOptionalAction,
-                       default=SamplingSettings.end_at_user_length,
-                       help="end each review at its first sentence end from the user's typical length on (the "
-                            "median of their past reviews), every method alike: nearer the real length, "
-                            "ROUGE-1 up and METEOR down on validation (round 37)")
+def settings_from(args: argparse.Namespace, settings: type, **given):
+    """The dataclass built from the parsed options `add_options` made for it, and `given` fields."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(settings) if hasattr(args, f.name)}
+    return settings(**{**values, **given})
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
-    return EngineConfig(data=args.data, encoder=args.encoder, llm=args.llm, adapter=args.adapter,
-                        device=args.device, four_bit=False if args.no_4bit else None, cpu_decode=args.cpu_decode,
-                        cpu_backend=args.cpu_backend, cpu_kv_cache=args.cpu_kv_cache, cpu_prefill=args.cpu_prefill,
-                        style_features={"on": True, "off": False}.get(args.style_features, args.style_features))
+    return settings_from(args, EngineConfig)
 
 
 def personalization(args: argparse.Namespace) -> PersonalizationSettings:
-    return PersonalizationSettings(k=args.k, history_rule=args.history_rule, peer_temperature=args.peer_temperature,
-                                   words_per_review=args.words_per_review, strength=args.strength,
-                                   restate_item=args.restate_item, soft_tokens_at=args.soft_tokens_at,
-                                   history_as=args.history_as, tell_length=args.tell_length)
+    return settings_from(args, PersonalizationSettings)
 
 
 def sampling(args: argparse.Namespace) -> SamplingSettings:
-    return SamplingSettings(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-                            seed=args.seed, end_at_user_length=args.end_at_user_length)
+    return settings_from(args, SamplingSettings)
 
 
 def _read_history(args: argparse.Namespace) -> str | None:
@@ -124,7 +88,8 @@ def _check_paths(args: argparse.Namespace) -> None:
     if not Path(args.data).exists():
         raise DataError(f"{args.data}: no such data file or folder (--data)")
     adapter = getattr(args, "adapter", None)
-    if adapter and Path(adapter) != BUNDLED_ADAPTER and not Path(adapter).is_dir():
+    paper = getattr(args, "preset", None) == Preset.PAPER  # its --adapter may be a Hub id
+    if adapter and not paper and Path(adapter) != BUNDLED_ADAPTER and not Path(adapter).is_dir():
         raise AdapterError(f"{adapter}: no such adapter folder (--adapter)")
 
 
@@ -148,7 +113,7 @@ def _build_request(engine, args: argparse.Namespace, history: str | None) -> Req
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from .engine import DEPEngine
+    from .paper_engine import build_engine
 
     modes = args.modes.split(",")
     for mode in modes:
@@ -157,7 +122,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     history = _read_history(args)
     _check_paths(args)
     _quiet_model_loading()
-    engine = DEPEngine(engine_config(args))
+    engine = build_engine(engine_config(args))
     request = _build_request(engine, args, history)
     result = engine.generate(request, modes, *settings)
     print(f"\nProduct: {request.item.title}  |  rating {request.rating:g}  |  title: {request.review_title}")
@@ -187,52 +152,12 @@ def cmd_users(args: argparse.Namespace) -> None:
         print(f"{user_id}\t{len(history)} reviews\tlatest: {history[-1].title[:60]}")
 
 
-TRAIN_OPTIONS = (
-    ("modes", str, "comma-separated prompt modes, taken in turn by the training samples"),
-    ("max_target_tokens", int, "target review tokens learned from"),
-    ("max_samples", int, "cap on training samples (CPU budgets)"),
-    ("val_samples", int, "validation samples for the validation LM loss"),
-    ("epochs", int, "passes over the training samples"),
-    ("batch_size", int, "samples per optimizer step"),
-    ("lr", float, "peak learning rate (AdamW, warm-up then cosine decay)"),
-    ("weight_decay", float, "AdamW weight decay"),
-    ("warmup", float, "share of the steps spent warming up"),
-    ("grad_clip", float, "gradient norm clip"),
-    ("token_norm", str, "soft-token norm: auto (the LLM's median token norm), none, or a number"),
-    ("sparsity_target", float, "rho, the SAE's target mean activation"),
-    ("sparsity_weight", float, "KL sparsity weight inside the SAE loss"),
-    ("sae_loss_weight", float, "weight of the SAE loss beside the LM loss"),
-    ("sae_activation", str, "SAE code activation: gelu (the paper), relu (exact zeros) or topk (only the "
-                       "sparsity target's share of units; a gelu or relu adapter can be fine-tuned into it)"),
-    ("contrast_weight", float, "weight of the margin term rewarding own over another user's vectors"),
-    ("contrast_margin", float, "nats per token own vectors should beat another user's by"),
-    ("contrast_partner", str, "whose vectors the contrast uses: batch (a batch-mate), same-item (a reviewer of the "
-                              "same product) or population (the generic reviewer, its loss held fixed)"),
-    ("his_oracle_rate", float, "share of training samples with their own target review's vector in every his slot "
-                               "(a restating task: the slots learn to carry a review's content)"),
-    ("max_minutes", float, "stop after this many minutes, keeping the best checkpoint"),
-    ("init_from", str, "a trained adapter folder to fine-tune instead of starting from fresh weights"),
-    ("end_projectors", str, "a second projector pair for the copies of the 'both' layout at the end: none, joint "
-                            "(trained with the rest) or only (the rest of --init-from stays as it is)"),
-    ("deviation_projectors", str, "a linear map of each vector's deviation from the population-average reviewer, "
-                                  "added to its soft tokens and zero for generic: none, joint or only"),
-    ("eval_every", int, "optimizer steps between validations"),
-    ("seed", int, "random seed"),
-)
-
-
 def cmd_train(args: argparse.Namespace) -> None:
     from .engine import DEPEngine
     from .training import train
 
-    overrides = {name: getattr(args, name) for name, _, _ in TRAIN_OPTIONS if getattr(args, name) is not None}
-    if "modes" in overrides:
-        overrides["modes"] = tuple(overrides["modes"].split(","))
-        for mode in overrides["modes"]:
-            get_mode(mode)
-    settings = TrainSettings(out=args.out, personalization=personalization(args), **overrides)
-    config = engine_config(args)
-    config.adapter = None  # training starts from a fresh adapter
+    settings = settings_from(args, TrainSettings, personalization=personalization(args))
+    config = dataclasses.replace(engine_config(args), adapter=None)  # training starts from a fresh adapter
     _check_paths(argparse.Namespace(data=args.data))
     _quiet_model_loading()
     train(DEPEngine(config), settings, resume=not args.restart)
@@ -253,20 +178,6 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         personalization=personalization(args), sampling=sampling(args)))
 
 
-def guidance_scales(text: str | None) -> tuple[float, ...]:
-    """--guidance 0.25,0.5,1 as positive floats; a bad value is named."""
-    scales = []
-    for part in (text.split(",") if text else []):
-        try:
-            scale = float(part)
-        except ValueError:
-            scale = -1.0
-        if not 0 < scale < math.inf:
-            raise ValueError(f"--guidance: {part.strip()!r} is not a positive number (expected e.g. 0.25,0.5,1)")
-        scales.append(scale)
-    return tuple(scales)
-
-
 def cmd_likelihood(args: argparse.Namespace) -> None:
     import json
 
@@ -274,15 +185,13 @@ def cmd_likelihood(args: argparse.Namespace) -> None:
     from .training import held_out_likelihood
 
     get_mode(args.mode)
-    scales = guidance_scales(args.guidance)
     if args.out and Path(args.out).is_dir():
         raise DataError(f"{args.out}: is a folder; --out names the JSON file to write")
     _check_paths(args)
     _quiet_model_loading()
     settings = TrainSettings(personalization=personalization(args), modes=(args.mode,), batch_size=args.batch_size,
                              seed=args.seed)
-    report = held_out_likelihood(DEPEngine(engine_config(args)), args.split, settings, args.limit, scales,
-                                 args.his_oracle)
+    report = held_out_likelihood(DEPEngine(engine_config(args)), args.split, settings, args.limit)
     print(json.dumps({key: value for key, value in report.items() if key != "per_sample"}, indent=2))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -295,15 +204,25 @@ def cmd_pool(args: argparse.Namespace) -> None:
     pool_runs(args.runs, args.out)
 
 
+PAPER_OPTIONS = ("preset", "paper_encoder", "allow_cpu")
+
+
+def _common_options(parser: argparse.ArgumentParser, sampling: bool = False, preset: bool = False) -> None:
+    """The engine's and personalization's options; `sampling` for commands that generate; `preset` for those
+    that also run the authors' checkpoint (training and the likelihood are this project's adapter's)."""
+    add_options(parser, EngineConfig, "models and data", skip=() if preset else PAPER_OPTIONS)
+    add_options(parser, PersonalizationSettings, "personalization")
+    if sampling:
+        add_options(parser, SamplingSettings, "sampling")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dep_engine", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO) messages")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="personalized and baseline reviews for one user and product")
-    _engine_args(gen)
-    _personalization_args(gen)
-    _sampling_args(gen)
+    _common_options(gen, sampling=True, preset=True)
     who = gen.add_mutually_exclusive_group()
     who.add_argument("--user", help="a bundled user's id (default: the first user)")
     who.add_argument("--history", help="a history file: JSON/JSONL in either Amazon schema, or CSV")
@@ -322,19 +241,13 @@ def build_parser() -> argparse.ArgumentParser:
     users.set_defaults(func=cmd_users)
 
     tr = sub.add_parser("train", help="train the DEP adapter")
-    _engine_args(tr)
-    _personalization_args(tr)
-    tr.add_argument("--out", default="runs/adapter", help="folder for the adapter, its log and checkpoints")
-    for name, kind, help_text in TRAIN_OPTIONS:
-        tr.add_argument("--" + name.replace("_", "-"), type=kind, default=None, dest=name,
-                        help=f"{help_text} (default: {getattr(TrainSettings, name)})")
+    _common_options(tr)
+    add_options(tr, TrainSettings, "training")
     tr.add_argument("--restart", action="store_true", help="ignore a checkpoint in --out and start over")
     tr.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("evaluate", help="compare methods on held-out users")
-    _engine_args(ev)
-    _personalization_args(ev)
-    _sampling_args(ev)
+    _common_options(ev, sampling=True, preset=True)
     ev.add_argument("--eval-reviews", help="extra reviews file: each user in it is evaluated on their latest review")
     ev.add_argument("--methods", default="nonperso,nonperso+length,generic,dep,dep-shuffled,his+diff,his+diff-shuffled",
                     help="comma-separated mode[-shuffled][@k=N][@alpha=A]")
@@ -348,20 +261,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     lik = sub.add_parser("likelihood", help="how much likelier held-out users' real reviews are with their own "
                                             "vectors than with another user's or the population's (no generation)")
-    _engine_args(lik)
-    _personalization_args(lik)
+    _common_options(lik)
     lik.add_argument("--split", choices=("val", "test"), default="val",
                      help="val: validation users, for choices; test: held-out test users, to report once")
     lik.add_argument("--mode", default="dep", help=f"prompt mode, one of: {', '.join(MODES)}")
     lik.add_argument("--limit", type=int, default=None, help="number of users (default: all of the split)")
     lik.add_argument("--batch-size", type=int, default=8, help="samples per forward pass")
     lik.add_argument("--seed", type=int, default=0, help="seed of the shuffled partners and the bootstrap")
-    lik.add_argument("--guidance", default=None,
-                     help="comma-separated guidance scales (e.g. 0.25,0.5,1): the loss with own vectors under "
-                          "decode-time guidance toward the user at each, as `evaluate`'s dep@guidance=G decodes")
-    lik.add_argument("--his-oracle", action="store_true",
-                     help="also score with the target review's own vector in every his slot (no real request has "
-                          "it): how much the his channel could carry about the review to write")
     lik.add_argument("--out", default=None, help="JSON file for the report (default: print only)")
     lik.set_defaults(func=cmd_likelihood)
 
@@ -370,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     pool.add_argument("runs", nargs="+", help="evaluate output folders (each with its generations.jsonl)")
     pool.add_argument("--out", default=None, help="folder for pooled.json and pooled.md (default: print only)")
     pool.set_defaults(func=cmd_pool)
+
+    paper_checkpoint.add_command(sub)
+    vllm_backend.add_command(sub)
     return parser
 
 

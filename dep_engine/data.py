@@ -305,6 +305,15 @@ def profile_before(history: list[Review], index: int) -> list[Review]:
     return history[:index] + same_day
 
 
+def without_twins(profile: Iterable[Review], target: Review) -> list[Review]:
+    """The history less any review whose text is the target's (case, spacing and punctuation aside): a
+    review cross-posted to another item would show the model the very answer it is asked to write."""
+    def words(text: str) -> str:
+        return re.sub(r"\W+", " ", text.lower()).strip()
+    text = words(target.text)
+    return [r for r in profile if words(r.text) != text]
+
+
 def chronological_split(reviews: Iterable[Review], min_profile: int = 1) -> list[Sample]:
     """Each user's reviews as samples: the newest is the test target, the one before it validation,
     earlier ones training (`split_of`). A target's profile is `profile_before` it; targets with fewer

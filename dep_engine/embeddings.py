@@ -12,6 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from .atomic import atomic_write
+from .choices import StyleFeatures, choice
 from .paths import bundled_encoder_path, default_cache_dir
 
 log = logging.getLogger(__name__)
@@ -65,18 +66,15 @@ class Encoder:
 
 
 STYLE_SCALE = 0.25  # style features sit at about the size of one embedding's strongest coordinates
-STYLE_SETS = ("none", "rating-length", "voice")
 _FIRST_PERSON = {"i", "me", "my", "mine", "myself", "i'm", "i've", "i'd", "i'll", "im", "ive"}
 _OPENINGS = ({"i", "i'm", "i've", "my", "we"}, {"this", "these", "the", "it", "they"},
              {"great", "good", "nice", "excellent", "love", "awesome", "perfect", "best"})
 
 
-def style_set(value: bool | str | None) -> str:
+def style_set(value: bool | str | None) -> StyleFeatures:
     """A style-feature set by name; True and False are the names older adapters saved."""
     name = "rating-length" if value is True else "none" if value is None or value is False else value
-    if name not in STYLE_SETS:
-        raise ValueError(f"style features must be one of {', '.join(STYLE_SETS)}, got {value!r}")
-    return name
+    return choice(StyleFeatures, name, "style features")
 
 
 def _voice(text: str) -> list[float]:
@@ -97,9 +95,9 @@ def _voice(text: str) -> list[float]:
             *(float(first in group) for group in _OPENINGS)]
 
 
-def style_features(ratings: Sequence[float], texts: Sequence[str], kind: str = "rating-length") -> np.ndarray:
-    """(N, F) features a text embedding cannot hold: rating and length ("rating-length"), and with
-    "voice" also how the text is written (`_voice`).
+def style_features(ratings: Sequence[float], texts: Sequence[str], voice: bool = False) -> np.ndarray:
+    """(N, F) features a text embedding cannot hold: rating and length, and with `voice` also how the
+    text is written (`_voice`; the voice check's measure, `voice.py`).
 
     Text embeddings are L2-normalised and mostly encode topic, so a user who writes three lines and
     one who writes three pages, or one who shouts and one who hedges, look alike; appended to the
@@ -108,7 +106,7 @@ def style_features(ratings: Sequence[float], texts: Sequence[str], kind: str = "
     rating = (np.asarray(ratings, dtype=np.float32) - 3.0) / 2.0
     length = np.log1p(np.asarray([len(t.split()) for t in texts], dtype=np.float32)) - 4.0
     columns = [rating[:, None], length[:, None]]
-    if kind == "voice":
+    if voice:
         columns.append(np.array([_voice(t) for t in texts], dtype=np.float32).reshape(len(texts), -1))
     return STYLE_SCALE * np.hstack(columns).astype(np.float32)
 

@@ -18,17 +18,20 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from . import hygiene, voice
+from . import hygiene, safety, vllm_backend, voice
 from .adapter import CONFIG_NAME, AdapterError, DEPAdapter, DEPAdapterConfig
+from .choices import Backend, CpuBackend, CpuDecode, CpuPrefill, KvCache, Preset, StyleFeatures, choice
 from .data import DataError, Dataset, Item, Review, Sample, by_user, data_fingerprint, load_dataset, parse_history, \
-    parse_rating, profile_before
+    parse_rating, profile_before, without_twins
 from .embeddings import BUNDLED_ENCODER, Encoder, style_set
-from .generation import Output, prompt_embeddings, stream
+from .generation import Output, stream
 from .llm import BUNDLED_LLM, CPU_DECODE_DTYPES, LLM, load_llm
+from .onnx_decode import decoder_for
 from .paths import BUNDLED_ADAPTER, BUNDLED_DATA
 from .prompt import WORDS_PER_REVIEW, PastReview, PromptIds, PromptLayout, build_prompt, get_mode, readable_prompt, \
     typical_length
-from .settings import PersonalizationSettings, SamplingSettings
+from .settings import PersonalizationSettings, SamplingSettings, described
+from .soft_prompt import prompt_embeddings
 from .store import PersonalContext, ReviewStore
 from .voice import VoiceCheck
 
@@ -43,25 +46,44 @@ _CUT_NOTES = {"scaffolding": "cut where the model began to write scaffolding",
 
 @dataclass
 class EngineConfig:
-    data: str = str(BUNDLED_DATA)
-    encoder: str = BUNDLED_ENCODER
-    llm: str = BUNDLED_LLM
-    adapter: str | None = str(BUNDLED_ADAPTER)  # a missing bundled adapter means: untrained
-    device: str | None = None
-    four_bit: bool | None = None   # default: 4-bit NF4 on CUDA, never on the CPU
-    cpu_decode: str = "bfloat16"   # on the CPU: fp32 prompts, decoding in this dtype ("float32": fp32 throughout)
-    cpu_backend: str = "onnx"      # on the CPU: ONNX Runtime generates (int8); "torch": PyTorch, in cpu_decode
-    cpu_kv_cache: str = "int8"     # ONNX Runtime's KV cache: int8 (faster decoding of long prompts) or float32
-    cpu_prefill: str = "auto"      # CPU prompts, training forwards: bf16 on AMX or AVX512-BF16 (1.5-2x), else fp32
-    extra_reviews: str | None = None  # more reviews (file or folder) joining the pool
-    style_features: bool | str | None = None  # style features beside text embeddings; default: as the adapter was trained
-    cache_dir: str | None = None   # embedding cache; default: next to the data, else ~/.cache/dep-studio
+    """What the engine loads. Every field is also a command-line option (`cli.py`)."""
+    data: str = field(default=str(BUNDLED_DATA), metadata=described("the review pool: a file or folder of Amazon reviews"))
+    encoder: str = field(default=BUNDLED_ENCODER, metadata=described("sentence-transformers id or folder"))
+    llm: str = field(default=BUNDLED_LLM, metadata=described("Hugging Face causal chat LM id, folder, or .gguf file"))
+    adapter: str | None = field(default=str(BUNDLED_ADAPTER), metadata=described(
+        "a trained adapter folder"))
+    device: str | None = field(default=None, metadata=described("cpu or cuda (default: cuda where there is one)"))
+    four_bit: bool | None = field(default=None, metadata=described(
+        "load the LLM in 4-bit NF4 with bf16 compute (default: on CUDA, never on the CPU)", option="4bit"))
+    cpu_decode: CpuDecode = field(default=CpuDecode.BFLOAT16, metadata=described(
+        "with --cpu-backend torch: the dtype PyTorch decodes in (bfloat16 reads half the bytes per token)"))
+    cpu_backend: CpuBackend = field(default=CpuBackend.ONNX, metadata=described(
+        "who generates on the CPU: ONNX Runtime with int8 weights (3x+ faster per token), or PyTorch"))
+    cpu_kv_cache: KvCache = field(default=KvCache.INT8, metadata=described(
+        "ONNX Runtime's KV cache: int8 (faster decoding of long prompts) or float32"))
+    cpu_prefill: CpuPrefill = field(default=CpuPrefill.AUTO, metadata=described(
+        "dtype of CPU prompts and training's forward passes (auto: bfloat16 on AMX or AVX512-BF16, else float32)"))
+    backend: Backend = field(default=Backend.LOCAL, metadata=described(
+        "who decodes: this process, or vLLM (the servers of --vllm-url, else one started on 127.0.0.1 from "
+        ".venv-vllm/; docs/vllm.md)"))
+    vllm_url: str | None = field(default=None, metadata=described(
+        "running vLLM servers' URLs, comma-separated, requests spread over them (implies --backend vllm)"))
+    extra_reviews: str | None = field(default=None, metadata=described("more reviews (a file or folder) joining the pool"))
+    style_features: StyleFeatures | None = field(default=None, metadata=described(
+        "features beside each text embedding (default: as the adapter was trained)"))
+    cache_dir: str | None = field(default=None, metadata=described(
+        "embedding cache (default: beside the data, else ~/.cache/dep-studio)"))
+    preset: Preset = field(default=Preset.STUDIO, metadata=described(
+        "studio: this project's adapter and prompt; paper: the authors' checkpoint (--adapter: a folder or Hub id "
+        "in their layout, or a converted folder; default SnowCharmQ/DEP-model) with their exact inputs, for a GPU"))
+    paper_encoder: str = field(default="BAAI/bge-m3", metadata=described(
+        "with --preset paper: the BGE-M3 folder (or Hub id, downloaded once) the authors' vectors come from"))
+    allow_cpu: bool = field(default=False, metadata=described(
+        "with --preset paper: run a multi-billion-parameter LLM on the CPU anyway (minutes per review)"))
 
 
 def _decode_dtype(name: str) -> torch.dtype | None:
-    if name not in CPU_DECODE_DTYPES:
-        raise ValueError(f"cpu_decode must be one of {', '.join(CPU_DECODE_DTYPES)}, got {name!r}")
-    return CPU_DECODE_DTYPES[name]
+    return CPU_DECODE_DTYPES[choice(CpuDecode, name, "cpu_decode")]
 
 
 @dataclass
@@ -131,14 +153,19 @@ class DEPEngine:
         extra = earlier_reviews(load_dataset(self.config.extra_reviews)) if self.config.extra_reviews else None
         self.store = ReviewStore.build(self.dataset, self.encoder, cache, progress, style=self._style_features(),
                                        extra=extra, extra_cache_dir=extra and embedding_cache_dir(self.config.extra_reviews))
-        self.llm: LLM = llm or load_llm(self.config.llm, self.config.device, four_bit=self.config.four_bit,
-                                        cpu_decode_dtype=_decode_dtype(self.config.cpu_decode),
-                                        cpu_backend=self.config.cpu_backend, cpu_kv_cache=self.config.cpu_kv_cache,
-                                        cpu_prefill=self.config.cpu_prefill)
-        self.llm.onnx_decoder()  # convert (once) and load now, not at the first request
+        self.llm: LLM = llm or self._load_llm()
+        if self.config.vllm_url or choice(Backend, self.config.backend, "backend") == Backend.VLLM:
+            self.llm = vllm_backend.attach(self.llm, self.config.vllm_url)  # vLLM servers decode (docs/vllm.md)
+        else:
+            decoder_for(self.llm)  # convert (once) and load now, not at the first request
         self.adapter = self._load_adapter()
         self.users = by_user(self.dataset.reviews)
         self.startup_seconds = time.perf_counter() - start
+
+    def _load_llm(self) -> LLM:
+        return load_llm(self.config.llm, self.config.device, four_bit=self.config.four_bit,
+                        cpu_decode_dtype=_decode_dtype(self.config.cpu_decode), cpu_backend=self.config.cpu_backend,
+                        cpu_kv_cache=self.config.cpu_kv_cache, cpu_prefill=self.config.cpu_prefill)
 
     def _style_features(self) -> str:
         if self.config.style_features is not None:
@@ -178,12 +205,6 @@ class DEPEngine:
         trained_on = self.adapter.config.training.get("data_fingerprint")
         return bool(trained_on) and trained_on != data_fingerprint(self.dataset.reviews)
 
-    @property
-    def trained_soft_tokens_at(self) -> str:
-        """Where the adapter's training prompts put the soft tokens (before the setting existed: beside)."""
-        settings = self.adapter.config.training.get("settings", {})
-        return settings.get("personalization", {}).get("soft_tokens_at", "beside")
-
     # ---- requests ------------------------------------------------------------------------
 
     def user_request(self, user_id: str, item: str | Item | None = None, rating: float | None = None,
@@ -212,10 +233,11 @@ class DEPEngine:
         return Request(profile=reviews, item=item, rating=rating, review_title=review_title, extra_items=items)
 
     def sample_request(self, sample: Sample) -> Request:
-        """The request of a split sample: its profile, its target's item, rating and title, its time."""
+        """The request of a split sample: its profile (less any twin of the target, `without_twins`), its
+        target's item, rating and title, its time."""
         target = sample.target
-        return Request(profile=list(sample.profile), item=self.store.item(target.item_id), rating=target.rating,
-                       review_title=target.title, cutoff=target.timestamp, reference=target.text)
+        return Request(profile=without_twins(sample.profile, target), item=self.store.item(target.item_id),
+                       rating=target.rating, review_title=target.title, cutoff=target.timestamp, reference=target.text)
 
     def context(self, request: Request, settings: PersonalizationSettings,
                 store: ReviewStore | None = None) -> PersonalContext:
@@ -232,7 +254,7 @@ class DEPEngine:
         return mix(context.his, his, strength), mix(context.diff, diff, strength)
 
     def soft_tokens(self, his: np.ndarray, diff: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """(K, H) his and diff soft tokens of (K, d) his and diff vectors; (K, 2, H) with end projectors."""
+        """(K, H) his and diff soft tokens of (K, d) his and diff vectors."""
         device = self.llm.device
         with torch.no_grad():
             out = self.adapter(torch.from_numpy(np.ascontiguousarray(his)).to(device),
@@ -273,6 +295,22 @@ class DEPEngine:
         his_tokens, diff_tokens = self.soft_tokens(his, diff)
         return prompt_embeddings(self.llm, prompt, his_tokens if prompt.his_positions else None,
                                  diff_tokens if prompt.diff_positions else None)
+
+    def method_embeddings(self, request: Request, own: PersonalContext, borrowed: PersonalContext,
+                          methods: Sequence, personalization: PersonalizationSettings) -> list[torch.Tensor]:
+        """(L, H) input embeddings of one request under each evaluation method (`evaluation.Method`: a mode at
+        a K, with this user's vectors, another user's from `borrowed` when shuffled, or mixed at a strength)."""
+        rows = []
+        for method in methods:
+            context = own.first(method.k)
+            source = borrowed.first(method.k) if method.shuffled else context
+            prompt = self.prompt(request, context, method.mode, personalization.words_per_review,
+                                 layout=personalization.layout)
+            take = np.arange(context.k) % max(1, source.k)  # another user may have fewer past reviews
+            vectors = PersonalContext(context.selected, source.his[take], source.diff[take]) if source.k else context
+            strength = 0.0 if get_mode(method.mode).population else method.strength
+            rows.append(self.embed_prompt(prompt, *self.vectors(vectors, strength)))
+        return rows
 
     # ---- prompts -------------------------------------------------------------------------
 
@@ -342,12 +380,6 @@ class DEPEngine:
         notes = list(self.llm.notes) + list(context.notes) + cut
         if not context.selected and any(get_mode(m).uses_history for m in modes):
             notes.append("personalized outputs used no history, so they are baseline generations")
-        # Where the slots sit is what the projectors learned to write for; how the texts around them are
-        # shown (words per review, quoted or as turns) is chosen on validation users, as round 31 did.
-        if (self.adapter_trained and personalization.soft_tokens_at != self.trained_soft_tokens_at
-                and any(get_mode(m).soft for m in modes)):
-            notes.append(f"the adapter was trained with its soft tokens {self.trained_soft_tokens_at!r} and this "
-                         f"prompt puts them {personalization.soft_tokens_at!r}: pass the layout it was trained with")
         uses_population = any(get_mode(m).population or (get_mode(m).soft and personalization.strength != 1)
                               for m in modes)  # generic, or a strength that mixes the user with the average
         if self.adapter_trained and uses_population and self.population_from_another_pool:
@@ -400,9 +432,11 @@ class DEPEngine:
             decoding = elapsed - first_token  # the rate of the steps after the first token, prompt excluded
             timings = {"generation": elapsed, "first_token": first_token,
                        "tokens_per_second": (min(steps, sampling.max_new_tokens) - 1) / decoding if decoding else 0.0}
-            yield self._results(prepared, modes, raw, timings, min(steps, sampling.max_new_tokens), final=False)
+            yield self._results(prepared, modes, raw, timings, min(steps, sampling.max_new_tokens), final=False,
+                                content_filter=sampling.content_filter)
         over_budget = sampling.time_budget_s is not None and time.perf_counter() - start >= sampling.time_budget_s
-        final = self._results(prepared, modes, raw, timings, min(steps, sampling.max_new_tokens), final=True)
+        final = self._results(prepared, modes, raw, timings, min(steps, sampling.max_new_tokens), final=True,
+                              content_filter=sampling.content_filter)
         if over_budget:
             for result in final:
                 result.notes.append(f"decoding stopped at the time budget ({sampling.time_budget_s:g} s); "
@@ -411,7 +445,7 @@ class DEPEngine:
 
     @staticmethod
     def _results(prepared: list[Prepared], modes: list[list[str]], raw: list[Output], timings: dict[str, float],
-                 new_tokens: int, final: bool) -> list[Result]:
+                 new_tokens: int, final: bool, content_filter: bool = True) -> list[Result]:
         results, row = [], 0
         for p, names in zip(prepared, modes):
             cleaned = [hygiene.clean(*output, p.end_after_words) for output in raw[row:row + len(names)]]
@@ -420,7 +454,12 @@ class DEPEngine:
             if final:
                 notes += [f"{name}: {_CUT_NOTES[c.reason].format(limit=new_tokens, words=p.end_after_words)}"
                           for name, c in zip(names, cleaned) if c.reason]
-            results.append(Result({n: c.text for n, c in zip(names, cleaned)}, p.context, notes,
+            texts = {n: c.text for n, c in zip(names, cleaned)}
+            for name in names if content_filter else ():  # what the word mask could not see coming
+                texts[name], withheld = safety.withhold(texts[name])
+                if withheld and final:
+                    notes.append(safety.note(withheld, name))
+            results.append(Result(texts, p.context, notes,
                                   {**p.timings, **timings}, new_tokens, p.prompts))
         return results
 

@@ -1,12 +1,10 @@
 """Evaluation: every method on users the adapter never saw, with paired bootstrap intervals.
 
-A method is `mode[-shuffled][@k=N][@alpha=A][@guidance=G]`, for instance `dep`, `rag@k=1`,
-`dep-shuffled`, `dep@alpha=0.5`, `dep@guidance=1`, `generic`. `-shuffled` is the control that decides
-whether anything is personal: the same prompt, but the his and diff vectors of another user (a fixed
-derangement of the evaluated users). `generic` is the same prompt as `dep` with the population-average
-reviewer's vectors; `@alpha=A` mixes them: generic + A * (user - generic). `@guidance=G` steers each
-decoding step away from generic's next-token distribution on the same text (classifier-free guidance,
-`generation.guided_scores`; a shadow row in the batch, ONNX path only). `--split val` evaluates the validation users
+A method is `mode[-shuffled][@k=N][@alpha=A]`, for instance `dep`, `rag@k=1`, `dep-shuffled`,
+`dep@alpha=0.5`, `generic`. `-shuffled` is the control that decides whether anything is personal: the
+same prompt, but the his and diff vectors of another user (a fixed derangement of the evaluated users).
+`generic` is the same prompt as `dep` with the population-average reviewer's vectors; `@alpha=A` mixes
+them: generic + A * (user - generic). `--split val` evaluates the validation users
 (for choices made before the test users are looked at), `test` (default) the test users.
 Every output goes through the same hygiene (`hygiene.clean`); the raw text, whether it ran out of
 tokens, and the cut are kept.
@@ -24,21 +22,24 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
-from . import hygiene
+from . import hygiene, safety
 from .data import DataError, Sample, by_user, load_dataset
 from .engine import DEPEngine, EngineConfig, end_after_words
-from .generation import Guide, generate
+from .generation import submit
 from .llm import decoding, forward_setup
+from .paper_engine import build_engine
 from .prompt import get_mode
 from .settings import PersonalizationSettings, SamplingSettings
 from .splits import derangement, held_out_targets, test_samples, validation_samples
 from .store import PersonalContext, ReviewStore
 
-_METHOD = re.compile(r"^(?P<mode>[a-z+]+)(?P<shuffled>-shuffled)?(@k=(?P<k>\d+))?(@alpha=(?P<alpha>[0-9.]+))?"
-                     r"(@guidance=(?P<guidance>[0-9.]+))?$")
+# The version of what `evaluate` writes (generations.jsonl records, results.json, pooled.json): bump it when
+# a field's meaning changes. Files without it are older: their records may lack `ran_out`.
+FORMAT_VERSION = 1
+
+_METHOD = re.compile(r"^(?P<mode>[a-z+]+)(?P<shuffled>-shuffled)?(@k=(?P<k>\d+))?(@alpha=(?P<alpha>[0-9.]+))?$")
 
 
 @dataclass(frozen=True)
@@ -48,25 +49,19 @@ class Method:
     k: int
     shuffled: bool
     strength: float = 1.0
-    guidance: float = 0.0
 
 
 def parse_method(name: str, default_k: int) -> Method:
     match = _METHOD.match(name.strip())
     if not match:
-        raise ValueError(f"method {name!r}: expected mode[-shuffled][@k=N][@alpha=A][@guidance=G], e.g. dep, "
-                         "rag@k=1, dep-shuffled, dep@alpha=0.5, dep@guidance=1")
+        raise ValueError(f"method {name!r}: expected mode[-shuffled][@k=N][@alpha=A], e.g. dep, "
+                         "rag@k=1, dep-shuffled, dep@alpha=0.5")
     mode = get_mode(match["mode"])
-    if (match["shuffled"] or match["alpha"] or match["guidance"]) and not mode.soft:
-        raise ValueError(f"method {name!r}: only soft-token modes take another user's vectors, a strength "
-                         "or guidance")
-    if match["guidance"] and mode.population:
-        raise ValueError(f"method {name!r}: guidance steers away from the generic reviewer, "
-                         "so it needs a user's vectors")
+    if (match["shuffled"] or match["alpha"]) and not mode.soft:
+        raise ValueError(f"method {name!r}: only soft-token modes take another user's vectors or a strength")
     k = int(match["k"]) if match["k"] is not None else default_k
     strength = float(match["alpha"]) if match["alpha"] is not None else 1.0
-    guidance = float(match["guidance"]) if match["guidance"] is not None else 0.0
-    return Method(name.strip(), mode.name, k if mode.uses_history else 0, bool(match["shuffled"]), strength, guidance)
+    return Method(name.strip(), mode.name, k if mode.uses_history else 0, bool(match["shuffled"]), strength)
 
 
 @dataclass
@@ -105,27 +100,6 @@ def _pool_config(config: EngineConfig, settings: EvalSettings) -> EngineConfig:
     return replace(config, extra_reviews=settings.eval_reviews) if settings.eval_reviews else config
 
 
-def _rows(engine: DEPEngine, sample: Sample, own: PersonalContext, borrowed: PersonalContext,
-          methods: list[Method], personalization: PersonalizationSettings
-          ) -> tuple[list[torch.Tensor], dict[int, torch.Tensor]]:
-    """Input embeddings of one sample under every method, in the order of `methods`, and for each guided
-    method (by its index) the shadow row it is steered away from: its prompt with the generic reviewer."""
-    request = engine.sample_request(sample)
-    rows, shadows = [], {}
-    for n, method in enumerate(methods):
-        context = own.first(method.k)
-        source = borrowed.first(method.k) if method.shuffled else context
-        prompt = engine.prompt(request, context, method.mode, personalization.words_per_review,
-                               layout=personalization.layout)
-        take = np.arange(context.k) % max(1, source.k)  # another user may have fewer past reviews
-        vectors = PersonalContext(context.selected, source.his[take], source.diff[take]) if source.k else context
-        strength = 0.0 if get_mode(method.mode).population else method.strength
-        rows.append(engine.embed_prompt(prompt, *engine.vectors(vectors, strength)))
-        if method.guidance:
-            shadows[n] = engine.embed_prompt(prompt, *engine.vectors(context, 0.0))
-    return rows, shadows
-
-
 def pool_for(engine: DEPEngine, settings: EvalSettings) -> ReviewStore:
     """Validation users are evaluated on the pool training saw (no held-out targets); test users on all of it."""
     return engine.store.without(held_out_targets(engine.dataset.reviews)) if settings.split == "val" else engine.store
@@ -141,12 +115,14 @@ def sample_contexts(engine: DEPEngine, store: ReviewStore, samples: list[Sample]
 
 def read_generations(path: Path) -> list[dict]:
     """The records of a generations.jsonl; the raw text is the record, hygiene is applied as it stands now
-    (runs before round 36 did not record `ran_out`: their texts are read as not having run out)."""
+    (records before format 1 did not say whether they ran out of tokens: they are read as not having)."""
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     for record in records:
         cleaned = hygiene.clean(record.get("raw", record["text"]), record.get("ran_out", False),
                                 record.get("end_after_words"))
         record["text"], record["cut"] = cleaned.text, cleaned.reason
+        if record.get("content_filter"):  # a run with the filter on: its texts are read as they were shown
+            record["text"], record["withheld"] = safety.withhold(record["text"])
     return records
 
 
@@ -157,33 +133,39 @@ def generate_all(engine: DEPEngine, samples: list[Sample], contexts: list[Person
     finished = {record["group"] for record in done}
     partner = derangement(len(samples), settings.seed)
     starts = range(0, len(samples), settings.batch_users)
-    for group, start in enumerate(tqdm(starts, desc=f"generating ({len(methods)} methods)", unit="group")):
-        if group in finished:
-            continue
-        chunk = samples[start:start + settings.batch_users]
-        started = time.perf_counter()
-        per_sample = [_rows(engine, sample, contexts[start + n], contexts[partner[start + n]], methods,
-                            settings.personalization) for n, sample in enumerate(chunk)]
-        rows = [row for own_rows, _ in per_sample for row in own_rows]
-        shadows, guides = [], []  # the shadow rows go after all texts' rows
-        for n, (_, own_shadows) in enumerate(per_sample):
-            for m, shadow in own_shadows.items():
-                guides.append(Guide(n * len(methods) + m, len(rows) + len(shadows), methods[m].guidance))
-                shadows.append(shadow)
-        end_after = [end_after_words(sample.profile, settings.sampling) for sample in chunk for _ in methods]
-        outputs = generate(engine.llm, rows + shadows, replace(settings.sampling, seed=settings.sampling.seed + group),
-                           guides, end_after + [end_after[guide.row] for guide in guides])[:len(rows)]
+    pending: list = []  # groups decoding: on vLLM servers every group at once (generation.submit), here one
+
+    def finish(group: int, chunk: list[Sample], end_after: list, started: float, future) -> None:
+        outputs = future.result()
         cleaned = [hygiene.clean(*output, words) for output, words in zip(outputs, end_after)]
-        seconds = (time.perf_counter() - started) / len(rows)
-        records = [{"group": group, "user_id": sample.target.user_id, "item_id": sample.target.item_id,
-                    "method": method.name, "text": cleaned[row].text, "raw": outputs[row].text,
+        shown = [safety.withhold(c.text) if settings.sampling.content_filter else (c.text, 0) for c in cleaned]
+        seconds = (time.perf_counter() - started) / len(outputs)
+        records = [{"format": FORMAT_VERSION, "group": group, "user_id": sample.target.user_id,
+                    "item_id": sample.target.item_id, "method": method.name, "text": shown[row][0], "raw": outputs[row].text,
+                    "content_filter": settings.sampling.content_filter, "withheld": shown[row][1],
                     "ran_out": outputs[row].ran_out, "end_after_words": end_after[row], "cut": cleaned[row].reason,
                     "reference": sample.target.text, "seconds": seconds}
                    for n, sample in enumerate(chunk) for m, method in enumerate(methods)
                    for row in [n * len(methods) + m]]
         with open(path, "a") as out:  # a whole group or nothing: resuming redoes a cut-off group
             out.write("".join(json.dumps(r) + "\n" for r in records))
-        done += records
+        done.extend(records)
+
+    for group, start in enumerate(tqdm(starts, desc=f"generating ({len(methods)} methods)", unit="group")):
+        if group in finished:
+            continue
+        chunk = samples[start:start + settings.batch_users]
+        started = time.perf_counter()
+        rows = [row for n, sample in enumerate(chunk)
+                for row in engine.method_embeddings(engine.sample_request(sample), contexts[start + n],
+                                                    contexts[partner[start + n]], methods, settings.personalization)]
+        end_after = [end_after_words(sample.profile, settings.sampling) for sample in chunk for _ in methods]
+        pending.append((group, chunk, end_after, started, submit(
+            engine.llm, rows, replace(settings.sampling, seed=settings.sampling.seed + group), end_after)))
+        while pending and pending[0][-1].done():
+            finish(*pending.pop(0))
+    for job in pending:
+        finish(*job)
     return done
 
 
@@ -274,6 +256,7 @@ def pool_runs(folders: list[str], out: str | None = None, seed: int = 0) -> dict
     run has; with `out`, written to pooled.json and pooled.md."""
     draws, methods = read_draws(folders)
     summary = summarize_draws(draws, methods, seed)
+    summary["format"] = FORMAT_VERSION
     summary["runs"] = list(folders)
     everyone = set().union(*({r["user_id"] for r in draw} for draw in draws))
     if len(everyone) > summary["users"]:  # --limit draws other users under another --seed
@@ -292,8 +275,8 @@ def pool_runs(folders: list[str], out: str | None = None, seed: int = 0) -> dict
 
 
 VOICE_MEASURES = ("top1", "reciprocal_rank", "own_words", "drifted")
-# How voice.jsonl's attribution was measured: its expectation over every candidate set (since round 52);
-# rows without the field are from before, one candidate draw each, and do not pool with these.
+# How voice.jsonl's attribution was measured: its expectation over every candidate set; rows without the
+# field are from older runs, one candidate draw each, and do not pool with these.
 ATTRIBUTION_FORM = "expected over candidate sets"
 
 
@@ -485,7 +468,7 @@ def evaluate(config: EngineConfig, settings: EvalSettings, engine: DEPEngine | N
     methods = [parse_method(name, settings.personalization.k) for name in settings.methods]
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
-    engine = engine or DEPEngine(_pool_config(config, settings))
+    engine = engine or build_engine(_pool_config(config, settings))
     if not engine.adapter_trained and any(get_mode(m.mode).soft for m in methods):
         print("NOTE: the adapter is UNTRAINED: soft-token methods measure random soft prompts")
     samples = evaluation_samples(engine, settings)
@@ -500,10 +483,12 @@ def evaluate(config: EngineConfig, settings: EvalSettings, engine: DEPEngine | N
     summary = summarize(records, methods, settings.seed)
     summary["voice"], voice_rows = voice_and_hygiene(engine, store, samples, contexts, records, methods, settings)
     (out / "voice.jsonl").write_text("".join(json.dumps(row) + "\n" for row in voice_rows))
+    summary["format"] = FORMAT_VERSION
     summary["settings"] = {"methods": settings.methods, "limit": settings.limit, "seed": settings.seed,
-                           "split": settings.split,
-                           "eval_reviews": settings.eval_reviews, "adapter": config.adapter,
-                           "adapter_trained": engine.adapter_trained, "llm": config.llm, "encoder": config.encoder,
+                           "split": settings.split, "eval_reviews": settings.eval_reviews,
+                           "preset": engine.config.preset, "adapter": engine.config.adapter,
+                           "adapter_trained": engine.adapter_trained, "llm": engine.config.llm,
+                           "encoder": engine.config.encoder,
                            "personalization": vars(settings.personalization), "sampling": vars(settings.sampling),
                            "decoding": decoding(engine.llm),
                            "forward": forward_setup(engine.llm),  # sampled texts differ between CPU kinds too

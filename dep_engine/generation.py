@@ -1,4 +1,4 @@
-"""Soft tokens into `inputs_embeds`, and sampling from the frozen LLM, batched and streamed.
+"""Sampling from the frozen LLM, from input embeddings (`soft_prompt`), batched and streamed.
 
 All prompts of one request (baseline, DEP, ablations) are decoded together in one left-padded batch:
 on the CPU decoding is memory-bound, so a batch of two costs little more than one. A row stops
@@ -7,53 +7,26 @@ and every row at the time budget.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import queue
 import threading
 import time
-from typing import Iterator, NamedTuple, Sequence
+from typing import Iterator, Sequence
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StaticCache, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from . import hygiene
-from .llm import LLM, autocast_to, forward_with_cache
-from .prompt import PromptIds
+from . import hygiene, safety, vllm_backend
+from .hygiene import Output
+from .llm import LLM, prompt_cache
+from .onnx_decode import decoder_for
 from .settings import SamplingSettings
+from .soft_prompt import left_pad
 
 # One generation at a time per process: the seed is global torch state, and 2 cores gain nothing from two.
 generation_lock = threading.Lock()
-
-
-def prompt_embeddings(llm: LLM, prompt: PromptIds, his_tokens: torch.Tensor | None = None,
-                      diff_tokens: torch.Tensor | None = None) -> torch.Tensor:
-    """(L, H) input embeddings of the prompt with soft tokens at their slots (differentiable in them).
-
-    Tokens are (n, H), one per past review for each of its `prompt.copies` slots, or (n, P, H), one per
-    copy (the adapter's end projectors write the second); a prompt with fewer copies takes the first."""
-    ids = torch.tensor(prompt.ids, dtype=torch.long, device=llm.device)
-    with torch.no_grad():
-        embeds = llm.embed(ids)
-    for positions, tokens in ((prompt.his_positions, his_tokens), (prompt.diff_positions, diff_tokens)):
-        if not positions:
-            continue
-        if tokens is None or len(tokens) * prompt.copies != len(positions):
-            raise ValueError(f"{len(positions)} slots but {0 if tokens is None else len(tokens)} soft tokens "
-                             f"({prompt.copies} copies each)")
-        if tokens.dim() == 3:  # copy-major: every review's first copy, then every review's second
-            tokens = tokens[:, :prompt.copies].transpose(0, 1).reshape(-1, tokens.shape[-1])
-        else:
-            tokens = tokens.repeat(prompt.copies, 1)
-        embeds = embeds.index_put((torch.tensor(positions, device=llm.device),), tokens.to(embeds.dtype))
-    return embeds
-
-
-class Output(NamedTuple):
-    """A decoded text, and whether decoding reached the token limit before the text ended (no
-    end-of-text token, no stop): such a text likely stops mid-sentence (`hygiene.clean` ends it)."""
-    text: str
-    ran_out: bool = False
 
 
 def _outputs(tokenizer, ids: torch.Tensor, max_new_tokens: int) -> list[Output]:
@@ -62,43 +35,6 @@ def _outputs(tokenizer, ids: torch.Tensor, max_new_tokens: int) -> list[Output]:
     full = ids.shape[1] >= max_new_tokens
     return [Output(tokenizer.decode(row, skip_special_tokens=True).strip(), full and int(row[-1]) not in ended)
             for row in ids]
-
-
-class Guide(NamedTuple):
-    """Decode-time guidance of one batch row: `row` is steered away from `shadow`, the same prompt with the
-    population-average reviewer's vectors, by `scale`; the shadow reads the row's tokens and is not a text."""
-    row: int
-    shadow: int
-    scale: float
-
-
-def guided_scores(scores: torch.Tensor, guides: Sequence[Guide]) -> torch.Tensor:
-    """Classifier-free guidance toward the user: a guided row's scores become log p + scale * (log p - log p_shadow),
-    what this user's vectors make likelier than the generic reviewer's on the same text, amplified; the
-    shadow rows and unguided rows keep their scores as they are (bit for bit)."""
-    if not guides:
-        return scores
-    out, logp = scores.clone(), scores.log_softmax(-1)
-    for guide in guides:
-        out[guide.row] = guidance(logp[guide.row], logp[guide.shadow], guide.scale)
-    return out
-
-
-def guidance(logp: torch.Tensor, logp_generic: torch.Tensor, scale: float) -> torch.Tensor:
-    """log p + scale * (log p - log p_generic): the user's log-probabilities pushed further from the generic
-    reviewer's (unnormalised; decoding and the likelihood control both renormalise)."""
-    return logp + scale * (logp - logp_generic)
-
-
-def left_pad(sequences: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack (L_i, H) sequences into (B, L, H) with padding on the left, and the attention mask."""
-    length = max(len(s) for s in sequences)
-    batch = sequences[0].new_zeros((len(sequences), length, sequences[0].shape[-1]))
-    mask = torch.zeros((len(sequences), length), dtype=torch.long, device=sequences[0].device)
-    for row, seq in enumerate(sequences):
-        batch[row, length - len(seq):] = seq
-        mask[row, length - len(seq):] = 1
-    return batch, mask
 
 
 class _BatchStreamer(BaseStreamer):
@@ -202,13 +138,10 @@ class _NoEmptyReview(LogitsProcessor):
 
 
 class _NoBrackets(LogitsProcessor):
-    """Keeps every token that writes "[" from being drawn: the prompt's field labels ("[Output Review
-    Rating]: 5") and template placeholders ("[User's Name]") all open with one, hygiene cuts a review
-    at the first of them, and a review has no use for the character. The plain LLM echoed such
-    labels until the token limit in 6.5% of its test outputs, leaving nothing after hygiene."""
+    """Keeps every token that writes "[" from being drawn (`hygiene.bracket_tokens`)."""
 
     def __init__(self, tokenizer):
-        self.banned = torch.tensor([i for i in range(len(tokenizer)) if "[" in tokenizer.decode([i])], dtype=torch.long)
+        self.banned = torch.tensor(hygiene.bracket_tokens(tokenizer), dtype=torch.long)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         scores[:, self.banned.to(scores.device)] = -float("inf")
@@ -217,13 +150,16 @@ class _NoBrackets(LogitsProcessor):
 
 @functools.cache
 def _no_brackets(tokenizer) -> _NoBrackets:
-    """One per tokenizer: finding its bracket tokens reads the whole vocabulary (0.2 s)."""
     return _NoBrackets(tokenizer)
 
 
-def logits_processors(llm: LLM) -> LogitsProcessorList:
-    """What every method's decoding goes through before sampling: no bracket, no empty review."""
-    return LogitsProcessorList([_no_brackets(llm.tokenizer), _NoEmptyReview(llm.tokenizer)])
+def logits_processors(llm: LLM, content_filter: bool = True) -> LogitsProcessorList:
+    """What every method's decoding goes through before sampling: no bracket, no empty review, and (with
+    the content filter) no listed word (`safety.WordMask`)."""
+    processors = [_no_brackets(llm.tokenizer), _NoEmptyReview(llm.tokenizer)]
+    if content_filter:
+        processors.append(safety.word_mask(llm.tokenizer))
+    return LogitsProcessorList(processors)
 
 
 def stopping_criteria(llm: LLM, settings: SamplingSettings, stop: threading.Event | None,
@@ -238,16 +174,6 @@ def stopping_criteria(llm: LLM, settings: SamplingSettings, stop: threading.Even
     return StoppingCriteriaList(criteria)
 
 
-def prompt_cache(model: torch.nn.Module, batch: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype | None = None):
-    """Keys and values of all prompt positions but the last, from `model` (under autocast to `dtype`
-    if given, else in its own dtype), for a decoder that runs the last position itself (a bf16 copy,
-    or ONNX Runtime)."""
-    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as generate numbers left-padded rows
-    with autocast_to(dtype, batch.device.type):
-        return forward_with_cache(model.base_model, inputs_embeds=batch[:, :-1], attention_mask=mask[:, :-1],
-                                  position_ids=positions[:, :-1])[1]
-
-
 def _prefill(llm: LLM, decoder: torch.nn.Module, batch: torch.Tensor, mask: torch.Tensor,
              max_new_tokens: int) -> StaticCache:
     """The prompt's keys and values (`prompt_cache`) handed to the decoder in a static cache."""
@@ -260,19 +186,22 @@ def _prefill(llm: LLM, decoder: torch.nn.Module, batch: torch.Tensor, mask: torc
 
 def _generate(llm: LLM, embeds: Sequence[torch.Tensor], settings: SamplingSettings,
               streamer: _BatchStreamer | None = None, stop: threading.Event | None = None,
-              guides: Sequence[Guide] = (), end_after: Sequence[int | None] = ()) -> list[Output]:
+              end_after: Sequence[int | None] = ()) -> list[Output]:
     tokenizer = llm.tokenizer
-    if (fast := llm.onnx_decoder()) is not None:  # the CPU default: ONNX Runtime (onnx_decode.py)
+    if (remote := vllm_backend.client_for(llm)) is not None:  # vLLM servers (vllm_backend.py), no lock: they batch
+        output = remote.decode(embeds, settings, end_after, streamer.queue.put if streamer else None, stop)
+        if streamer is not None:
+            streamer.end()
+        return output
+    if (fast := decoder_for(llm)) is not None:  # the CPU default: ONNX Runtime (onnx_decode.py)
         with generation_lock, torch.inference_mode():
             output = fast.decode(embeds, settings, stopping_criteria(llm, settings, stop, end_after),
                                  tokenizer.eos_token_id,
                                  tokenizer.pad_token_id, streamer.put_step if streamer else None,
-                                 logits_processors(llm), guides)
+                                 logits_processors(llm, settings.content_filter))
         if streamer is not None:
             streamer.end()
         return _outputs(tokenizer, output, settings.max_new_tokens)
-    if guides:
-        raise ValueError("guidance toward the user runs on the CPU's ONNX Runtime path only (--cpu-backend onnx)")
     batch, mask = left_pad(embeds)
     sample = settings.temperature > 0
     with generation_lock, torch.inference_mode():
@@ -287,19 +216,29 @@ def _generate(llm: LLM, embeds: Sequence[torch.Tensor], settings: SamplingSettin
             do_sample=sample, temperature=settings.temperature if sample else None,
             top_p=settings.top_p if sample else None, top_k=None, pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id, streamer=streamer,
-            stopping_criteria=criteria, logits_processor=logits_processors(llm))
+            stopping_criteria=criteria, logits_processor=logits_processors(llm, settings.content_filter))
     return _outputs(tokenizer, output, settings.max_new_tokens)
 
 
 def generate(llm: LLM, embeds: Sequence[torch.Tensor], settings: SamplingSettings,
-             guides: Sequence[Guide] = (), end_after: Sequence[int | None] = ()) -> list[Output]:
+             end_after: Sequence[int | None] = ()) -> list[Output]:
     """One Output per prompt embedding; the same seed gives the same texts.
 
     Each row stops once it reaches scaffolding or a loop, or with `end_after` (a word target per row,
     or None) the first sentence end from its target on; the texts are as decoded, so the caller applies
-    `hygiene.clean` with the same targets (and can count what it cut). `guides` (ONNX path): rows steered
-    away from shadow rows (`guided_scores`); a shadow's text is its row's."""
-    return _generate(llm, embeds, settings, guides=guides, end_after=end_after)
+    `hygiene.clean` with the same targets (and can count what it cut)."""
+    return _generate(llm, embeds, settings, end_after=end_after)
+
+
+def submit(llm: LLM, embeds: Sequence[torch.Tensor], settings: SamplingSettings,
+           end_after: Sequence[int | None] = ()) -> concurrent.futures.Future:
+    """`generate` as a Future: on vLLM servers every submitted call decodes at once (`vllm_backend`); in
+    this process the call runs now and the Future is already done."""
+    if (client := vllm_backend.client_for(llm)) is not None:
+        return client.submit(embeds, settings, end_after)
+    future: concurrent.futures.Future = concurrent.futures.Future()
+    future.set_result(generate(llm, embeds, settings, end_after))
+    return future
 
 
 def stream(llm: LLM, embeds: Sequence[torch.Tensor], settings: SamplingSettings,

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from .choices import CpuBackend, CpuDecode, CpuPrefill, choice
 from .paths import bundled_gguf, default_cache_dir
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,6 @@ class LLM:
     prefill_dtype: torch.dtype | None = None  # autocast dtype of prompts (and training's forward passes); None: the model's
     notes: list[str] = field(default_factory=list)  # how loading departed from what was asked
     _decoder: torch.nn.Module | None = field(default=None, init=False, repr=False)
-    _onnx: object | None = field(default=None, init=False, repr=False)
 
     @property
     def hidden_size(self) -> int:
@@ -62,24 +62,6 @@ class LLM:
         if self._decoder is None:
             self._decoder = copy.deepcopy(self.model).to(self.decode_dtype).eval().requires_grad_(False)
         return self._decoder
-
-    def onnx_decoder(self):
-        """The ONNX Runtime decoder (`onnx_decode.OnnxDecoder`), converted and loaded on first use; None
-        when this LLM decodes in PyTorch, or when it cannot be converted (logged once; PyTorch decodes)."""
-        if not self.onnx_decode or self.device.type != "cpu":
-            return None
-        if self._onnx is None:
-            from .onnx_decode import load_decoder
-            from .onnx_model import ConversionError
-
-            try:
-                self._onnx = load_decoder(self.name, resolve_llm(self.name)[0], self.model, self.tokenizer,
-                                          self.onnx_kv_cache, self.prefill_dtype)
-            except ConversionError as err:
-                log.warning("%s; decoding in PyTorch instead", err)
-                self.onnx_decode = False
-                return None
-        return self._onnx
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(ids.to(self.device))
@@ -100,6 +82,17 @@ def forward_with_cache(model: torch.nn.Module, cache=None, **inputs):
     name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     out = model(**inputs, use_cache=True, **({name: cache} if cache is not None else {}))
     return out, getattr(out, name)
+
+
+def prompt_cache(model: torch.nn.Module, batch: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype | None = None):
+    """Keys and values of all prompt positions but the last, from `model` (under autocast to `dtype`
+    if given, else in its own dtype), for a decoder that runs the last position itself (a bf16 copy,
+    or ONNX Runtime)."""
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as generate numbers left-padded rows
+    with autocast_to(dtype, batch.device.type):
+        return forward_with_cache(model.base_model, inputs_embeds=batch[:, :-1], attention_mask=mask[:, :-1],
+                                  position_ids=positions[:, :-1])[1]
+
 
 
 def default_device() -> torch.device:
@@ -138,9 +131,7 @@ def resolve_llm(name: str) -> tuple[str, str | None]:
     return name, None
 
 
-CPU_DECODE_DTYPES = {"bfloat16": torch.bfloat16, "float32": None}  # None: the model decodes itself, in fp32
-CPU_BACKENDS = ("onnx", "torch")  # who generates on the CPU: ONNX Runtime (int8), or PyTorch in CPU_DECODE_DTYPES
-CPU_PREFILLS = ("auto", "bfloat16", "float32")  # auto: bfloat16 where `cpu_has_fast_bf16`
+CPU_DECODE_DTYPES = {CpuDecode.BFLOAT16: torch.bfloat16, CpuDecode.FLOAT32: None}  # None: the model decodes itself
 
 
 def cpu_has_fast_bf16(cpuinfo: str | None = None) -> bool:
@@ -165,8 +156,8 @@ def cpu_model() -> str:
 
 def forward_setup(llm: "LLM") -> dict[str, str]:
     """Where and in what precision the LLM's forward passes run. Per-sample losses of bf16 forwards differ
-    between CPU kinds (round 25: one review's by up to 0.03 nats per token, median 0.004, the mean over 120
-    by 0.0006), so a report of losses says which it came from, and runs are paired on one kind."""
+    between CPU kinds (one review's by up to 0.03 nats per token, median 0.004, the mean over 120 validation
+    reviews by 0.0006), so a report of losses says which it came from, and runs are paired on one kind."""
     return {"device": str(llm.device), "cpu": cpu_model(), "bf16_units": ",".join(bf16_units()) or "none",
             "prefill_dtype": str(llm.prefill_dtype or llm.model.dtype).replace("torch.", "")}
 
@@ -186,8 +177,7 @@ def _cpuinfo() -> str:
 
 
 def _prefill_dtype(cpu_prefill: str) -> torch.dtype | None:
-    if cpu_prefill not in CPU_PREFILLS:
-        raise ValueError(f"cpu_prefill must be one of {', '.join(CPU_PREFILLS)}, got {cpu_prefill!r}")
+    cpu_prefill = choice(CpuPrefill, cpu_prefill, "cpu_prefill")
     if cpu_prefill == "auto":
         cpu_prefill = "bfloat16" if cpu_has_fast_bf16() else "float32"
     return torch.bfloat16 if cpu_prefill == "bfloat16" else None
@@ -212,8 +202,7 @@ def load_llm(name: str = BUNDLED_LLM, device: str | torch.device | None = None,
     device = torch.device(device) if device is not None else default_device()
     four_bit = (device.type == "cuda") if four_bit is None else four_bit
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    if cpu_backend not in CPU_BACKENDS:
-        raise ValueError(f"cpu_backend must be one of {', '.join(CPU_BACKENDS)}, got {cpu_backend!r}")
+    cpu_backend = choice(CpuBackend, cpu_backend, "cpu_backend")
     decode_dtype = cpu_decode_dtype if device.type == "cpu" else None
     onnx = device.type == "cpu" and cpu_backend == "onnx"
     prefill_dtype = _prefill_dtype(cpu_prefill) if device.type == "cpu" else None

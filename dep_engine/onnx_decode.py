@@ -21,6 +21,7 @@ a step, as long as the model's step itself.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -30,10 +31,12 @@ import onnxruntime as ort
 import torch
 from transformers import LogitsProcessorList, StoppingCriteriaList
 
-from .generation import Guide, guided_scores, left_pad, prompt_cache
-from .llm import forward_with_cache
+from .llm import LLM, forward_with_cache, prompt_cache, resolve_llm
 from .onnx_model import ConversionError, converted_folder, kv_scale_name
 from .settings import SamplingSettings
+from .soft_prompt import left_pad
+
+log = logging.getLogger(__name__)
 
 
 def sample(scores: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator,
@@ -171,30 +174,25 @@ class OnnxDecoder:
 
     def decode(self, embeds: Sequence[torch.Tensor], settings: SamplingSettings, stopping: StoppingCriteriaList,
                eos_token_id: int, pad_token_id: int, on_step: Callable[[torch.Tensor], None] | None = None,
-               processors: LogitsProcessorList | None = None, guides: Sequence[Guide] = ()) -> torch.Tensor:
+               processors: LogitsProcessorList | None = None) -> torch.Tensor:
         """(B, steps) new token ids; a row ends at EOS or when `stopping` says so, later steps give it padding.
 
         `on_step` gets each step's (B,) tokens; `stopping(ids, scores)` sees all rows' ids after every step;
-        `processors(ids, scores)` (transformers logits processors) adjust each step's scores before sampling;
-        each of `guides` steers a row away from its shadow row (`guided_scores`), which is fed the row's tokens."""
+        `processors(ids, scores)` (transformers logits processors) adjust each step's scores before sampling."""
         state = self._start(embeds, settings.max_new_tokens)
         scores = state.logits[:, 0]
         generators = [torch.Generator().manual_seed(settings.seed) for _ in embeds]
         ids = torch.empty((len(embeds), 0), dtype=torch.long)
         unfinished = torch.ones(len(embeds), dtype=torch.bool)
-        mirrored = {guide.shadow for guide in guides}
         for step in range(settings.max_new_tokens):
-            step_scores = guided_scores(torch.from_numpy(scores), guides)
+            step_scores = torch.from_numpy(scores)
             if processors is not None:
                 step_scores = processors(ids, step_scores)
-            if settings.temperature > 0:  # a shadow row's token is its guided row's: not drawn
-                tokens = torch.tensor([0 if n in mirrored else
-                                       sample(row, settings.temperature, settings.top_p, generator)
-                                       for n, (row, generator) in enumerate(zip(step_scores, generators))])
+            if settings.temperature > 0:
+                tokens = torch.tensor([sample(row, settings.temperature, settings.top_p, generator)
+                                       for row, generator in zip(step_scores, generators)])
             else:
                 tokens = step_scores.argmax(-1)
-            for guide in guides:
-                tokens[guide.shadow] = tokens[guide.row]
             tokens = torch.where(unfinished, tokens, pad_token_id)
             ids = torch.cat([ids, tokens[:, None]], dim=1)
             if on_step is not None:
@@ -213,3 +211,24 @@ def load_decoder(name: str, source: str | Path, model: torch.nn.Module, tokenize
     if not Path(source).is_dir():
         raise ConversionError(f"{name}: ONNX Runtime decoding needs the LLM as a local transformers folder")
     return OnnxDecoder(converted_folder(source, kv_cache=kv_cache), model, tokenizer, prefill_dtype=prefill_dtype)
+
+
+_decoders: dict[tuple, OnnxDecoder] = {}
+
+
+def decoder_for(llm: LLM) -> OnnxDecoder | None:
+    """The LLM's ONNX Runtime decoder, converted and loaded on first use; None when `llm` decodes in
+    PyTorch (not on the CPU, or not asked), or when its LLM cannot be converted (logged once; from then
+    on PyTorch decodes)."""
+    if not llm.onnx_decode or llm.device.type != "cpu":
+        return None
+    key = (id(llm.model), llm.onnx_kv_cache, llm.prefill_dtype)
+    if key not in _decoders:
+        try:
+            _decoders[key] = load_decoder(llm.name, resolve_llm(llm.name)[0], llm.model, llm.tokenizer,
+                                          llm.onnx_kv_cache, llm.prefill_dtype)
+        except ConversionError as err:
+            log.warning("%s; decoding in PyTorch instead", err)
+            llm.onnx_decode = False
+            return None
+    return _decoders[key]

@@ -29,6 +29,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from .atomic import atomic_write
+from .choices import KvCache, choice
 from .paths import default_cache_dir
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,6 @@ PRECISION = "int8"
 BUILDER_OPTIONS = ("exclude_embeds=true", "prune_lm_head=true")
 FORMAT = 2  # bump when what is built, or how it is used, changes
 MANIFEST = "dep_manifest.json"
-KV_CACHES = ("int8", "float32")  # the KV cache's dtype in the converted model
 
 
 class ConversionError(RuntimeError):
@@ -140,8 +140,7 @@ def converted_folder(source: str | Path, cache_dir: Path | None = None, kv_cache
     """The ONNX Runtime folder of a transformers LLM folder, converted on first use and checked on every use.
 
     `kv_cache` "int8" falls back to "float32" (logged) where this ONNX Runtime has no quantized cache."""
-    if kv_cache not in KV_CACHES:
-        raise ValueError(f"kv_cache must be one of {', '.join(KV_CACHES)}, got {kv_cache!r}")
+    kv_cache = choice(KvCache, kv_cache, "kv_cache")
     if kv_cache == "int8" and not int8_kv_cache_supported():
         log.warning("this ONNX Runtime has no int8 KV cache (1.24+ has); keeping it in float32")
         kv_cache = "float32"

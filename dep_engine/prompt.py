@@ -1,5 +1,5 @@
 """The prompt: the LLM's own chat template, each past review followed by its own his and diff slots
-(the paper's layout), or all slots together right before the answer (`PromptLayout.soft_tokens_at`).
+(the paper's layout), the past reviews quoted in the request or shown as the chat's earlier answers.
 
 Slots are written into the rendered chat as random per-process markers (so no user text can forge
 one), then the text between them is tokenized and each slot becomes one placeholder position whose
@@ -11,10 +11,11 @@ import re
 import secrets
 from dataclasses import dataclass
 
+from .choices import HistoryAs, choice
 from .data import Item, Review
 
-# Words kept of each past review: 120 since round 28, chosen on validation users in round 27 (the
-# shipped adapter was trained at 30; at 120 their reviews were likelier and DEP's METEOR higher).
+# Words kept of each past review, chosen on validation users (the shipped adapter was trained at 30;
+# at 120 their real reviews were likelier and DEP's METEOR higher).
 WORDS_PER_REVIEW = 120
 
 _NONCE = secrets.token_hex(6)
@@ -76,98 +77,48 @@ class PastReview:
         return cls(item_title, review.rating, review.title, review.text)
 
 
-SOFT_TOKEN_PLACES = ("beside", "end", "both")
-HISTORY_PLACES = ("quoted", "turns", "turns-ended")
-
-
 @dataclass(frozen=True)
 class PromptLayout:
-    """Where the prompt puts the product and the soft slots.
+    """Where the prompt puts the product and the past reviews.
 
     `restate_item` names the product again after the past reviews ([Output Item Title]), closest to
     where the review begins, so that the model does not take the last past review's item for the one
-    to review. `soft_tokens_at`: "beside" puts each past review's his and diff slots after its text (the
-    paper's prompt); "end" puts all of them after the output review's title, right before the answer,
-    where this LLM reads more of what a slot holds (experiments/README.md, rounds 14 to 14c); "both"
-    puts a slot in both places: the same token twice, or, from an adapter with end projectors, a
-    second token of its own at the end (rounds 19 and 20). `history_as`: "quoted" lists the past reviews
-    inside the one user turn (the paper's prompt); "turns" makes each past review an earlier answer of
-    the chat, to a request for its own item, so the LLM reads the user's texts as what it wrote before
-    (round 30; only modes that show the texts, the others stay quoted); "turns-ended" ends each earlier
-    answer at a sentence end instead of cutting it with " ..." (round 33). `tell_length`: in a prompt
-    that shows the past reviews' texts, every request says how long its answer is in words (an earlier
-    answer its own length as shown, the review to write the user's typical length), so the model can
-    learn from its earlier answers that the line is kept (round 35)."""
+    to review. `history_as`: "quoted" lists the past reviews inside the one user turn (the paper's
+    prompt); "turns" makes each past review an earlier answer of the chat, to a request for its own
+    item, so the LLM reads the user's texts as what it wrote before (only modes that show the texts;
+    the others stay quoted). Each past review's his and diff slots follow it, as in the paper."""
     restate_item: bool = False
-    soft_tokens_at: str = "beside"
-    history_as: str = "quoted"
-    tell_length: bool = False
+    history_as: HistoryAs = HistoryAs.QUOTED
 
     def __post_init__(self) -> None:
-        for name in ("restate_item", "tell_length"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        if self.soft_tokens_at not in SOFT_TOKEN_PLACES:
-            raise ValueError(f"soft_tokens_at must be one of {', '.join(SOFT_TOKEN_PLACES)}, "
-                             f"got {self.soft_tokens_at!r}")
-        if self.history_as not in HISTORY_PLACES:
-            raise ValueError(f"history_as must be one of {', '.join(HISTORY_PLACES)}, got {self.history_as!r}")
-
-    @property
-    def slots_beside(self) -> bool:
-        """Whether each past review has its soft slots next to it."""
-        return self.soft_tokens_at in ("beside", "both")
-
-    @property
-    def slots_at_end(self) -> bool:
-        """Whether the soft slots come (again) right before the answer."""
-        return self.soft_tokens_at in ("end", "both")
+        if not isinstance(self.restate_item, bool):
+            raise ValueError(f"restate_item must be true or false, got {self.restate_item!r}")
+        object.__setattr__(self, "history_as", choice(HistoryAs, self.history_as, "history_as"))
 
     def turns(self, mode: "Mode") -> bool:
         """Whether this prompt shows the past reviews as earlier answers of the chat."""
-        return self.history_as.startswith("turns") and mode.texts
-
-    def tells_length(self, mode: "Mode") -> bool:
-        """Whether this prompt's requests say their answers' lengths (the length-told control always does)."""
-        return mode.length_hint or (self.tell_length and mode.texts)
+        return self.history_as == HistoryAs.TURNS and mode.texts
 
 
 @dataclass
 class PromptIds:
-    """Token ids and the slots' positions: every past review's slot once, in review order, then again
-    for each further copy (`copies` is 2 in the "both" layout)."""
+    """Token ids and the slots' positions, one his and one diff slot per past review, in review order."""
     ids: list[int]
     his_positions: list[int]
     diff_positions: list[int]
-    copies: int = 1
-
-    def slots_from_copy(self, copy: int) -> list[int]:
-        """Positions of the slots of copy `copy` and after (0: every slot)."""
-        his, diff = (len(p) // self.copies * copy for p in (self.his_positions, self.diff_positions))
-        return self.his_positions[his:] + self.diff_positions[diff:]
 
 
 CUT_MARK = " ..."  # ends a text `shorten` cut
 
 
 def shorten(text: str, words: int) -> str:
+    """At most `words` words, and at most 12 characters a word: a pasted title of 100,000 characters with
+    no space is one "word", and was left whole for the prompt's fitting to drop every past review instead."""
     parts = text.split()
-    return text if len(parts) <= words else " ".join(parts[:words]) + CUT_MARK
+    short = text if len(parts) <= words else " ".join(parts[:words]) + CUT_MARK
+    return short if len(short) <= 12 * words else short[:12 * words].rstrip() + CUT_MARK
 
 
-# A sentence end: a run of . ! ? or …, closing quotes or brackets after it, then a space or the end; or a line break
-SENTENCE_END = re.compile(r"[.!?\u2026]+[\"'\u201d\u2019)\]]*(?=\s|$)|\n")
-
-
-def shorten_to_sentence(text: str, words: int) -> str:
-    """The first `words` words, ended at the last sentence end among them (all of them, without
-    " ...", when none ends there): an earlier answer that stops as the user's reviews do."""
-    parts = text.split()
-    if len(parts) <= words:
-        return text
-    kept = " ".join(parts[:words])
-    ends = [m.end() for m in SENTENCE_END.finditer(kept)]
-    return kept[:ends[-1]] if ends else kept
 
 
 def _rating(value: float) -> str:
@@ -201,34 +152,22 @@ def typical_length(reviews: list[Review]) -> int:
     return counts[len(counts) // 2] if counts else 0
 
 
-def _length_line(words: int) -> str:
-    return f"[Output Review Length]: about {words} words"
-
-
-def _slot_lines(index: int, mode: Mode, numbered: bool) -> list[str]:
-    label = f"Review {index + 1} " if numbered else "Review "
+def _slot_lines(index: int, mode: Mode) -> list[str]:
     lines = []
     if mode.his:
-        lines.append(f"[{label}Embedding]: <his_start><<{_NONCE}:his:{index}>><his_end>")
+        lines.append(f"[Review Embedding]: <his_start><<{_NONCE}:his:{index}>><his_end>")
     if mode.diff:
-        lines.append(f"[{label}Difference Embedding]: <diff_start><<{_NONCE}:diff:{index}>><diff_end>")
+        lines.append(f"[Review Difference Embedding]: <diff_start><<{_NONCE}:diff:{index}>><diff_end>")
     return lines
 
 
-def _past_turns(past: list[PastReview], mode: Mode, words_per_review: int,
-                layout: PromptLayout) -> list[dict[str, str]]:
-    """Each past review as an earlier request for its own item and the user's review as the answer
-    (cut at a sentence end in the "turns-ended" layout; its length told where `layout` says so)."""
-    cut = shorten_to_sentence if layout.history_as == "turns-ended" else shorten
+def _past_turns(past: list[PastReview], mode: Mode, words_per_review: int) -> list[dict[str, str]]:
+    """Each past review as an earlier request for its own item and the user's review as the answer."""
     turns = []
     for i, review in enumerate(past):
-        answer = cut(review.text, words_per_review)
+        answer = shorten(review.text, words_per_review)
         lines = [f"[Item Title]: {shorten(review.item_title, 40)}", f"[Output Review Rating]: {_rating(review.rating)}",
-                 f"[Output Review Title]: {shorten(review.title, 30)}"]
-        if layout.tells_length(mode):
-            lines.append(_length_line(len(answer.removesuffix(CUT_MARK).split())))
-        if layout.slots_beside:
-            lines += _slot_lines(i, mode, numbered=False)
+                 f"[Output Review Title]: {shorten(review.title, 30)}", *_slot_lines(i, mode)]
         turns += [{"role": "user", "content": "\n".join(lines)}, {"role": "assistant", "content": answer}]
     return turns
 
@@ -236,8 +175,8 @@ def _past_turns(past: list[PastReview], mode: Mode, words_per_review: int,
 def user_message(item: Item, rating: float, review_title: str, past: list[PastReview], mode: Mode,
                  words_per_review: int = WORDS_PER_REVIEW, length_words: int = 0,
                  layout: PromptLayout = PromptLayout()) -> str:
-    """The last user turn: the product, the past reviews (quoted layout), the review to write, and
-    the soft slots where `layout` puts them."""
+    """The last user turn: the product, the past reviews with their soft slots (quoted layout), and the
+    review to write (its length in words too, for a mode that tells it)."""
     lines = [f"[Item Title]: {shorten(item.title, 40)}"]
     if item.description:
         lines.append(f"[Item Description]: {shorten(item.description, 80)}")
@@ -249,15 +188,12 @@ def user_message(item: Item, rating: float, review_title: str, past: list[PastRe
             if mode.texts:
                 lines += [f"[Review Rating]: {_rating(review.rating)}", f"[Review Title]: {shorten(review.title, 30)}",
                           f"[Review Text]: {shorten(review.text, words_per_review)}"]
-            if layout.slots_beside:
-                lines += _slot_lines(i, mode, numbered=False)
+            lines += _slot_lines(i, mode)
         if layout.restate_item:
             lines.append(f"[Output Item Title]: {shorten(item.title, 40)}")
     lines += [f"[Output Review Rating]: {_rating(rating)}", f"[Output Review Title]: {shorten(review_title, 30)}"]
-    if layout.tells_length(mode) and length_words:
-        lines.append(_length_line(length_words))
-    if layout.slots_at_end and mode.uses_history:
-        lines += [line for i in range(len(past)) for line in _slot_lines(i, mode, numbered=True)]
+    if mode.length_hint and length_words:
+        lines.append(f"[Output Review Length]: about {length_words} words")
     return "\n".join(lines)
 
 
@@ -267,8 +203,8 @@ def chat_messages(item: Item, rating: float, review_title: str, past: list[PastR
     """The chat: the system message, the past reviews as earlier turns where `layout` says so, and
     the request for the review to write."""
     turns = layout.turns(mode) and bool(past)
-    earlier = _past_turns(past, mode, words_per_review, layout) if turns else []
-    told_length = layout.tells_length(mode) and bool(length_words)
+    earlier = _past_turns(past, mode, words_per_review) if turns else []
+    told_length = mode.length_hint and bool(length_words)
     return [{"role": "system", "content": system_message(mode, turns, told_length)}, *earlier,
             {"role": "user", "content": user_message(item, rating, review_title, past, mode, words_per_review,
                                                      length_words, layout)}]
@@ -302,16 +238,12 @@ def build_prompt(tokenizer, item: Item, rating: float, review_title: str, past: 
     rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     placeholder = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ids: list[int] = []
-    slots: dict[str, dict[int, list[int]]] = {"his": {}, "diff": {}}
+    slots: dict[str, dict[int, int]] = {"his": {}, "diff": {}}
     cursor = 0
     for match in _SLOT.finditer(rendered):
         ids += tokenizer.encode(rendered[cursor:match.start()], add_special_tokens=False)
-        slots[match.group(1)].setdefault(int(match.group(2)), []).append(len(ids))
+        slots[match.group(1)][int(match.group(2))] = len(ids)
         ids.append(placeholder)
         cursor = match.end()
     ids += tokenizer.encode(rendered[cursor:], add_special_tokens=False)
-    copies = 2 if layout.soft_tokens_at == "both" else 1
-
-    def in_copy_order(kind: str) -> list[int]:
-        return [slots[kind][i][copy] for copy in range(copies) for i in sorted(slots[kind])]
-    return PromptIds(ids, in_copy_order("his"), in_copy_order("diff"), copies)
+    return PromptIds(ids, *([slots[kind][i] for i in sorted(slots[kind])] for kind in ("his", "diff")))

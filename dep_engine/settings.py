@@ -13,11 +13,10 @@ with a message naming the field.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
+from .choices import HistoryAs, HistoryRule, choice
 from .prompt import WORDS_PER_REVIEW, PromptLayout
-
-HISTORY_RULES = ("relevant", "recent")  # dense retrieval by the target item, or the paper's recency rule
 
 BOUNDS: dict[str, tuple[float, float]] = {
     "k": (0, 16),                    # past reviews in the prompt
@@ -45,45 +44,57 @@ def _check(settings: object) -> None:
             raise ValueError(f"{f.name} must be a whole number, got {value!r}")
 
 
+def described(text: str, option: str | None = None) -> dict:
+    """A field's help, which the CLI shows for the option made from it (`--<option>`: by default the
+    field's name with dashes)."""
+    return {"help": text, **({"option": option} if option else {})}
+
+
 @dataclass
 class PersonalizationSettings:
     """Which history and peers personalize a request, and how strongly."""
-    k: int = 4
-    history_rule: str = "relevant"
-    peer_temperature: float = 1.0
-    max_peers: int = 64
-    words_per_review: int = WORDS_PER_REVIEW  # one default for training, evaluation and the app
-    strength: float = 1.0
-    restate_item: bool = True        # name the product again after the past reviews (against drift; the shipped adapter's prompt)
-    soft_tokens_at: str = "beside"   # each past review's soft tokens after it (the paper's), or all at the "end"
-    history_as: str = "turns"        # past reviews as earlier answers of the chat (round 31), or "quoted" (the paper's)
-    tell_length: bool = False        # every request says its answer's length in words (round 35)
+    k: int = field(default=4, metadata=described("past reviews in the prompt"))
+    history_rule: HistoryRule = field(default=HistoryRule.RELEVANT, metadata=described(
+        "which past reviews: the most relevant to the product, or the most recent (the paper's rule)"))
+    peer_temperature: float = field(default=1.0, metadata=described(
+        "softmax temperature of the peer weights (higher: more uniform)"))
+    max_peers: int = field(default=64, metadata=described("at most this many peers per past review"))
+    words_per_review: int = field(default=WORDS_PER_REVIEW, metadata=described(
+        "words kept of each past review's text"))
+    strength: float = field(default=1.0, metadata=described(
+        "personalization strength: 0 the generic reviewer, 1 this user, above 1 exaggerated"))
+    restate_item: bool = field(default=True, metadata=described(
+        "name the product again after the past reviews, so the model does not review the last one's item"))
+    history_as: HistoryAs = field(default=HistoryAs.TURNS, metadata=described(
+        "past reviews as the chat's earlier answers (turns), or listed in the request (quoted, the paper's)"))
 
     def __post_init__(self) -> None:
         _check(self)
-        if self.history_rule not in HISTORY_RULES:
-            raise ValueError(f"history_rule must be one of {', '.join(HISTORY_RULES)}, got {self.history_rule!r}")
+        self.history_rule = choice(HistoryRule, self.history_rule, "history_rule")
+        self.history_as = choice(HistoryAs, self.history_as, "history_as")
         self.layout  # raises on a bad value of any layout field
 
     @property
     def layout(self) -> PromptLayout:
-        """Where the prompt puts the product, the soft tokens (the adapter must be trained on the same
-        places) and the past reviews (quoted or as turns: chosen on validation users)."""
-        return PromptLayout(self.restate_item, self.soft_tokens_at, self.history_as, self.tell_length)
+        """Where the prompt puts the product and the past reviews."""
+        return PromptLayout(self.restate_item, self.history_as)
 
 
 @dataclass
 class SamplingSettings:
     """How the LLM samples; `time_budget_s` stops decoding (keeping what was written) when spent."""
-    temperature: float = 0.8
-    top_p: float = 0.95
-    max_new_tokens: int = 160
-    seed: int = 0
-    time_budget_s: float | None = None
-    # end each review at its first sentence end from the user's typical length on (the median of the past
-    # reviews, the same for every method); round 37: length ratio 1.8 -> 1.1, ROUGE-1 +0.006 to +0.013,
-    # METEOR -0.015 to -0.019 on validation, so an option, off by default
-    end_at_user_length: bool = False
+    temperature: float = field(default=0.8, metadata=described("sampling temperature (0: greedy)"))
+    top_p: float = field(default=0.95, metadata=described("nucleus sampling's top-p"))
+    max_new_tokens: int = field(default=160, metadata=described("at most this many new tokens per review"))
+    seed: int = field(default=0, metadata=described("the same seed gives the same texts"))
+    time_budget_s: float | None = field(default=None, metadata=described(
+        "stop decoding after this many seconds, keeping what was written"))
+    end_at_user_length: bool = field(default=False, metadata=described(
+        "end each review at its first sentence end from the user's typical length on (the median of their "
+        "past reviews, the same for every method): closer lengths, ROUGE-1 up and METEOR down on validation "
+        "users, so off by default"))
+    content_filter: bool = field(default=True, metadata=described(
+        "keep listed offensive words out of the texts (dep_engine/safety.py); off only for research"))
 
     def __post_init__(self) -> None:
         _check(self)

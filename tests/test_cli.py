@@ -52,7 +52,8 @@ def test_readme_commands_parse_and_name_files_that_exist():
     from dep_engine.prompt import get_mode
 
     commands = readme_commands()
-    assert {argv[0] for argv in commands} == {"users", "generate", "train", "evaluate", "pool", "likelihood"}
+    assert {argv[0] for argv in commands} == {"users", "generate", "train", "evaluate", "pool", "likelihood",
+                                              "convert-paper-checkpoint"}
     written = set()  # folders an earlier README command writes (train --out runs/adapter)
     for argv in commands:
         args = cli.build_parser().parse_args(argv)
@@ -66,7 +67,7 @@ def test_readme_commands_parse_and_name_files_that_exist():
         written.add(getattr(args, "out", None))
         for method in getattr(args, "methods", "").split(",") if args.command == "evaluate" else ():
             parse_method(method, args.k)
-        for mode in (args.modes or "").split(",") if args.command == "train" and args.modes else ():
+        for mode in args.modes if args.command == "train" else ():
             get_mode(mode)
     assert any("assets/examples/my_reviews.csv" in argv for argv in commands)
 
@@ -86,7 +87,7 @@ def test_gpu_round_variants_parse(variants):
         name, train_args, eval_args = (part.strip() for part in line.split("|"))
         train = parser.parse_args(["train", *SCRIPT_TRAIN_ARGS, *shlex.split(train_args), "--out", f"runs/{name}"])
         evaluate = parser.parse_args(["evaluate", *shlex.split(eval_args), "--out", f"runs/{name}/val"])
-        likelihood = parser.parse_args(["likelihood", "--adapter", f"runs/{name}", "--his-oracle",
+        likelihood = parser.parse_args(["likelihood", "--adapter", f"runs/{name}",
                                         *shlex.split(eval_args), "--out", "x.json"])
         assert (train.func, evaluate.func, likelihood.func) == (cli.cmd_train, cli.cmd_evaluate, cli.cmd_likelihood)
 
@@ -98,18 +99,13 @@ BAD_ARGUMENTS = [
     (["generate", "--modes", "generic,bogus"], "bogus"),
     (["train", "--modes", "his,bogus", "--out", "{tmp}/adapter"], "bogus"),
     (["train", "--data", "no_such_data", "--out", "{tmp}/adapter"], "no_such_data"),
-    (["train", "--his-oracle-rate", "1.5", "--out", "{tmp}/adapter"], "his_oracle_rate must be in [0, 1], got 1.5"),
-    (["train", "--contrast-partner", "bogus", "--out", "{tmp}/adapter"], "'bogus'"),
-    (["train", "--end-projectors", "joint", "--out", "{tmp}/adapter"], "writes the copies of the 'both' layout"),
-    (["train", "--soft-tokens-at", "both", "--end-projectors", "only", "--out", "{tmp}/adapter"], "init_from"),
+    (["train", "--k", "99", "--out", "{tmp}/adapter"], "k must be within 0-16, got 99"),
     (["evaluate", "--methods", "dep,bogus@k=2", "--out", "{tmp}/eval"], "bogus"),
     (["evaluate", "--eval-reviews", "no_such_reviews", "--out", "{tmp}/eval"], "no_such_reviews"),
     (["evaluate", "--adapter", "no_such_adapter", "--out", "{tmp}/eval"], "no_such_adapter"),
     (["likelihood", "--mode", "bogus"], "bogus"),
     (["likelihood", "--adapter", "no_such_adapter"], "no_such_adapter"),
     (["likelihood", "--out", "{tmp}"], "is a folder"),
-    (["likelihood", "--guidance", "0.5,0"], "--guidance: '0' is not a positive number"),
-    (["likelihood", "--guidance", "0.5,x"], "--guidance: 'x' is not a positive number"),
 ]
 
 

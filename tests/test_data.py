@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from dep_engine.data import (DataError, chronological_split, load_dataset, parse_history, read_items, read_reviews)
+from dep_engine.data import (DataError, Review, chronological_split, load_dataset, parse_history, read_items,
+                             read_reviews)
 from dep_engine import splits
 from dep_engine.paths import BUNDLED_GIFT_CARDS
 from dep_engine.splits import derangement, training_samples, user_group, validation_samples
@@ -127,3 +128,23 @@ def test_terminal_escapes_wrong_types_and_future_times_in_pasted_histories():
     for message, record in cases.items():
         with pytest.raises(DataError, match=message):
             parse_history(json.dumps(record))
+
+
+def test_a_history_review_with_the_targets_text_is_not_shown(dataset, tiny_engine):
+    """Cross-posted twins: the same text posted for two items. Shown as a past review, it would hand the
+    model the answer. The bundled pool has such a test user (A46D3MTB5LIUY: their target's 710 characters
+    were posted for another item four days before) and seven training samples; the engine drops the twin
+    from every split sample's history, and nothing else."""
+    from dep_engine.data import without_twins
+    from dep_engine.splits import test_samples, training_samples, validation_samples
+
+    def twinned(samples):
+        return [s for s in samples if len(without_twins(s.profile, s.target)) < len(s.profile)]
+    assert [len(twinned(f(dataset.reviews))) for f in (training_samples, validation_samples, test_samples)] == [7, 0, 1]
+    sample = twinned(test_samples(dataset.reviews))[0]
+    assert sample.target.user_id == "A46D3MTB5LIUY" and len(sample.target.text) == 710
+    request = tiny_engine.sample_request(sample)
+    assert len(request.profile) == len(sample.profile) - 1
+    assert all(r.text != sample.target.text for r in request.profile)
+    cased = Review("u", "i", 5.0, "t", sample.target.text.upper() + " !", 0)
+    assert without_twins([cased, *request.profile], sample.target) == request.profile

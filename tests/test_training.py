@@ -2,18 +2,16 @@
 import dataclasses
 import json
 
-import numpy as np
 import pytest
 import torch
 
 from dep_engine.adapter import DEPAdapter
 from dep_engine.engine import DEPEngine, EngineConfig
-from dep_engine.generation import prompt_embeddings
 from dep_engine.settings import PersonalizationSettings, SamplingSettings
+from dep_engine.soft_prompt import prompt_embeddings
 from dep_engine.splits import training_samples
-from dep_engine.training import (TrainSettings, Vectors, batch_loss, contrast_partners, datasets, evaluate_loss,
-                                 generic_reviewer, guided_loss, held_out_likelihood, new_adapter, population_vectors,
-                                 prepare, train, training_loss, with_his_oracle)
+from dep_engine.training import (TrainSettings, batch_loss, contrast_partners, datasets, evaluate_loss,
+                                 generic_reviewer, held_out_likelihood, new_adapter, prepare, train)
 from dep_engine import splits
 
 from conftest import TINY_LLM
@@ -49,40 +47,6 @@ def test_short_training_lowers_loss_and_keeps_llm_frozen(tiny_engine, tmp_path):
     assert len((again / "log.jsonl").read_text().splitlines()) == len(log)
 
 
-def test_end_projector_settings_are_checked_before_anything_loads():
-    with pytest.raises(ValueError, match="end_projectors must be one of none, joint, only, got 'some'"):
-        TrainSettings(end_projectors="some")
-    with pytest.raises(ValueError, match="writes the copies of the 'both' layout; the prompt puts the soft tokens 'beside'"):
-        TrainSettings(end_projectors="joint")
-    with pytest.raises(ValueError, match="name it with init_from"):
-        TrainSettings(end_projectors="only", personalization=PersonalizationSettings(soft_tokens_at="both"))
-    with pytest.raises(ValueError, match="deviation_projectors must be one of none, joint, only, got 'all'"):
-        TrainSettings(deviation_projectors="all")
-    with pytest.raises(ValueError, match="deviation_projectors 'only' keeps the rest of an adapter as it is"):
-        TrainSettings(deviation_projectors="only")
-
-
-def test_deviation_projectors_train_alone_from_the_start_adapter(tiny_engine, tmp_path):
-    """`deviation_projectors="only"` freezes everything else and keeps the start adapter's population (the
-    deviations' zero point, so the generic prompt stays the start's); fine-tuning the grown adapter again
-    without naming the part is refused."""
-    settings = TrainSettings(personalization=PersonalizationSettings(k=2, words_per_review=10), max_target_tokens=8)
-    samples = prepare(tiny_engine, training_samples(tiny_engine.dataset.reviews)[:4], settings, "test")
-    torch.manual_seed(3)
-    start = DEPAdapter(tiny_engine.adapter.config)
-    start.set_population(torch.randn(start.config.embedding_dim), torch.randn(start.config.embedding_dim))
-    start.save_pretrained(tmp_path / "start")
-    only = dataclasses.replace(settings, init_from=str(tmp_path / "start"), deviation_projectors="only")
-    adapter = new_adapter(tiny_engine, only, samples)
-    assert [p.requires_grad for p in adapter.parameters()] == \
-        [any(p is q for q in adapter.deviation_parameters()) for p in adapter.parameters()]
-    assert torch.equal(adapter.population_his, start.population_his)
-    assert not torch.allclose(adapter.population_his, torch.from_numpy(population_vectors(samples)[0]))
-    adapter.save_pretrained(tmp_path / "grown")
-    with pytest.raises(ValueError, match="has deviation projectors; fine-tune it with deviation_projectors"):
-        new_adapter(tiny_engine, dataclasses.replace(settings, init_from=str(tmp_path / "grown")), samples)
-
-
 def test_fine_tuning_starts_from_the_given_adapter(tiny_engine, tmp_path):
     """init_from loads a trained adapter's weights (fine-tuning), and refuses one of another kind."""
     torch.manual_seed(3)
@@ -100,10 +64,6 @@ def test_fine_tuning_starts_from_the_given_adapter(tiny_engine, tmp_path):
     DEPAdapter(other).save_pretrained(tmp_path / "other")
     with pytest.raises(ValueError, match="other"):
         new_adapter(tiny_engine, dataclasses.replace(settings, init_from=str(tmp_path / "other")), samples)
-    sparse = new_adapter(tiny_engine, dataclasses.replace(settings, init_from=str(tmp_path / "start"), sae_activation="topk"),
-                         samples)  # any trained code can be made sparse by construction (round 43)
-    assert sparse.config.sae_activation == "topk"
-    assert all(torch.equal(sparse.state_dict()[n].cpu(), start.state_dict()[n]) for n in learned)
 
 
 def test_same_item_contrast_takes_another_reviewer_of_the_product(tiny_engine, tmp_path):
@@ -158,77 +118,8 @@ def test_population_vectors_are_the_generic_reviewers(tiny_engine):
         evaluate_loss(tiny_engine, adapter, as_generic, 2, "population").tolist(), abs=1e-6)
     own, generic = (evaluate_loss(tiny_engine, adapter, samples, 2, v) for v in ("own", "population"))
     assert abs(own - generic).max() > 1e-4
-    given = [Vectors(s.his, s.diff) for s in samples]  # given vectors: each sample's own, passed in
-    assert evaluate_loss(tiny_engine, adapter, samples, 2, given).tolist() == pytest.approx(own.tolist(), abs=1e-6)
-    with pytest.raises(ValueError, match="vectors"):
+    with pytest.raises(ValueError, match="vectors must be one of own, shuffled, population, got 'peers'"):
         evaluate_loss(tiny_engine, adapter, samples, 2, "peers")
-    with pytest.raises(ValueError, match="3 given vectors for 4 samples"):
-        evaluate_loss(tiny_engine, adapter, samples, 2, given[:3])
-
-
-def test_guided_loss_is_the_own_loss_at_scale_zero_and_where_the_user_is_the_population(tiny_engine):
-    """The likelihood under decode-time guidance: scale 0 is the plain own loss and the generic loss is
-    the population's; guidance moves a real sample's loss, and none where the user's vectors are the
-    population's (nothing to amplify)."""
-    settings = TrainSettings(personalization=PersonalizationSettings(k=2, words_per_review=10), max_target_tokens=8)
-    samples = prepare(tiny_engine, training_samples(tiny_engine.dataset.reviews)[:4], settings, "test")
-    torch.manual_seed(3)
-    adapter = new_adapter(tiny_engine, settings, samples)
-    generic, guided = guided_loss(tiny_engine, adapter, samples, 2, (0.0, 1.0, 2.0))
-    assert guided[0.0].tolist() == pytest.approx(evaluate_loss(tiny_engine, adapter, samples, 2).tolist(), abs=1e-5)
-    assert generic.tolist() == pytest.approx(evaluate_loss(tiny_engine, adapter, samples, 2, "population").tolist(),
-                                             abs=1e-5)
-    assert abs(guided[1.0] - guided[0.0]).min() > 1e-4 and abs(guided[2.0] - guided[1.0]).min() > 1e-4
-    population = generic_reviewer(adapter)
-    as_generic = [dataclasses.replace(s, his=population.his.repeat(len(s.his), 0),
-                                      diff=population.diff.repeat(len(s.diff), 0)) for s in samples]
-    _, unmoved = guided_loss(tiny_engine, adapter, as_generic, 2, (0.0, 2.0))
-    assert unmoved[2.0].tolist() == pytest.approx(unmoved[0.0].tolist(), abs=1e-5)
-
-
-def test_his_oracle_puts_the_target_review_in_a_share_of_the_his_slots(tiny_engine):
-    """The restating task: a seeded half of the training samples hold their own target review's pool
-    vector in every his slot; the rest, their diff slots and targets are untouched."""
-    settings = TrainSettings(personalization=PersonalizationSettings(k=2, words_per_review=10), max_target_tokens=8)
-    raw = training_samples(tiny_engine.dataset.reviews)[:8]
-    samples = prepare(tiny_engine, raw, settings, "test")
-    mixed = with_his_oracle(tiny_engine, samples, raw, 0.5, seed=0)
-    targets = {(s.target.user_id, s.target.item_id): s.target for s in raw}
-    changed = [n for n, (before, after) in enumerate(zip(samples, mixed)) if not np.array_equal(before.his, after.his)]
-    assert len(changed) == round(len(samples) / 2)
-    for n in changed:
-        target = tiny_engine.store.embed_reviews([targets[samples[n].user_id, samples[n].item_id]])[0]
-        assert mixed[n].his.shape == samples[n].his.shape and (mixed[n].his == target).all()
-    for before, after in zip(samples, mixed):
-        assert np.array_equal(before.diff, after.diff) and before.target == after.target
-    every = {(s.target.user_id, s.target.item_id): s.target for s in training_samples(tiny_engine.dataset.reviews)}
-    train_set = datasets(tiny_engine, dataclasses.replace(settings, his_oracle_rate=0.25, max_samples=8,
-                                                          val_samples=2))[0]
-    restating = [s for s in train_set
-                 if (s.his == tiny_engine.store.embed_reviews([every[s.user_id, s.item_id]])).all()]
-    assert len(restating) == round(len(train_set) / 4)  # training uses the setting
-    with pytest.raises(ValueError, match="his_oracle_rate must be in"):
-        dataclasses.replace(settings, his_oracle_rate=1.5)
-
-
-def test_population_contrast_holds_the_generic_loss_fixed(tiny_engine):
-    """With every margin active, the population contrast's gradient is (1 + weight) times the own
-    loss's: nothing flows into the generic reviewer's loss, so the term cannot win by making it worse."""
-    settings = TrainSettings(personalization=PersonalizationSettings(k=2, words_per_review=10), max_target_tokens=8,
-                             contrast_weight=0.5, contrast_margin=100.0, contrast_partner="population")
-    samples = prepare(tiny_engine, training_samples(tiny_engine.dataset.reviews)[:4], settings, "test")
-    torch.manual_seed(2)
-    adapter = new_adapter(tiny_engine, settings, samples)
-    loss, parts = training_loss(tiny_engine, adapter, samples, settings, 0)
-    loss.backward()
-    got = torch.cat([p.grad.flatten() for p in adapter.parameters() if p.grad is not None])
-    adapter.zero_grad()
-    own, sae = batch_loss(tiny_engine, adapter, samples)
-    (1.5 * own.mean() + settings.sae_loss_weight * sae).backward()
-    want = torch.cat([p.grad.flatten() for p in adapter.parameters() if p.grad is not None])
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
-    generic = evaluate_loss(tiny_engine, adapter, samples, 4, "population")
-    assert parts["own_minus_other"] == pytest.approx(float((generic - own.detach().numpy()).mean()), abs=1e-5)
 
 
 def test_held_out_likelihood_reads_held_out_users_in_one_mode(tiny_engine, monkeypatch):
@@ -236,22 +127,13 @@ def test_held_out_likelihood_reads_held_out_users_in_one_mode(tiny_engine, monke
                              modes=("dep", "his"), batch_size=4)
     torch.manual_seed(4)
     monkeypatch.setattr(tiny_engine, "adapter", DEPAdapter(tiny_engine.adapter.config))
-    report = held_out_likelihood(tiny_engine, "val", settings, limit=6, guidance_scales=(0.5, 2.0), his_oracle=True)
+    report = held_out_likelihood(tiny_engine, "val", settings, limit=6)
     assert report["split"] == "val" and report["mode"] == "dep" and 0 < report["n"] <= 6
     llm = tiny_engine.llm  # which forward the losses came from: bf16 on another CPU kind gives other figures
     assert report["forward"]["device"] == str(llm.device) and report["forward"]["cpu"]
     assert report["forward"]["prefill_dtype"] == ("bfloat16" if llm.prefill_dtype == torch.bfloat16 else "float32")
-    guided = report["guidance"]
-    assert list(guided) == ["0.5", "2"]
-    for gap in (report["gain_over_shuffled_nats"], report["gain_over_population_nats"],
-                guided["2"]["gain_over_unguided_nats"], guided["2"]["gain_over_population_nats"]):
+    for gap in (report["gain_over_shuffled_nats"], report["gain_over_population_nats"]):
         assert gap["low"] <= gap["mean_diff"] <= gap["high"] and gap["mean_diff"] != 0
-    assert guided["2"]["gain_over_unguided_nats"]["mean_diff"] == pytest.approx(
-        report["lm_loss_own"] - guided["2"]["lm_loss"], abs=1e-6)
-    oracle = report["his_oracle"]  # the target's own vector in the his slots: another loss than the user's
-    gap = oracle["gain_over_own_nats"]
-    assert gap["low"] <= gap["mean_diff"] <= gap["high"] and gap["mean_diff"] != 0
-    assert gap["mean_diff"] == pytest.approx(report["lm_loss_own"] - oracle["lm_loss"], abs=1e-5)
     rows = report["per_sample"]  # each validation user's target once, its losses averaging to the report's
     assert len(rows) == report["n"] == len({(r["user_id"], r["item_id"]) for r in rows})
     val_targets = {(s.target.user_id, s.target.item_id) for s in splits.validation_samples(tiny_engine.dataset.reviews)}
@@ -266,8 +148,6 @@ def test_held_out_likelihood_reads_held_out_users_in_one_mode(tiny_engine, monke
     assert "lm_loss_population" not in texts_only and "shuffled" not in texts_only["per_sample"][0]
     assert [r["item_id"] for r in texts_only["per_sample"]] == [r["item_id"] for r in rows]
     assert texts_only["lm_loss_own"] != pytest.approx(report["lm_loss_own"])  # another prompt, another loss
-    with pytest.raises(ValueError, match="mode 'rag' has no soft tokens"):
-        held_out_likelihood(tiny_engine, "val", dataclasses.replace(settings, modes=("rag",)), limit=2, his_oracle=True)
 
 
 def test_checkpoint_reloads_to_identical_outputs(tiny_engine, tiny_llm, tmp_path):
@@ -281,33 +161,14 @@ def test_checkpoint_reloads_to_identical_outputs(tiny_engine, tiny_llm, tmp_path
     assert isinstance(reloaded.adapter, DEPAdapter)
 
 
-@pytest.mark.parametrize("soft_tokens_at,end_projectors,deviation", [
-    ("beside", "none", "none"), ("end", "none", "none"), ("both", "none", "none"), ("both", "only", "none"),
-    ("beside", "none", "only")])
-def test_batch_loss_matches_one_sample_at_a_time_without_cache(tiny_engine, tmp_path, soft_tokens_at, end_projectors,
-                                                               deviation):
+def test_batch_loss_matches_one_sample_at_a_time_without_cache(tiny_engine):
     """Padding, the no-grad prefix cache and the target spans leave loss and gradients as a plain
-    forward of each sample's own sequence would give them (with the slots at the end, or only the end
-    projectors trained, the cached prefix is nearly the whole prompt)."""
-    settings = TrainSettings(personalization=PersonalizationSettings(k=2, words_per_review=10,
-                                                                     soft_tokens_at=soft_tokens_at),
+    forward of each sample's own sequence would give them."""
+    settings = TrainSettings(personalization=PersonalizationSettings(k=2, words_per_review=10),
                              max_target_tokens=16, modes=("his+diff", "dep", "his"))
     samples = prepare(tiny_engine, training_samples(tiny_engine.dataset.reviews)[:6], settings, "test")
     torch.manual_seed(0)  # the same adapter whatever ran before (the tolerances below are for this one)
     adapter = DEPAdapter(tiny_engine.adapter.config)
-    if end_projectors != "none" or deviation != "none":
-        adapter.save_pretrained(tmp_path / "start")
-        adapter = new_adapter(tiny_engine, dataclasses.replace(settings, init_from=str(tmp_path / "start"),
-                                                               end_projectors=end_projectors,
-                                                               deviation_projectors=deviation), samples)
-        with torch.no_grad():  # the grown parts change nothing at the start: make them differ
-            if end_projectors != "none":
-                adapter.end_his_projector[2].bias.add_(0.5)
-            for weight in adapter.deviation_parameters():
-                weight.normal_(std=0.5)
-        assert [p.requires_grad for p in adapter.parameters()] == \
-            [any(p is q for q in adapter.end_projector_parameters() + adapter.deviation_parameters())
-             for p in adapter.parameters()]
     llm = tiny_engine.llm
     per_sample, _ = batch_loss(tiny_engine, adapter, samples)
     per_sample.mean().backward()
@@ -335,17 +196,16 @@ def plain_losses(llm, adapter, samples):
     return torch.stack(losses)
 
 
-@pytest.mark.parametrize("mode,end_projectors", [("nonperso", False), ("dep", True)])
-def test_scoring_without_a_slot_to_train_reads_every_target_token(tiny_engine, mode, end_projectors):
-    """With no trained slot in a prompt (the plain LLM's, `likelihood --mode nonperso`; or an adapter with
-    end projectors scoring a prompt without copies, under no_grad), the cached prefix stops before the
-    prompt's last token, whose output predicts the first target token."""
+@pytest.mark.parametrize("mode", ["nonperso", "dep"])
+def test_scoring_reads_every_target_token(tiny_engine, mode):
+    """With no slot in a prompt (the plain LLM's, `likelihood --mode nonperso`), the cached prefix stops
+    before the prompt's last token, whose output predicts the first target token; with slots, before the
+    first slot."""
     settings = TrainSettings(personalization=PersonalizationSettings(k=2, words_per_review=10),
                              max_target_tokens=16, modes=(mode,))
     samples = prepare(tiny_engine, training_samples(tiny_engine.dataset.reviews)[:4], settings, "test")
     torch.manual_seed(0)
     adapter = DEPAdapter(tiny_engine.adapter.config)
-    adapter = adapter.grow(end_projectors=True) if end_projectors else adapter
     with torch.no_grad():
         torch.testing.assert_close(batch_loss(tiny_engine, adapter, samples)[0],
                                    plain_losses(tiny_engine.llm, adapter, samples), atol=1e-5, rtol=1e-5)
