@@ -118,6 +118,14 @@ def test_generation_streams_repeats_with_its_seed_and_refuses_this_projects_mode
     assert len(partial) > 1 and partial[-1].texts["dep"] == first.texts["dep"]
     with pytest.raises(ValueError, match="the paper preset writes nonperso and dep, not 'generic'"):
         engine.prepare(request, ("generic", "dep"))
+    from dep_engine.data import Item
+
+    pasted = "item_title,rating,review_title,review_text\n" + "".join(
+        f"{r.item_id},{r.rating:g},Title {n},{' '.join(r.text.split()[:12])}\n"
+        for n, r in enumerate(engine.users[a_user(engine)][:5]))
+    mine = engine.generate(engine.history_request(pasted, Item("x", "A guitar strap", ""), 4.0), ("nonperso", "dep"),
+                           sampling=sampling)
+    assert mine.texts["dep"] and any("user outside the pool" in note for note in mine.notes)
 
 
 def test_the_command_line_and_evaluate_run_the_preset(engine, config, world, tmp_path, capsys, monkeypatch):

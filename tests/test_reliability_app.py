@@ -301,7 +301,7 @@ def test_launched_app_binds_localhost_and_limits_uploads(tiny_llm, monkeypatch):
         return original(self, **kwargs, server_port=free_port(), prevent_thread_lock=True, quiet=True)
 
     monkeypatch.setattr(gr.Blocks, "launch", launch)
-    monkeypatch.setattr(app, "DEPEngine", lambda config, progress: DEPEngine(
+    monkeypatch.setattr(app, "build_engine", lambda config, progress: DEPEngine(
         replace(config, llm=TINY_LLM, adapter=None), progress=progress, llm=tiny_llm))
     monkeypatch.setitem(studio_module.ENGINE, "engine", studio_module.ENGINE.get("engine"))
     app.main([])

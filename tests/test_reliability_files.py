@@ -130,7 +130,7 @@ def test_app_reports_a_damaged_adapter_without_a_traceback(adapter_copy, tiny_ll
     def engine(config, progress):
         return DEPEngine(replace(config, llm=TINY_LLM), progress=progress, llm=tiny_llm)
 
-    monkeypatch.setattr(app, "DEPEngine", engine)
+    monkeypatch.setattr(app, "build_engine", engine)
     (adapter_copy / CONFIG_NAME).write_text("{broken")
     with pytest.raises(SystemExit) as caught:
         app.main(["--adapter", str(adapter_copy)])

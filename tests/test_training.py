@@ -12,7 +12,7 @@ from dep_engine.soft_prompt import prompt_embeddings
 from dep_engine.splits import training_samples
 from dep_engine.training import (TrainSettings, batch_loss, contrast_partners, datasets, evaluate_loss,
                                  generic_reviewer, held_out_likelihood, new_adapter, prepare, train)
-from dep_engine import splits
+from dep_engine import splits, training
 
 from conftest import TINY_LLM
 
@@ -66,10 +66,14 @@ def test_fine_tuning_starts_from_the_given_adapter(tiny_engine, tmp_path):
         new_adapter(tiny_engine, dataclasses.replace(settings, init_from=str(tmp_path / "other")), samples)
 
 
-def test_same_item_contrast_takes_another_reviewer_of_the_product(tiny_engine, tmp_path):
+def test_same_item_contrast_takes_another_reviewer_of_the_product(tiny_engine, tmp_path, monkeypatch):
     settings = TrainSettings(personalization=PersonalizationSettings(k=2, words_per_review=10), max_target_tokens=8,
                              contrast_weight=1.0, contrast_partner="same-item")
     raw = training_samples(tiny_engine.dataset.reviews)
+    # training draws its partners from every training sample: a slice of the pool's stands for all of them,
+    # so that preparing them (history, peers, prompt of each) takes a second, not half a minute
+    partners_pool = sorted(raw, key=lambda s: s.target.item_id)[:400]
+    monkeypatch.setattr(training, "training_samples", lambda reviews: list(partners_pool))
     reviewers = {}
     for sample in raw:
         reviewers.setdefault(sample.target.item_id, set()).add(sample.target.user_id)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import re
-import threading
 import time
 
 import pytest
@@ -16,44 +15,22 @@ from dep_engine import vllm_backend
 from dep_engine.engine import DEPEngine, EngineConfig
 from dep_engine.evaluation import EvalSettings, evaluate, read_generations
 from dep_engine.generation import generate
-from dep_engine.llm import resolve_llm
 from dep_engine.settings import PersonalizationSettings, SamplingSettings
 from dep_engine import splits
 
-SHORT = SamplingSettings(max_new_tokens=24, seed=3)
+from conftest import VLLM_SERVERS
+
+SHORT = SamplingSettings(max_new_tokens=16, seed=3)
 AGREEMENT_USERS, AGREEMENT_TOKENS = 10, 32
 
 
 @pytest.fixture(scope="session")
 def vllm_servers():
-    """Two float32 servers (one thread each: this machine has 2 cores), started together."""
-    vllm_backend.vllm_python()  # a VLLMError saying to run `bash setup.sh --dev` when vLLM is missing
-    model = resolve_llm("HuggingFaceTB/SmolLM2-135M-Instruct")[0]
-    servers: list = [None, None]
-    errors: list = []
-
-    def start(n: int) -> None:
-        try:
-            servers[n] = vllm_backend.LocalServer.start(model, dtype="float32", kv_cache_gib=1, threads=1,
-                                                        max_model_len=4096, ready_timeout_s=480)
-        except BaseException as err:  # re-raised below
-            errors.append(err)
-
-    threads = [threading.Thread(target=start, args=(n,)) for n in range(2)]
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    try:
-        if errors:
-            raise errors[0]
-        print(f"\ntwo vLLM servers ready in {time.perf_counter() - started:.1f} s")
-        yield [server.url for server in servers]
-    finally:
-        for server in servers:
-            if server is not None:
-                server.close()
+    """Two float32 servers (one thread each: this machine has 2 cores), started together in the background
+    as soon as these tests are collected (conftest.py: their half minute of start-up overlaps the tests
+    before them), stopped at the end of the session."""
+    servers = VLLM_SERVERS.result()  # re-raises a failed start (a VLLMError says to run `bash setup.sh --dev`)
+    yield [server.url for server in servers]
 
 
 @pytest.fixture(scope="session")
@@ -101,7 +78,7 @@ def test_streaming_yields_partial_texts_and_ends_as_generate(vllm_engine):
 
 def test_same_seed_gives_the_same_text(vllm_engine):
     request = vllm_engine.user_request(list(vllm_engine.users)[3])
-    settings = SamplingSettings(max_new_tokens=32, seed=11, temperature=1.0)
+    settings = SamplingSettings(max_new_tokens=16, seed=11, temperature=1.0)
     first = vllm_engine.generate(request, ("generic", "dep"), sampling=settings).texts
     again = vllm_engine.generate(request, ("generic", "dep"), sampling=settings).texts
     assert first == again
@@ -142,11 +119,11 @@ def test_two_servers_share_a_batch(vllm_servers, local_engine):
 
 
 def test_evaluate_submits_every_group_at_once(vllm_engine, tmp_path):
-    evaluate(vllm_engine.config, EvalSettings(methods=["generic", "dep"], limit=4, batch_users=1, generate_only=True,
-                                              out=str(tmp_path), sampling=SamplingSettings(max_new_tokens=12)),
+    evaluate(vllm_engine.config, EvalSettings(methods=["generic", "dep"], limit=3, batch_users=1, generate_only=True,
+                                              out=str(tmp_path), sampling=SamplingSettings(max_new_tokens=8)),
              engine=vllm_engine)
     records = read_generations(tmp_path / "generations.jsonl")
-    assert sorted({r["group"] for r in records}) == [0, 1, 2, 3] and len(records) == 8
+    assert sorted({r["group"] for r in records}) == [0, 1, 2] and len(records) == 6
     assert all(r["text"].strip() for r in records)
 
 
