@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import os
-import threading
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -19,47 +17,6 @@ from dep_engine.llm import LLM, bundled_gguf, load_tokenizer  # noqa: E402
 from dep_engine.store import ReviewStore  # noqa: E402
 
 TINY_LLM = "tiny-random-llama"
-VLLM_SERVERS: Future = Future()  # test_vllm's two servers, started in the background once collected
-
-
-def start_vllm_servers() -> list:
-    """Two float32 vLLM servers of the bundled SmolLM2 (one thread each), started together."""
-    from dep_engine import vllm_backend
-    from dep_engine.llm import resolve_llm
-
-    vllm_backend.vllm_python()  # a VLLMError saying to run `bash setup.sh --dev` when vLLM is missing
-    model = resolve_llm("HuggingFaceTB/SmolLM2-135M-Instruct")[0]
-    with ThreadPoolExecutor(2) as pool:
-        starting = [pool.submit(vllm_backend.LocalServer.start, model, dtype="float32", kv_cache_gib=1, threads=1,
-                                max_model_len=4096, ready_timeout_s=480) for _ in range(2)]
-    servers = [job.result() for job in starting if job.exception() is None]
-    failed = [job.exception() for job in starting if job.exception() is not None]
-    if failed:
-        for server in servers:
-            server.close()
-        raise failed[0]
-    return servers
-
-
-def pytest_collection_modifyitems(session, config, items):
-    """Start test_vllm's servers now, in the background, when any of its tests will run."""
-    if any(item.module.__name__ == "test_vllm" for item in items) and not VLLM_SERVERS.running():
-        VLLM_SERVERS.set_running_or_notify_cancel()
-
-        def start() -> None:
-            try:
-                VLLM_SERVERS.set_result(start_vllm_servers())
-            except BaseException as err:  # re-raised by the fixture that waits for them
-                VLLM_SERVERS.set_exception(err)
-        threading.Thread(target=start, daemon=True, name="vllm-servers").start()
-
-
-def pytest_sessionfinish(session, exitstatus):
-    """Stop test_vllm's servers, waiting for them first if the session ended while they started."""
-    if not (VLLM_SERVERS.running() or VLLM_SERVERS.done()) or VLLM_SERVERS.exception(timeout=600) is not None:
-        return
-    for server in VLLM_SERVERS.result():
-        server.close()
 
 
 @pytest.fixture(scope="session")

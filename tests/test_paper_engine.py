@@ -27,17 +27,19 @@ def tokenizer(paper_tokenizer):
 
 @pytest.fixture(scope="module")
 def world(tokenizer, tmp_path_factory, dataset):
-    """A slice of the bundled pool (the reviews of its 30 most reviewed items, each cut to 30 words so that
-    two encoders read it in seconds), the authors' checkpoint layout, and a BGE-M3-wide random encoder."""
+    """A slice of the bundled pool (every review of the items its most prolific reviewer reviewed, each cut
+    to 30 words so that two encoders read it in seconds), the authors' checkpoint layout, and a BGE-M3-wide
+    random encoder."""
     from transformers import AutoTokenizer, XLMRobertaConfig, XLMRobertaModel
 
     from dep_engine.paths import bundled_encoder_path
 
     root = tmp_path_factory.mktemp("paper-engine")
-    counts: dict[str, int] = {}
+    reviewers: dict[str, list] = {}
     for review in dataset.reviews:
-        counts[review.item_id] = counts.get(review.item_id, 0) + 1
-    items = set(sorted(counts, key=lambda i: (-counts[i], i))[:30])
+        reviewers.setdefault(review.user_id, []).append(review)
+    most = max(reviewers, key=lambda u: (len(reviewers[u]), u))
+    items = {review.item_id for review in reviewers[most]}
     pool = root / "pool"
     pool.mkdir()
     (pool / "reviews.jsonl").write_text("".join(json.dumps(

@@ -104,11 +104,12 @@ def bundled_engine():
 
 
 def _evaluate(engine, out, content_filter: bool, generate_only: bool) -> list[dict]:
-    from dep_engine import SamplingSettings
+    from dep_engine import PersonalizationSettings, SamplingSettings
     from dep_engine.evaluation import EvalSettings, evaluate, read_generations
 
     settings = EvalSettings(methods=["nonperso", "generic", "dep"], out=str(out), limit=3, batch_users=3,
-                            generate_only=generate_only,
+                            generate_only=generate_only,  # short prompts: the filter acts on the output
+                            personalization=PersonalizationSettings(k=2, words_per_review=40),
                             sampling=replace(SamplingSettings(max_new_tokens=32), content_filter=content_filter))
     evaluate(engine.config, settings, engine)
     return read_generations(out / "generations.jsonl")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -17,20 +18,37 @@ from dep_engine.evaluation import EvalSettings, evaluate, read_generations
 from dep_engine.generation import generate
 from dep_engine.settings import PersonalizationSettings, SamplingSettings
 from dep_engine import splits
-
-from conftest import VLLM_SERVERS
+from dep_engine.llm import resolve_llm
 
 SHORT = SamplingSettings(max_new_tokens=16, seed=3)
 AGREEMENT_USERS, AGREEMENT_TOKENS = 10, 32
 
 
+def start_vllm_servers() -> list:
+    """Two float32 vLLM servers of the bundled SmolLM2 (one thread each), started together."""
+    vllm_backend.vllm_python()  # a VLLMError saying to run `bash setup.sh --dev` when vLLM is missing
+    model = resolve_llm("HuggingFaceTB/SmolLM2-135M-Instruct")[0]
+    with ThreadPoolExecutor(2) as pool:
+        starting = [pool.submit(vllm_backend.LocalServer.start, model, dtype="float32", kv_cache_gib=1, threads=1,
+                                max_model_len=4096, ready_timeout_s=480) for _ in range(2)]
+    servers = [job.result() for job in starting if job.exception() is None]
+    failed = [job.exception() for job in starting if job.exception() is not None]
+    if failed:
+        for server in servers:
+            server.close()
+        raise failed[0]
+    return servers
+
+
 @pytest.fixture(scope="session")
 def vllm_servers():
-    """Two float32 servers (one thread each: this machine has 2 cores), started together in the background
-    as soon as these tests are collected (conftest.py: their half minute of start-up overlaps the tests
-    before them), stopped at the end of the session."""
-    servers = VLLM_SERVERS.result()  # re-raises a failed start (a VLLMError says to run `bash setup.sh --dev`)
-    yield [server.url for server in servers]
+    """Two float32 servers (one thread each: this machine has 2 cores), started together once for the session."""
+    servers = start_vllm_servers()  # a VLLMError saying to run `bash setup.sh --dev` when vLLM is missing
+    try:
+        yield [server.url for server in servers]
+    finally:
+        for server in servers:
+            server.close()
 
 
 @pytest.fixture(scope="session")
@@ -87,7 +105,7 @@ def test_same_seed_gives_the_same_text(vllm_engine):
 def test_greedy_float32_texts_agree_with_the_pytorch_path(local_engine, vllm_servers):
     """The first 32 greedy tokens of held-out users' DEP prompts, vLLM (float32) against PyTorch float32."""
     samples = splits.test_samples(local_engine.dataset.reviews)[:AGREEMENT_USERS]
-    short = PersonalizationSettings(k=2, words_per_review=40)  # shorter prompts: PyTorch float32 reads them slowly
+    short = PersonalizationSettings(k=1, words_per_review=40)  # short DEP prompts: PyTorch float32 reads them slowly
     embeds = [local_engine.prepare(local_engine.sample_request(s), ("dep",), short).embeds[0] for s in samples]
     started = time.perf_counter()
     settings = SamplingSettings(max_new_tokens=AGREEMENT_TOKENS, temperature=0)
@@ -120,7 +138,8 @@ def test_two_servers_share_a_batch(vllm_servers, local_engine):
 
 def test_evaluate_submits_every_group_at_once(vllm_engine, tmp_path):
     evaluate(vllm_engine.config, EvalSettings(methods=["generic", "dep"], limit=3, batch_users=1, generate_only=True,
-                                              out=str(tmp_path), sampling=SamplingSettings(max_new_tokens=8)),
+                                              out=str(tmp_path), sampling=SamplingSettings(max_new_tokens=8),
+                                              personalization=PersonalizationSettings(k=2, words_per_review=40)),
              engine=vllm_engine)
     records = read_generations(tmp_path / "generations.jsonl")
     assert sorted({r["group"] for r in records}) == [0, 1, 2] and len(records) == 6
