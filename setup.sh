@@ -37,7 +37,7 @@ if [[ "${1:-}" == "--dev" ]]; then
     rm -rf .venv-vllm
     $PY -m venv .venv-vllm
     .venv-vllm/bin/python -m pip install -q -r requirements-vllm.txt
-    .venv-vllm/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+    .venv-vllm/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec triton
     cp requirements-vllm.txt .venv-vllm/requirements-vllm.txt
   fi
 fi
