@@ -144,12 +144,20 @@ def test_generate_is_on_the_first_screen(page):
 
 
 def test_the_honest_note_is_short_and_its_numbers_open_below_it(page):
+    """The figures under the accordion are the shipped evaluation's (evaluation/pooled.json), not typed in."""
+    import json
+
+    from dep_engine.paths import BUNDLED_ADAPTER
+
+    shipped = json.loads((BUNDLED_ADAPTER / "evaluation" / "pooled.json").read_text())
+    rouge = {m: shipped["methods"][m]["metrics"]["rouge1"]["mean"] for m in ("dep", "generic")}
     sync_api.expect(page.locator("body")).to_contain_text("Honest note")
-    numbers = page.get_by_text("On 217 held-out users")
+    numbers = page.get_by_text(f"On {shipped['users']} held-out users")
     sync_api.expect(numbers).to_be_hidden()  # the form starts on the first screen, the figures a click away
     page.get_by_role("button", name="What the measurements say").click()
     sync_api.expect(numbers).to_be_visible()
-    sync_api.expect(numbers).to_contain_text("ROUGE-1 0.221 personalized against 0.219 generic")
+    sync_api.expect(numbers).to_contain_text(
+        f"ROUGE-1 {rouge['dep']:.3f} personalized against {rouge['generic']:.3f} generic")
 
 
 def test_each_outputs_copy_button_can_be_clicked_past_its_long_label(page):

@@ -103,3 +103,23 @@ def test_timings_markdown_reports_the_measured_rate():
                                      outputs=2, startup=30)
     assert "| first token after | 0.40 |" in text and "**10.0** per output, 20.0 in all" in text and "30 s" in text
     assert "tokens_per_second |" not in text
+
+
+def test_the_page_figures_come_from_the_adapters_evaluation(tmp_path):
+    """The bundled adapter's pooled evaluation fills the page's figures; an adapter without one (or with a
+    damaged one) gets the command that makes them, never numbers that are not its own."""
+    import json
+
+    from demo import texts
+    from demo.measurements import Measurements
+    from dep_engine.paths import BUNDLED_ADAPTER
+
+    shipped = json.loads((BUNDLED_ADAPTER / "evaluation" / "pooled.json").read_text())
+    bundled = Measurements.of_adapter(BUNDLED_ADAPTER)
+    assert f"On {shipped['users']} held-out users (3 draws)" in bundled.summary
+    assert f"{shipped['methods']['nonperso']['metrics']['meteor']['mean']:.3f}" in bundled.summary
+    assert "the real reviews 33%" in bundled.voice_note
+    assert Measurements.of_adapter(tmp_path) == Measurements(texts.NO_MEASUREMENTS, "")
+    (tmp_path / "evaluation").mkdir()
+    (tmp_path / "evaluation" / "results.json").write_text('{"methods": {}}')
+    assert Measurements.of_adapter(tmp_path).summary == texts.NO_MEASUREMENTS
