@@ -24,6 +24,7 @@ from dep_engine import DataError, DEPEngine, Item, PersonalizationSettings, Requ
 from dep_engine import metrics, parse_history
 from dep_engine.choices import Preset
 from dep_engine.data import clean_text
+from dep_engine.paper_engine import PAPER_MODES
 from dep_engine.prompt import shorten
 
 from . import evidence, texts
@@ -215,9 +216,9 @@ class Studio:
         request.validate()
         notes = repeated_note(request.profile)
         baseline = form.baseline_mode
-        if self.engine.config.preset == Preset.PAPER and (mode, baseline) != ("dep", "nonperso"):
-            notes.append(texts.PAPER_MODES_NOTE)  # the authors' checkpoint writes these two (`paper_engine`)
-            mode, baseline = "dep", "nonperso"
+        if self.engine.config.preset == Preset.PAPER and (baseline, mode) != PAPER_MODES:
+            notes.append(texts.PAPER_MODES_NOTE)  # the authors' checkpoint writes these two
+            baseline, mode = PAPER_MODES
         return Job(request, baseline, mode, personalization, sampling, who, notes)
 
     def _pasted_history(self, form: Form) -> tuple[list, dict] | None:

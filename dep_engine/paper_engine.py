@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from . import paper, paper_checkpoint
@@ -84,8 +85,6 @@ class PaperEngine(DEPEngine):
                                 "paper-reviews", progress)
         self.paper_pool = paper.PaperPool(self.dataset.reviews, vectors)
         self._pool_reviews = {user: sorted(history, key=lambda r: r.timestamp) for user, history in self.users.items()}
-        if self.device_note:
-            self.llm.notes.append(self.device_note)
 
     def _load_adapter(self) -> DEPAdapter:
         adapter = self.checkpoint.adapter()
@@ -121,8 +120,10 @@ class PaperEngine(DEPEngine):
                  if "dep" in modes else None)
         timings["retrieval_and_differences"] = time.perf_counter() - start
         start = time.perf_counter()
-        plain = paper.build_prompt(tokenizer, request.item, request.rating, request.review_title, [], items)
-        prompts = {"nonperso": plain, "dep": built.prompt if built else None}
+        prompts = {"dep": built.prompt} if built else {}
+        if "nonperso" in modes:  # their prompt without the past reviews
+            prompts["nonperso"] = paper.build_prompt(tokenizer, request.item, request.rating, request.review_title,
+                                                     [], items)
         embeds = []
         for mode in modes:
             ids = torch.tensor([prompts[mode].input_ids], device=self.llm.device)
@@ -135,7 +136,7 @@ class PaperEngine(DEPEngine):
                     embeds.append(self.llm.embed(ids[0]))
         timings["adapter"] = time.perf_counter() - start
         context = self._context(built.history if built else None, items)
-        notes = list(self.llm.notes) + (built.notes if built else [])
+        notes = list(self.llm.notes) + [self.device_note] * bool(self.device_note) + (built.notes if built else [])
         return Prepared(context, {mode: prompts[mode].text for mode in modes}, embeds, notes, timings,
                         end_after_words(request.profile, sampling))
 
@@ -148,7 +149,7 @@ class PaperEngine(DEPEngine):
         """The evidence the app and CLI show: the reviews whose vectors fill the slots, their peers and weights
         (relevance is not part of the authors' rule: NaN), and the his and diff vectors."""
         if history is None:
-            return PersonalContext([], torch.zeros((0, 0)).numpy(), torch.zeros((0, 0)).numpy())
+            return PersonalContext([], np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32))
         selected = []
         for j, peers in zip(history.selected, history.peers):
             review: Review = history.profile[j]
